@@ -1,0 +1,171 @@
+"""The U-Net: structure, shapes, gradients, save/load, errors."""
+
+import json
+
+import pytest
+import torch
+
+from tests.test_blocks import randomize_
+from unet import UNet, UNetConfig
+from unet.blocks import AttentionBlock, CrossAttentionBlock, ResidualBlock
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return UNet(UNetConfig.preset("tiny"))
+
+
+def inputs(batch=2, h=16, w=16, tokens=5, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, 3, h, w, generator=g),
+        torch.randint(0, 1000, (batch,), generator=g),
+        torch.randn(batch, tokens, dim, generator=g),
+    )
+
+
+def test_forward_shape_and_non_square(tiny):
+    for h, w in [(16, 16), (8, 24), (32, 16)]:
+        x, t, ctx = inputs(h=h, w=w)
+        assert tiny(x, t, ctx).shape == (2, 3, h, w)
+
+
+def test_scalar_timestep_broadcasts(tiny):
+    randomize_(tiny)
+    x, _, ctx = inputs()
+    torch.testing.assert_close(tiny(x, torch.tensor(7), ctx), tiny(x, torch.tensor([7, 7]), ctx))
+
+
+def test_self_then_cross_after_every_residual_block_at_attention_levels():
+    config = UNetConfig(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=2, attention_resolution=8,
+                        sample_size=16, num_heads=2, context_dim=16)
+    unet = UNet(config)
+    kinds = {ResidualBlock: "res", AttentionBlock: "self", CrossAttentionBlock: "cross"}
+    order = [(name, kinds[type(m)]) for name, m in unet.named_modules() if type(m) in kinds]
+    # Level 0 is 16×16 (> 8): residual blocks only. Levels 1, 2 (8×8, 4×4) and the middle: res, self, cross.
+    for i, (name, kind) in enumerate(order):
+        level_has_attention = not name.startswith(("down.0.", "up.0."))
+        if kind == "res" and level_has_attention:
+            assert [k for _, k in order[i : i + 3]] == ["res", "self", "cross"], name
+        if kind == "res" and not level_has_attention:
+            assert i + 1 == len(order) or order[i + 1][1] == "res", name
+    names = [n for n, k in order if k != "res"]
+    assert names[:2] == ["down.1.0.self_attn", "down.1.0.cross_attn"]
+    assert "mid.0.self_attn" in names and "mid.1.cross_attn" in names and "up.2.2.cross_attn" in names
+    assert len(names) == 2 * (2 * 2 + 2 + 3 * 2)  # 2 encoder levels × 2, middle 2, 2 decoder levels × 3
+    # attention_layers lists blocks in the order forward() runs them: deepest decoder level first.
+    run_order = list(unet.attention_layers)
+    assert sorted(run_order) == sorted(names)
+    levels = list(dict.fromkeys(".".join(n.split(".")[:2]) for n in run_order))
+    assert levels == ["down.1", "down.2", "mid.0", "mid.1", "up.2", "up.1"]
+    assert all(unet.attention_layers[n].name == n for n in names)
+
+
+def test_gradients_reach_every_parameter(tiny):
+    randomize_(tiny)  # zero-initialised projections would block gradients to layers before them
+    x, t, ctx = inputs()
+    ctx.requires_grad_(True)
+    tiny(x, t, ctx, torch.ones(2, 5, dtype=torch.bool)).square().mean().backward()
+    dead = [n for n, p in tiny.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert dead == []
+    assert ctx.grad.abs().sum() > 0
+
+
+def test_fresh_unet_outputs_zero_and_still_trains(tiny):
+    x, t, ctx = inputs()
+    out = tiny(x, t, ctx)
+    assert out.abs().max() == 0  # zero-initialised conv_out
+    out.square().mean().backward()
+    assert tiny.conv_out.weight.grad is not None
+
+
+def test_context_changes_output_once_trained(tiny):
+    randomize_(tiny)
+    x, t, ctx = inputs()
+    assert not torch.allclose(tiny(x, t, ctx), tiny(x, t, ctx + 1.0))
+
+
+def test_mask_invariants_through_the_whole_unet(tiny):
+    randomize_(tiny)
+    x, t, ctx = inputs(tokens=7)
+    all_ones = torch.ones(2, 7, dtype=torch.bool)
+    torch.testing.assert_close(tiny(x, t, ctx, all_ones), tiny(x, t, ctx), rtol=0, atol=0)
+    mask = all_ones.clone()
+    mask[:, 4:] = False
+    torch.testing.assert_close(tiny(x, t, ctx, mask), tiny(x, t, ctx[:, :4]), rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic(tiny):
+    randomize_(tiny)
+    x, t, ctx = inputs()
+    torch.testing.assert_close(tiny(x, t, ctx), tiny(x, t, ctx), rtol=0, atol=0)
+
+
+def test_save_load_round_trip_is_bit_exact(tiny, tmp_path):
+    randomize_(tiny)
+    tiny.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in {".json", ".safetensors"}) == [
+        "config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["channel_mults"] == [1, 2] and config["context_dim"] == 32
+    loaded = UNet.from_pretrained(tmp_path)
+    assert loaded.config == tiny.config and isinstance(loaded.config.channel_mults, tuple)
+    assert not loaded.training
+    for (k, a), (k2, b) in zip(tiny.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    x, t, ctx = inputs()
+    tiny.eval()
+    assert torch.equal(tiny(x, t, ctx), loaded(x, t, ctx))
+
+
+def test_load_refuses_mismatched_weights(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value, message in [("attention_resolution", 16, "missing keys"), ("base_channels", 64, "size mismatch")]:
+        # The weights no longer fit the config: they must not load as random layers.
+        (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=message):
+            UNet.from_pretrained(tmp_path)
+
+
+def test_load_never_unpickles(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        UNet.from_pretrained(tmp_path)
+
+
+def test_presets():
+    assert UNetConfig.preset("cpu").sample_size == 32
+    assert UNetConfig.preset("tiny", context_dim=64).context_dim == 64
+    with pytest.raises(ValueError, match="tiny"):
+        UNetConfig.preset("huge")
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda u: u(torch.randn(1, 3, 12, 16), torch.tensor([1]), torch.randn(1, 4, 32)), "12×16 is not divisible"),
+        (lambda u: u(torch.randn(1, 1, 16, 16), torch.tensor([1]), torch.randn(1, 4, 32)), r"\(B, 3, H, W\)"),
+        (lambda u: u(torch.randn(2, 3, 16, 16), torch.tensor([1, 2, 3]), torch.randn(2, 4, 32)), r"shape \(2,\)"),
+        (lambda u: u(torch.randn(1, 3, 16, 16), torch.tensor([1]), torch.randn(1, 4, 64)), "context_dim=32"),
+        (lambda u: u(torch.randn(1, 3, 16, 16), torch.tensor([1]), torch.randn(2, 4, 32)), "context must be"),
+        (lambda u: u(torch.randn(1, 3, 16, 16), torch.tensor([1]), torch.randn(1, 4, 32), torch.ones(1, 4)), "bool"),
+        (lambda u: u(torch.randn(1, 3, 16, 16), torch.tensor([1]), torch.randn(1, 4, 32),
+                     torch.zeros(1, 4, dtype=torch.bool)), "at least one token"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, message):
+    unet = UNet(UNetConfig.preset("tiny", channel_mults=(1, 2, 2, 2), attention_resolution=4))
+    with pytest.raises(ValueError, match=message):
+        call(unet)
+
+
+def test_bad_config_raises_value_error():
+    with pytest.raises(ValueError, match="num_heads"):
+        UNetConfig(base_channels=32, num_heads=5)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        UNetConfig(base_channels=48)
+    with pytest.raises(ValueError, match="sample_size 30"):
+        UNetConfig(sample_size=30)

@@ -1,0 +1,79 @@
+"""The one attention computation every block goes through, and the seam that exposes its maps.
+
+Shapes: B batch, h heads, N query positions (H·W), L keys (N for self-attention, text tokens for
+cross-attention), d head dim.
+
+Two kernels compute the same thing:
+- `scaled_dot_product_attention` (SDPA): fused, never materialises the (N, L) probabilities. On this
+  CPU it is 4–5× faster than an explicit softmax for self-attention at ≥ 1024 tokens and uses 20×+
+  less memory, but it is *slower* for short key axes (cross-attention to a few dozen text tokens).
+- explicit `softmax(q kᵀ) v` in two batched matmuls, which wins when L is small.
+`attend` picks per call from the shape (thresholds from `benchmarks/attention.py`).
+
+Recording never changes the output: the output is always computed by the kernel `attend` picks, and
+the probabilities for the recorder are computed on the side for the recorded rows only. So turning
+maps on cannot change an image.
+"""
+
+import torch
+import torch.nn.functional as F
+
+# The explicit kernel runs when the key axis is short AND the (B, h, N, L) probability tensor is
+# small; SDPA otherwise. Measured on a 2-core AVX-512 CPU (benchmarks/attention.py, BENCHMARKS.md):
+# explicit wins by 1.1-2.4x for cross-attention to <= 77 tokens up to ~2.5M probabilities, SDPA wins
+# by 1.5-5x beyond that and for self-attention at >= 256 positions (and never materialises the map).
+EXPLICIT_MAX_KEYS = 77
+EXPLICIT_MAX_PROBS = 3_000_000
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Softmax attention probabilities.
+
+    Args:
+        q: (B, h, N, d) queries.  k: (B, h, L, d) keys.
+        mask: (B, L) bool, True = attend, or None.
+    Returns:
+        (B, h, N, L) probabilities; every row sums to 1 over the kept keys.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, h, N, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Multi-head attention output.
+
+    Args:
+        q: (B, h, N, d).  k, v: (B, h, L, d).  mask: (B, L) bool, True = attend, or None.
+    Returns:
+        (B, h, N, d).
+    """
+    B, h, N, _ = q.shape
+    L = k.shape[-2]
+    if L <= EXPLICIT_MAX_KEYS and B * h * N * L <= EXPLICIT_MAX_PROBS:
+        return torch.matmul(attention_probs(q, k, mask, scale), v)  # (B, h, N, d)
+    attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L) broadcasts over h, N
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+class AttentionRecorder:
+    """What an attention block hands its maps to while recording is on.
+
+    `unet.recording.AttentionStore` is the implementation; this base class is the interface blocks
+    rely on, so a user can plug in their own (e.g. to stream maps elsewhere).
+    """
+
+    def rows(self, batch_size: int) -> slice:
+        """Which batch rows to record (e.g. only the conditional half of a guided batch)."""
+        return slice(0, batch_size)
+
+    def wants_self_attention(self, num_queries: int) -> bool:
+        """Whether to record a self-attention map with this many query positions."""
+        return True
+
+    def record(self, name: str, kind: str, size: tuple[int, int], probs: torch.Tensor) -> None:
+        """Receive probabilities (b, h, N, L) of layer `name` ("self" or "cross" kind) at size (H, W)."""
+        raise NotImplementedError

@@ -1,0 +1,197 @@
+"""U-Net building blocks, leaf to root.
+
+Shape legend: B batch, C channels, H, W spatial size, N = H·W positions, L text tokens,
+D text width (context_dim), h heads, d head dim (C // h), T time-embedding width.
+
+`ResidualBlock` and `AttentionBlock` keep the seed document's parameter names and shapes
+(../shared/seed), so a state_dict of the seed's classes loads with strict=True and gives the same
+output. They differ from the seed in three ways that do not touch that contract:
+- sizes that do not divide raise ValueError (the seed's `assert` vanishes under `python -O`);
+- attention runs through `unet.attention.attend` (SDPA or explicit, whichever is faster for the shape)
+  and can hand its probabilities to a recorder;
+- output projections start at zero (guided-diffusion's `zero_module`), so a fresh block is the
+  identity on its residual path and training starts from a stable network.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unet.attention import AttentionRecorder, attend, attention_probs
+
+
+def check_group_norm(channels: int, groups: int, where: str) -> None:
+    if channels % groups != 0:
+        raise ValueError(
+            f"{where}: GroupNorm with {groups} groups needs channels divisible by {groups}, got {channels}. "
+            f"Use a multiple of {groups} channels (e.g. {groups * max(1, round(channels / groups))})."
+        )
+
+
+def check_heads(channels: int, num_heads: int, where: str) -> None:
+    if num_heads < 1 or channels % num_heads != 0:
+        raise ValueError(
+            f"{where}: channels ({channels}) must be divisible by num_heads ({num_heads}); "
+            f"pick num_heads among the divisors of {channels}."
+        )
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters in place and return it (guided-diffusion `zero_module`)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM / guided-diffusion.
+
+    Args:
+        t: (B,) timesteps.  dim: embedding width (even).
+    Returns:
+        (B, dim) float32: [cos(t·f_i), sin(t·f_i)] for log-spaced frequencies f_i.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm → SiLU → 3×3 conv, twice; the time embedding scales and shifts after the second norm.
+
+    Args:
+        in_channels, out_channels: C_in, C_out; a 1×1 conv matches the skip when they differ.
+        time_emb_dim: T, or None for a block without time conditioning.
+        norm_groups: GroupNorm groups (the seed's 32); channels must be divisible by it.
+    Shapes: x (B, C_in, H, W), t_emb (B, T) → (B, C_out, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_emb_dim: int | None = None, *, norm_groups: int = 32):
+        super().__init__()
+        check_group_norm(in_channels, norm_groups, "ResidualBlock in_channels")
+        check_group_norm(out_channels, norm_groups, "ResidualBlock out_channels")
+        self.norm1 = nn.GroupNorm(norm_groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_mlp = None
+        if time_emb_dim is not None:
+            # One Linear gives both scale and shift (FiLM), as in the seed.
+            self.time_mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, out_channels * 2))
+        self.norm2 = nn.GroupNorm(norm_groups, out_channels)
+        self.conv2 = zero_(nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1))
+        self.activation = nn.SiLU()
+        if in_channels != out_channels:
+            self.skip_connection = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        else:
+            self.skip_connection = nn.Identity()
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(self.activation(self.norm1(x)))  # (B, C_out, H, W)
+        h = self.norm2(h)
+        if self.time_mlp is not None and t_emb is not None:
+            scale, shift = self.time_mlp(t_emb)[:, :, None, None].chunk(2, dim=1)  # 2 × (B, C_out, 1, 1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.activation(h))
+        return h + self.skip_connection(x)
+
+
+class AttentionBlock(nn.Module):
+    """Spatial multi-head self-attention over the H·W positions, with a residual.
+
+    GroupNorm, a 1×1 conv to q/k/v (channels head-major: channel = head·d + i, as in the seed),
+    attention over the N positions, a 1×1 conv out.
+    Shapes: x (B, C, H, W) → (B, C, H, W).
+    """
+
+    kind = "self"
+
+    def __init__(self, channels: int, num_heads: int = 8, *, norm_groups: int = 32):
+        super().__init__()
+        check_heads(channels, num_heads, "AttentionBlock")
+        check_group_norm(channels, norm_groups, "AttentionBlock")
+        self.num_heads = num_heads
+        self.head_dim = channels // num_heads
+        self.scale = 1 / math.sqrt(self.head_dim)
+        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.to_qkv = nn.Conv2d(channels, channels * 3, kernel_size=1)
+        self.to_out = zero_(nn.Conv2d(channels, channels, kernel_size=1))
+        self.name = "attention"  # the U-Net sets the stable layer name, e.g. "down.1.0.self_attn"
+        self.recorder: AttentionRecorder | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.to_qkv(self.norm(x)).reshape(B, 3, self.num_heads, self.head_dim, H * W)  # (B, 3, h, d, N)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 × (B, h, N, d)
+        out = attend(q, k, v, None, self.scale)  # (B, h, N, d)
+        if self.recorder is not None and self.recorder.wants_self_attention(H * W):
+            rows = self.recorder.rows(B)
+            self.recorder.record(self.name, self.kind, (H, W), attention_probs(q[rows], k[rows], None, self.scale))
+        out = out.transpose(-1, -2).reshape(B, C, H, W)  # (B, h, d, N) → (B, C, H, W)
+        return self.to_out(out) + x
+
+
+class CrossAttentionBlock(nn.Module):
+    """Image features attend to text tokens: queries from x, keys and values from the context.
+
+    GroupNorm, 1×1 conv to queries; Linear layers from the context width D to keys and values;
+    attention over the L tokens with an optional key padding mask; 1×1 conv out; residual.
+
+    Args:
+        channels: C.  context_dim: D, the text encoder's hidden size.  num_heads: h.
+    Shapes: x (B, C, H, W), context (B, L, D), mask (B, L) bool (True = real token) → (B, C, H, W).
+    """
+
+    kind = "cross"
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int = 8, *, norm_groups: int = 32):
+        super().__init__()
+        check_heads(channels, num_heads, "CrossAttentionBlock")
+        check_group_norm(channels, norm_groups, "CrossAttentionBlock")
+        self.num_heads = num_heads
+        self.head_dim = channels // num_heads
+        self.scale = 1 / math.sqrt(self.head_dim)
+        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.to_q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.to_k = nn.Linear(context_dim, channels)
+        self.to_v = nn.Linear(context_dim, channels)
+        self.to_out = zero_(nn.Conv2d(channels, channels, kernel_size=1))
+        self.name = "cross_attention"
+        self.recorder: AttentionRecorder | None = None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        L = context.shape[1]
+        q = self.to_q(self.norm(x)).reshape(B, self.num_heads, self.head_dim, H * W).transpose(-1, -2)  # (B, h, N, d)
+        k = self.to_k(context).reshape(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, L, d)
+        v = self.to_v(context).reshape(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, L, d)
+        out = attend(q, k, v, mask, self.scale)  # (B, h, N, d)
+        if self.recorder is not None:
+            rows = self.recorder.rows(B)
+            row_mask = None if mask is None else mask[rows]
+            self.recorder.record(self.name, self.kind, (H, W), attention_probs(q[rows], k[rows], row_mask, self.scale))
+        out = out.transpose(-1, -2).reshape(B, C, H, W)  # (B, C, H, W)
+        return self.to_out(out) + x
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3×3 conv. (B, C, H, W) → (B, C, H/2, W/2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour then a 3×3 conv. (B, C, H, W) → (B, C, 2H, 2W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -1,0 +1,151 @@
+"""AttentionStore: constant-memory running sums of attention maps, keyed by (layer, step bin).
+
+Shape legend: b recorded batch rows, h heads, N = H·W query positions of the layer, L text tokens.
+
+Lessons from the tools before us (../shared/ATTENTION_MAPS.md):
+- the caller sets the step (`set_step`) before each model call; the store never counts calls, so a
+  skipped or repeated call cannot shift every later map (Attend-and-Excite's AttentionStore bug);
+- maps are summed into a few timestep bins in fp32, so memory does not grow with the number of
+  sampling steps (DAAM dropped per-step maps for lack of RAM);
+- the key axis is cut to the real tokens at capture time (padding is most of a CLIP context);
+- maps stay at the layer's native (H, W), which is stored explicitly: never recovered as sqrt(N).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from unet.attention import AttentionRecorder
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A recorded attention layer: its stable name, "self" or "cross", (H, W) and head count."""
+
+    name: str
+    kind: str
+    size: tuple[int, int]
+    heads: int
+
+
+class AttentionStore(AttentionRecorder):
+    """Collects attention probabilities while `UNet.record_attention(store)` is active.
+
+    Args:
+        num_steps: sampling steps the caller will run (steps 0 … num_steps-1 via `set_step`).
+        num_bins: timestep bins the steps are summed into (constant memory in num_steps).
+        rows: batch rows to record, e.g. slice(B//2, B) for the conditional half of a guided batch;
+            None records every row.
+        num_tokens: keep the first num_tokens keys of cross-attention (the real tokens); None keeps all.
+        self_attention_max_positions: record self-attention only at layers with N ≤ this (16×16 = 256
+            by default: an (N, N) map is quadratic, and low resolutions are where maps are semantic).
+        per_head: also keep per-head cross-attention sums (b, h, N, L) for the head view.
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        num_bins: int = 4,
+        *,
+        rows: slice | None = None,
+        num_tokens: int | None = None,
+        self_attention_max_positions: int = 256,
+        per_head: bool = True,
+    ):
+        if num_steps < 1 or num_bins < 1:
+            raise ValueError(f"AttentionStore needs num_steps >= 1 and num_bins >= 1, got {num_steps} and {num_bins}.")
+        self.num_steps = num_steps
+        self.num_bins = min(num_bins, num_steps)
+        self.row_slice = rows
+        self.num_tokens = num_tokens
+        self.self_attention_max_positions = self_attention_max_positions
+        self.per_head = per_head
+        self.step: int | None = None
+        self.layers: dict[str, LayerInfo] = {}
+        self._sums: dict[tuple[str, int], torch.Tensor] = {}  # (name, bin) -> (b, N, L) head-mean sums
+        self._head_sums: dict[tuple[str, int], torch.Tensor] = {}  # (name, bin) -> (b, h, N, L)
+        self._counts: dict[tuple[str, int], int] = {}
+
+    # -- the caller's side: which step is running ---------------------------------------------
+    def set_step(self, step: int) -> None:
+        """Declare that the next model call(s) belong to sampling step `step` (0-based)."""
+        if not 0 <= step < self.num_steps:
+            raise ValueError(
+                f"step {step} is outside 0..{self.num_steps - 1} (the store was made for {self.num_steps} steps)."
+            )
+        self.step = step
+
+    def bin_of(self, step: int) -> int:
+        return step * self.num_bins // self.num_steps
+
+    def bin_steps(self, bin_index: int) -> range:
+        """The sampling steps summed into bin `bin_index`."""
+        steps = [s for s in range(self.num_steps) if self.bin_of(s) == bin_index]
+        return range(steps[0], steps[-1] + 1)
+
+    # -- the block's side (AttentionRecorder) ---------------------------------------------------
+    def rows(self, batch_size: int) -> slice:
+        return self.row_slice if self.row_slice is not None else slice(0, batch_size)
+
+    def wants_self_attention(self, num_queries: int) -> bool:
+        return num_queries <= self.self_attention_max_positions
+
+    @torch.no_grad()
+    def record(self, name: str, kind: str, size: tuple[int, int], probs: torch.Tensor) -> None:
+        if self.step is None:
+            raise RuntimeError(
+                "AttentionStore.set_step(step) must be called before the model runs: maps are keyed by the "
+                "(layer, step) the caller sets, never by counting calls."
+            )
+        if kind == "cross" and self.num_tokens is not None:
+            probs = probs[..., : self.num_tokens]  # (b, h, N, L_real)
+        probs = probs.float()
+        self.layers.setdefault(name, LayerInfo(name, kind, tuple(size), probs.shape[1]))
+        key = (name, self.bin_of(self.step))
+        self._accumulate(self._sums, key, probs.mean(dim=1))  # (b, N, L)
+        if kind == "cross" and self.per_head:
+            self._accumulate(self._head_sums, key, probs)  # (b, h, N, L)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    @staticmethod
+    def _accumulate(sums: dict, key: tuple[str, int], value: torch.Tensor) -> None:
+        if key in sums:
+            sums[key] += value
+        else:
+            sums[key] = value.clone()
+
+    # -- reading maps back ---------------------------------------------------------------------
+    def layer_names(self, kind: str) -> list[str]:
+        """Recorded layers of one kind ("self" or "cross"), in the order the model ran them."""
+        return [n for n, info in self.layers.items() if info.kind == kind]
+
+    def _mean(self, sums: dict, name: str, bins: list[int] | None) -> torch.Tensor:
+        if name not in self.layers:
+            raise KeyError(f"no maps recorded for layer {name!r}; recorded layers: {list(self.layers)}")
+        bins = list(range(self.num_bins)) if bins is None else bins
+        keys = [(name, b) for b in bins if (name, b) in sums]
+        if not keys:
+            raise KeyError(f"layer {name!r} has no maps in bins {bins} (recorded bins: {self.recorded_bins(name)})")
+        total = sum(sums[k] for k in keys)
+        return total / sum(self._counts[k] for k in keys)
+
+    def recorded_bins(self, name: str) -> list[int]:
+        return sorted(b for (n, b) in self._counts if n == name)
+
+    def mean(self, name: str, bins: list[int] | None = None) -> torch.Tensor:
+        """Head-mean attention of a layer averaged over the recorded steps in `bins` (all if None).
+
+        Returns (b, N, L) for cross-attention, (b, N, N) for self-attention; rows sum to 1 over the
+        kept keys (a cut key axis drops only padding, whose probability is zero under the mask).
+        """
+        return self._mean(self._sums, name, bins)
+
+    def head_mean(self, name: str, bins: list[int] | None = None) -> torch.Tensor:
+        """Per-head cross-attention (b, h, N, L) averaged over the recorded steps in `bins`."""
+        if not self.per_head:
+            raise KeyError("this store was made with per_head=False; pass per_head=True to keep head maps")
+        return self._mean(self._head_sums, name, bins)
+
+    def nbytes(self) -> int:
+        """Bytes held by the store's tensors (constant in the number of steps)."""
+        return sum(t.numel() * t.element_size() for d in (self._sums, self._head_sums) for t in d.values())
