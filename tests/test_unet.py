@@ -169,3 +169,11 @@ def test_bad_config_raises_value_error():
         UNetConfig(base_channels=48)
     with pytest.raises(ValueError, match="sample_size 30"):
         UNetConfig(sample_size=30)
+
+
+def test_entry_point_describes_the_model(capsys):
+    from unet.__main__ import main
+
+    main(["--preset", "tiny", "--height", "16", "--width", "24"])
+    out = capsys.readouterr().out
+    assert "down.1.0.cross_attn" in out and "8×12" in out and "M parameters" in out

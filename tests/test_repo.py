@@ -1,0 +1,74 @@
+"""Repository contracts: Space front matter, pinned requirements, quickstart, import direction."""
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+from huggingface_hub import metadata_load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-r"):
+            name, sep, version = line.partition("==")
+            assert sep, f"{path.name}: '{line}' is not pinned exactly (use name==version)"
+            out[name.lower().replace("_", "-")] = version
+    return out
+
+
+def test_space_front_matter_matches_requirements():
+    meta = metadata_load(ROOT / "README.md")
+    assert meta["sdk"] == "gradio"
+    assert meta["sdk_version"] == pins(ROOT / "requirements.txt")["gradio"]
+    assert meta["app_file"] == "app.py"
+    assert meta["python_version"] == "3.11"
+    assert meta["license"] and meta["title"] and 0 < len(meta["short_description"]) <= 60
+
+
+def test_requirements_are_exact_pins_of_the_stack():
+    req = pins(ROOT / "requirements.txt")
+    for name in ["torch", "transformers", "diffusers", "accelerate", "gradio", "safetensors", "datasets",
+                 "huggingface-hub"]:
+        assert name in req, f"requirements.txt misses {name}"
+    assert req["torch"] == "2.13.0"  # the local CPU wheel; an unpinned torch pulls GBs of CUDA
+    assert "-r requirements.txt" in (ROOT / "requirements-dev.txt").read_text()
+    pins(ROOT / "requirements-dev.txt")
+
+
+def test_quickstart_has_exactly_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2
+    assert "pytest" in commands[1]
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def imported_project_packages(package: str) -> set[str]:
+    found = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            found |= {n.split(".")[0] for n in names}
+    return found & {"unet", "conditioning", "diffusion", "data", "app", "train", "evaluate", "benchmarks", "tests"}
+
+
+def test_import_direction():
+    # DESIGN.md: unet imports nothing of the project; conditioning imports nothing of unet.
+    assert imported_project_packages("unet") <= {"unet"}
+    assert "unet" not in imported_project_packages("conditioning")
+
+
+def test_no_pickles_tracked():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert [p for p in tracked if Path(p).suffix in {".pt", ".pth", ".ckpt", ".bin", ".pkl"}] == []
