@@ -129,3 +129,17 @@ def test_steps_land_in_their_bins(unet):
     assert not torch.allclose(store.mean(name, bins=[0]), store.mean(name, bins=[1]))
     with pytest.raises(KeyError, match="no maps"):
         late.mean(name, bins=[0])
+
+
+def test_emphasis_shows_in_the_maps(unet):
+    x, _, ctx = inputs(tokens=4)
+    weights = torch.ones(2, 4)
+    weights[:, 1] = 2.0
+    plain, emphasised = AttentionStore(num_steps=1), AttentionStore(num_steps=1)
+    run_steps(unet, plain, 1, x, ctx)
+    with torch.no_grad(), unet.record_attention(emphasised):
+        emphasised.set_step(0)
+        unet(x, torch.full((2,), 999), ctx, token_weights=weights)
+    first = emphasised.layer_names("cross")[0]  # before any emphasised layer changed the features
+    torch.testing.assert_close(emphasised.mean(first)[..., 1], 2 * plain.mean(first)[..., 1])
+    torch.testing.assert_close(emphasised.mean(first)[..., 0], plain.mean(first)[..., 0])

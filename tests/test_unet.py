@@ -177,3 +177,15 @@ def test_entry_point_describes_the_model(capsys):
     main(["--preset", "tiny", "--height", "16", "--width", "24"])
     out = capsys.readouterr().out
     assert "down.1.0.cross_attn" in out and "8×12" in out and "M parameters" in out
+
+
+def test_token_weights_of_one_change_nothing_and_others_do(tiny):
+    randomize_(tiny)
+    x, t, ctx = inputs(tokens=4)
+    base = tiny(x, t, ctx)
+    torch.testing.assert_close(tiny(x, t, ctx, token_weights=torch.ones(2, 4)), base, rtol=1e-5, atol=1e-6)
+    weights = torch.ones(2, 4)
+    weights[:, 2] = 3.0
+    assert not torch.allclose(tiny(x, t, ctx, token_weights=weights), base, atol=1e-4)
+    with pytest.raises(ValueError, match="token_weights"):
+        tiny(x, t, ctx, token_weights=torch.ones(2, 5))

@@ -166,7 +166,12 @@ class CrossAttentionBlock(nn.Module):
 
     Args:
         channels: C.  context_dim: D, the text encoder's hidden size.  num_heads: h.
-    Shapes: x (B, C, H, W), context (B, L, D), mask (B, L) bool (True = real token) → (B, C, H, W).
+    Shapes: x (B, C, H, W), context (B, L, D), mask (B, L) bool (True = real token),
+        token_weights (B, L) or None → (B, C, H, W).
+
+    token_weights scale each token's attention (Prompt-to-Prompt reweighting, not renormalised):
+    out = Σ_j p_j·w_j·v_j, computed as attention over values scaled by w, so it stays on the fast kernel.
+    Recorded maps show the reweighted attention p·w.
     """
 
     kind = "cross"
@@ -186,16 +191,26 @@ class CrossAttentionBlock(nn.Module):
         self.name = "cross_attention"
         self.recorder: AttentionRecorder | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, C, H, W = x.shape
         q = split_heads(conv1x1_on_tokens(self.to_q, image_to_tokens(self.norm(x))), self.num_heads)  # (B, h, N, d)
         k = split_heads(self.to_k(context), self.num_heads)  # (B, h, L, d)
         v = split_heads(self.to_v(context), self.num_heads)  # (B, h, L, d)
+        if token_weights is not None:
+            v = v * token_weights[:, None, :, None].to(v.dtype)  # (B, h, L, d)
         out = attend(q, k, v, mask, self.scale)  # (B, h, N, d)
         if self.recorder is not None:
             rows = self.recorder.rows(B)
-            row_mask = None if mask is None else mask[rows]
-            self.recorder.record(self.name, self.kind, (H, W), attention_probs(q[rows], k[rows], row_mask, self.scale))
+            probs = attention_probs(q[rows], k[rows], None if mask is None else mask[rows], self.scale)
+            if token_weights is not None:
+                probs = probs * token_weights[rows, None, None, :].to(probs.dtype)  # (b, h, N, L)
+            self.recorder.record(self.name, self.kind, (H, W), probs)
         del q, k, v
         return merge_heads_to_image(out, self.to_out, (H, W)) + x
 

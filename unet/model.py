@@ -124,19 +124,21 @@ class ResAttnLayer(nn.Module):
             self.self_attn = AttentionBlock(out_channels, config.num_heads, norm_groups=g)
             self.cross_attn = CrossAttentionBlock(out_channels, config.context_dim, config.num_heads, norm_groups=g)
 
-    def forward(self, x, t_emb, context, mask):
+    def forward(self, x, t_emb, context, mask, token_weights):
         x = self.res(x, t_emb)
         if self.self_attn is not None:
             x = self.self_attn(x)
-            x = self.cross_attn(x, context, mask)
+            x = self.cross_attn(x, context, mask, token_weights)
         return x
 
 
 class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion", tags=["text-to-image"]):
     """Text-conditioned diffusion U-Net with self- and cross-attention interleaved.
 
-    forward(x (B, C, H, W), t (B,), context (B, L, D), context_mask (B, L) bool or None) → (B, C, H, W).
-    H and W must be divisible by `config.downsample_factor`; they need not be equal.
+    forward(x (B, C, H, W), t (B,), context (B, L, D), context_mask (B, L) bool or None,
+            token_weights (B, L) or None) → (B, C, H, W).
+    H and W must be divisible by `config.downsample_factor`; they need not be equal. token_weights
+    scale each token's cross-attention in every layer (1 = unchanged; see CrossAttentionBlock).
 
     >>> unet = UNet(UNetConfig.preset("tiny"))
     >>> unet(torch.randn(2, 3, 16, 24), torch.tensor([10, 500]), torch.randn(2, 5, 32)).shape
@@ -202,28 +204,30 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         t: torch.Tensor,
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        t = self._check_inputs(x, t, context, context_mask)
+        t = self._check_inputs(x, t, context, context_mask, token_weights)
+        cond = (context, context_mask, token_weights)  # what every ResAttnLayer's cross-attention reads
         t_emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(x.dtype))  # (B, T)
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
         for level, layers in enumerate(self.down):
             for layer in layers:
-                h = layer(h, t_emb, context, context_mask)
+                h = layer(h, t_emb, *cond)
                 skips.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)  # (B, C, H/2, W/2)
                 skips.append(h)
         for layer in self.mid:
-            h = layer(h, t_emb, context, context_mask)
+            h = layer(h, t_emb, *cond)
         for level in reversed(range(len(self.up))):
             for layer in self.up[level]:
-                h = layer(torch.cat([h, skips.pop()], dim=1), t_emb, context, context_mask)
+                h = layer(torch.cat([h, skips.pop()], dim=1), t_emb, *cond)
             if level > 0:
                 h = self.upsample[level - 1](h)  # (B, C, 2H, 2W)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
 
-    def _check_inputs(self, x, t, context, context_mask) -> torch.Tensor:
+    def _check_inputs(self, x, t, context, context_mask, token_weights) -> torch.Tensor:
         """Validate shapes with messages that say how to fix them; returns t as a (B,) tensor."""
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
@@ -248,6 +252,11 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
                 f"context width {context.shape[2]} does not match this U-Net's context_dim={c.context_dim} "
                 "(the text encoder's hidden size); use the text encoder the U-Net was trained with, or build "
                 "the U-Net with context_dim equal to the encoder's hidden_size."
+            )
+        if token_weights is not None and token_weights.shape != context.shape[:2]:
+            raise ValueError(
+                f"token_weights must have shape {tuple(context.shape[:2])} (one weight per token); "
+                f"got {tuple(token_weights.shape)}."
             )
         if context_mask is not None:
             if context_mask.shape != context.shape[:2] or context_mask.dtype != torch.bool:
