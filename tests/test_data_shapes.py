@@ -1,0 +1,189 @@
+"""Shapes generator: determinism, captions true to the ground truth, held-out combinations, masks."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    KINDS,
+    POSITION_WORDS,
+    ShapeObject,
+    ShapesConfig,
+    generate_dataset,
+    held_out_in,
+    make_example,
+    object_mask,
+    relations_between,
+    sample_scene,
+)
+
+COUNTS = {"train": 30, "validation": 6, "test": 6, "heldout": 6}
+COLOUR_RE = "|".join(COLOURS)
+KIND_RE = "|".join(KINDS)
+MENTION = rf"\b(a|an|two|three) (?:(small|large) )?({COLOUR_RE}) ({KIND_RE})(?:es|s)?"
+POSITION_RE = "|".join(POSITION_WORDS.values())
+REL_WORDS = {"above": "above", "below": "below", "to the left of": "left of", "to the right of": "right of"}
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    return generate_dataset(out / "a", ShapesConfig(seed=3), COUNTS, workers=2, progress=False)
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_whatever_the_worker_count(generated, tmp_path):
+    again = generate_dataset(tmp_path / "b", ShapesConfig(seed=3), COUNTS, workers=1, progress=False)
+    first, second = _files(generated), _files(again)
+    assert len(first) == sum(COUNTS.values()) + len(COUNTS) + 2  # pngs, metadata per split, card, info
+    assert first == second
+    other = generate_dataset(tmp_path / "c", ShapesConfig(seed=4), COUNTS, workers=1, progress=False)
+    assert _files(other)["train/000000.png"] != first["train/000000.png"]
+
+
+def test_layout_and_metadata_columns(generated):
+    for split, n in COUNTS.items():
+        rows = [json.loads(line) for line in (generated / split / "metadata.jsonl").read_text().splitlines()]
+        assert len(rows) == n
+        for row in rows:
+            assert (generated / split / row["file_name"]).is_file()
+            assert row["text"] in row["captions"] and row["background"] in BACKGROUNDS
+            assert 1 <= len(row["objects"]) <= 3
+    info = json.loads((generated / "shapes_info.json").read_text())
+    assert "green triangle" in info["held_out_pairs"] and info["counts"] == COUNTS
+
+
+def test_reuses_finished_output(generated):
+    before = (generated / "train" / "000000.png").stat().st_mtime_ns
+    generate_dataset(generated, ShapesConfig(seed=3), COUNTS, workers=1, progress=False)
+    assert (generated / "train" / "000000.png").stat().st_mtime_ns == before
+
+
+def test_refuses_to_mix_with_a_different_set_unless_overwrite(tmp_path):
+    small = {"train": 5, "validation": 0, "test": 0, "heldout": 0}
+    generate_dataset(tmp_path, ShapesConfig(seed=0), {**small, "train": 8}, workers=1, progress=False)
+    with pytest.raises(ValueError, match="not empty.*overwrite=True"):
+        generate_dataset(tmp_path, ShapesConfig(seed=0), small, workers=1, progress=False)
+    generate_dataset(tmp_path, ShapesConfig(seed=0), small, workers=1, progress=False, overwrite=True)
+    assert len(list((tmp_path / "train").glob("*.png"))) == 5  # no stale images left from the bigger set
+
+
+def _check_caption(caption: str, objects: list[dict]) -> None:
+    """Every object mention, count, size, position and relation in the caption holds in `objects`."""
+    text = re.sub(r"^(a picture of |an image of )", "", caption)
+    text = re.sub(r" on a ({}) background$".format("|".join(BACKGROUNDS)), "", text)
+
+    def matching(m):
+        _, size, colour, kind = m.groups()
+        return [o for o in objects if o["colour"] == colour and o["kind"] == kind
+                and (size is None or o["size"] == size)]
+
+    mentions = list(re.finditer(MENTION, text))
+    assert mentions, caption
+    for m in mentions:
+        found = matching(m)
+        number = {"a": 1, "an": 1, "two": 2, "three": 3}[m.group(1)]
+        assert len(found) >= number, caption
+        if number > 1:  # "two red circles" means exactly two red circles
+            same = [o for o in objects if (o["colour"], o["kind"]) == (m.group(3), m.group(4))]
+            assert len(same) == number, caption
+        after = text[m.end():]
+        pos = re.match(rf" ({POSITION_RE})\b", after)
+        if pos:
+            assert any(POSITION_WORDS[(o["row"], o["col"])] == pos.group(1) for o in found), caption
+        rel = re.match(rf" (above|below|to the left of|to the right of) {MENTION}", after)
+        if rel:
+            other = matching(re.match(MENTION, after[len(rel.group(1)) + 2:]))
+            assert len(found) == 1 and len(other) == 1, caption
+            a, b = (ShapeObject(o["kind"], o["colour"], o["size"], o["row"], o["col"], tuple(o["box"]))
+                    for o in (found[0], other[0]))
+            assert REL_WORDS[rel.group(1)] in relations_between(a, b), caption
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_captions_agree_with_ground_truth(size):
+    config = ShapesConfig(size=size)
+    n_counts = n_relations = 0
+    for i in range(150):
+        _, row = make_example(config, "test", i)
+        for caption in row["captions"]:
+            _check_caption(caption, row["objects"])
+            n_counts += bool(re.search(r"\b(two|three) ", caption))
+            n_relations += bool(re.search(r" (above|below|to the left of|to the right of) ", caption))
+        # the grouped phrasing names every object exactly once
+        first = row["captions"][0]
+        numbers = [{"a": 1, "an": 1, "two": 2, "three": 3}[m.group(1)] for m in re.finditer(MENTION, first)]
+        assert sum(numbers) == len(row["objects"]), first
+    assert n_counts > 10 and n_relations > 30  # counting and relation phrasings really occur
+
+
+def test_held_out_combinations_absent_from_train_and_present_in_heldout():
+    config = ShapesConfig()
+    pairs = [f"{c} {k}" for c, k in config.held_out_pairs]
+    for i in range(400):
+        scene = sample_scene(config, "train", i)
+        assert held_out_in(scene, config) == []
+        for o in scene.objects:
+            assert (o.colour, o.kind) not in config.held_out_pairs
+        for a in scene.objects:
+            for b in scene.objects:
+                if a is not b:
+                    for rel in relations_between(a, b):
+                        assert (a.kind, rel, b.kind) not in config.held_out_relations
+        _, row = make_example(config, "train", i)
+        assert not any(p in c for p in pairs for c in row["captions"]), row["captions"]
+    found = [held_out_in(sample_scene(config, "heldout", i), config) for i in range(100)]
+    assert all(found)
+    kinds_found = {f for fs in found for f in fs}
+    assert any(" above " in f or " left of " in f for f in kinds_found)  # relations too, not only pairs
+    assert any(f in pairs for f in kinds_found)
+
+
+def test_masks_rebuild_exactly_and_match_the_pixels():
+    config = ShapesConfig(size=32)
+    for i in range(30):
+        img, row = make_example(config, "validation", i)
+        pixels = np.asarray(img, dtype=float)
+        bg = np.array(BACKGROUNDS[row["background"]], dtype=float)
+        union = np.zeros((32, 32), dtype=bool)
+        for o in json.loads(json.dumps(row["objects"])):  # through JSON, as a reader of metadata.jsonl
+            mask = object_mask(o, 32)
+            assert mask.sum() > 10 and not (mask & union).any()  # objects are disjoint
+            union |= mask
+            v = np.array(COLOURS[o["colour"]], dtype=float) - bg
+            alpha = (pixels - bg) @ v / (v @ v)  # (H, W) how far each pixel is blended towards the colour
+            # mask = at least half covered (up to uint8 rounding), and it is where the object's colour is
+            assert (alpha[mask] >= 0.5 - 1 / np.sqrt(v @ v)).all()
+            near = _dilate(mask) & ~mask
+            assert (alpha[near] <= 0.5 + 1 / np.sqrt(v @ v)).all()
+            x0, y0, x1, y1 = o["box"]
+            ys, xs = np.nonzero(mask)
+            assert x0 - 1 <= xs.min() and xs.max() <= x1 and y0 - 1 <= ys.min() and ys.max() <= y1
+        assert (np.abs(pixels[~union] - bg).max(axis=1) < 255 * 0.5 + 1).all()
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+def test_bad_config_and_split_raise_with_the_fix():
+    with pytest.raises(ValueError, match="size >= 24"):
+        ShapesConfig(size=16)
+    with pytest.raises(ValueError, match="not a known colour"):
+        ShapesConfig(held_out_pairs=(("pink", "circle"),))
+    with pytest.raises(ValueError, match="unknown split"):
+        sample_scene(ShapesConfig(), "training", 0)
+    with pytest.raises(ValueError, match="unknown split"):
+        generate_dataset("/tmp/never-written", ShapesConfig(), {"dev": 3}, progress=False)
