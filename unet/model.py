@@ -2,7 +2,7 @@
 
 Shape legend as in unet/blocks.py: B batch, C channels, H, W, L tokens, D context width, T time width.
 
-Layout (channel_mults=(1, 2, 2), num_res_blocks=2, sample_size=32, attention_resolution=16):
+Layout (3 levels, num_res_blocks=2, sample_size=32, attention_resolution=16, as in the "cpu" preset):
     conv_in                                               32×32
     down.0.{0,1}   res                                    32×32   → downsample.0
     down.1.{0,1}   res → self_attn → cross_attn           16×16   → downsample.1
@@ -102,8 +102,10 @@ PRESETS = {
         base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolution=8,
         sample_size=16, num_heads=2, context_dim=32,
     ),
-    # The shipped default: 32 px, attention at 16×16 and 8×8; sized for a 2-vCPU CPU.
-    "cpu": UNetConfig(),
+    # The shipped default: 32 px; 32/64/128 channels at 32×32/16×16/8×8, attention at 16×16 and 8×8.
+    # 5.2 M parameters, 9.6 GFLOP per guided step of 4 images: narrow where positions are many, wide
+    # where attention works (64 channels everywhere would cost 2.7× the FLOPs for the 32×32 level).
+    "cpu": UNetConfig(base_channels=32, channel_mults=(1, 2, 4)),
     # A larger model for a GPU run: 64 px, attention at 16×16 and below.
     "gpu": UNetConfig(base_channels=128, channel_mults=(1, 2, 2, 4), sample_size=64, num_heads=8, context_dim=512),
 }
