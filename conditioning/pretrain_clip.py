@@ -1,0 +1,485 @@
+"""Contrastive pre-training of a small CLIP on captioned images: the offline default text encoder.
+
+    python -m data.shapes --out cache/shapes32 --size 32                     # the captioned shapes set
+    python -m conditioning.pretrain_clip --data cache/shapes32 --out runs/clip
+    python -m conditioning.pretrain_clip --data cache/shapes32 --out runs/clip --resume   # continue
+    python -m conditioning.pretrain_clip --data cache/shapes32 --eval runs/clip           # retrieval top-1
+
+On a CPU shared with other jobs, run it with `nice -n 10` and `OMP_NUM_THREADS=1`: with two cores
+and other processes busy, two oversubscribed threads ran 2.5x slower per step than one thread here.
+
+Steps: (1) a BPE tokenizer in CLIP's format is trained on the training captions (conditioning/tokenizer.py),
+(2) a small `transformers.CLIPModel` (text tower + ViT image tower) is trained with CLIP's symmetric
+InfoNCE loss (`return_loss=True`) under `accelerate` (bf16 autocast where the CPU/GPU has fast bf16),
+AdamW, warmup + cosine, (3) retrieval top-1 among 100 candidates is printed on the validation split
+while training and at the end. `--out` then holds:
+
+    clip/           the whole CLIPModel + tokenizer + preprocessor_config.json (CLIPModel / CLIPProcessor
+                    .from_pretrained; its image tower gives a CLIP-score)
+    text_encoder/   CLIPTextModel       tokenizer/   vocab.json merges.txt tokenizer.json tokenizer_config.json
+                    (the two parts of a pipeline folder: `TextEncoder.from_pretrained(out)` loads them)
+    pretrain_config.json  metrics.jsonl  retrieval.json  README.md (model card with the scores)
+    checkpoints/step_NNNNNNN/   accelerate save_state (weights in safetensors), for --resume
+
+Images are not augmented: flips would break "left of"/"right of", crops "in the top left". Captions
+are: when the data lists several true phrasings of an image, a fresh one is drawn every step.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, get_cosine_schedule_with_warmup
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from conditioning.imagefolder import CLIP_MEAN, CLIP_STD, CaptionedImages, find_split, load_split, to_pixel_values
+from conditioning.text_encoder import TextEncoder
+from conditioning.tokenizer import save_clip_tokenizer, train_clip_bpe
+
+CHECKPOINT_RE = re.compile(r"^step_(\d{7})$")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pre-training run; saved as pretrain_config.json beside the model."""
+
+    # text: captions are short (the shapes set's longest is 31 tokens with start/end): 32 positions, not CLIP's 77
+    max_length: int = 32
+    vocab_size: int = 2048  # upper bound; a small caption vocabulary stops the BPE trainer earlier
+    text_width: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    # image: 32 px in 4 px patches = 64 patch tokens + CLS
+    image_size: int = 32
+    patch_size: int = 4
+    # the image tower reads 65 tokens against the text's ~15-30 and dominated the CPU cost at width 256;
+    # 128 wide is ~2x cheaper. Its errors are mostly shape kinds (not colours): with more compute, widen it.
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    projection_dim: int = 256
+    # optimisation
+    steps: int = 2000  # 256k pairs, 5 epochs of the 50k shapes set: ~50 min on 2 free CPU cores
+    batch_size: int = 128  # more updates per CPU-hour than 256; 127 negatives are plenty for this data
+    lr: float = 7e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    # bookkeeping
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    candidates: int = 100  # retrieval top-1 is measured among this many images / captions
+    eval_size: int = 1000  # validation pairs scored while training (the final score uses all of them)
+    val_holdout: int = 1000  # pairs held out of train when the data has no validation split
+    seed: int = 0
+
+
+PRESETS = {
+    "small": PretrainConfig(),
+    # a seconds-long run for tests and smoke checks: no quality expected
+    "tiny": PretrainConfig(
+        max_length=16, text_width=32, text_layers=1, text_heads=2, vision_width=32, vision_layers=1,
+        vision_heads=2, projection_dim=32, steps=4, batch_size=8, warmup_steps=1, eval_every=2,
+        checkpoint_every=2, candidates=4, eval_size=8, val_holdout=4,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def build_model(cfg: PretrainConfig, tokenizer: CLIPTokenizer) -> CLIPModel:
+    """A randomly initialised CLIPModel sized by `cfg`, with token ids that match `tokenizer`."""
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_length,
+        # CLIPTextConfig defaults to OpenAI's ids 49406/49407; the pooled output is read at eos_token_id
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_width,
+        intermediate_size=4 * cfg.vision_width, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+    )
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+
+
+def load_splits(data: str | Path, cfg: PretrainConfig) -> tuple[CaptionedImages, CaptionedImages]:
+    """(train, validation); without a validation split, the last `cfg.val_holdout` train pairs."""
+    train_dir = find_split(data, "train")
+    if train_dir is None:
+        raise ValueError(
+            f"no train split in {data}: expected {data}/train/metadata.jsonl (imagefolder layout) or "
+            f"{data}/metadata.jsonl. Make one with `python -m data.shapes --out {data}`."
+        )
+    train = load_split(train_dir, cfg.image_size)
+    val_dir = find_split(data, "validation")
+    if val_dir is not None:
+        val = load_split(val_dir, cfg.image_size)
+        add_shapes_phrasings(val_dir, val)
+        return train, val
+    if len(train) <= cfg.val_holdout:
+        raise ValueError(f"{len(train)} training pairs and no validation split: cannot hold out {cfg.val_holdout}.")
+    return train.subset(slice(0, -cfg.val_holdout)), train.subset(slice(-cfg.val_holdout, None))
+
+
+def add_shapes_phrasings(split_dir: Path, data: CaptionedImages, draws: int = 512) -> bool:
+    """For the procedural shapes set (data/shapes.py), add every phrasing its caption generator can
+    produce for each image's ground-truth scene to `data.captions`, which judge retrieval hits.
+
+    Why: a caption without positions ("a small yellow cross") truly describes several of 100 random
+    shapes images for 16% of the validation pairs, but the metadata lists only the 3-5 phrasings drawn
+    for each image, so a perfect model would score ~0.93 against the listed phrasings alone. The
+    generator is random, so its phrasings are collected over `draws` seeds (they cover every choice of
+    size words, prefix and relation it makes). Returns False (captions untouched) for other data.
+    """
+    if not (split_dir.parent / "shapes_info.json").is_file():
+        return False
+    from data.shapes import Scene, ShapeObject, ShapesConfig, captions_for  # only for this data set
+
+    config = ShapesConfig()
+    rows = [json.loads(line) for line in (split_dir / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    try:
+        scenes = [Scene(row["background"], [ShapeObject(o["kind"], o["colour"], o["size"], o["row"], o["col"],
+                                                        tuple(o["box"])) for o in row["objects"]]) for row in rows]
+    except (KeyError, TypeError) as err:  # metadata written by another version of data/shapes.py
+        print(f"note: {split_dir} does not match data/shapes.py ({err!r}); judging retrieval by listed captions only")
+        return False
+    for scene, captions in zip(scenes, data.captions, strict=True):
+        phrasings = {c for seed in range(draws) for c in captions_for(scene, random.Random(seed), config)}
+        captions.extend(sorted(phrasings - set(captions)))
+    return True
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """The examples of `step`: epochs are seeded permutations, so a resumed run sees the same batches."""
+    chunks, start = [], step * batch_size
+    while sum(len(c) for c in chunks) < batch_size:
+        epoch, offset = divmod(start, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        chunk = perm[offset : offset + batch_size - sum(len(c) for c in chunks)]
+        chunks.append(chunk)
+        start += len(chunk)
+    return torch.cat(chunks)
+
+
+def pick_captions(data: CaptionedImages, idx: torch.Tensor, step: int, seed: int) -> list[str]:
+    """One phrasing per image, drawn afresh every step (deterministically, for resumes)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + 7 * step + 1)
+    draws = torch.randint(0, 1 << 30, (len(idx),), generator=g).tolist()
+    return [data.captions[i][r % len(data.captions[i])] for i, r in zip(idx.tolist(), draws, strict=True)]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def retrieval_top1(
+    model: CLIPModel, tokenizer: CLIPTokenizer, data: CaptionedImages, candidates: int = 100, batch_size: int = 250
+) -> dict:
+    """Text->image and image->text top-1 accuracy among `candidates`.
+
+    The pairs are cut into consecutive groups of `candidates` images with their captions (`texts`).
+    Within a group, a caption retrieves the most similar image and an image the most similar caption.
+    A hit is a retrieved image that the caption truly describes (the caption is among the image's known
+    phrasings), so two images with the same caption do not count against the model; `*_exact` counts
+    only the paired item.
+    """
+    n = len(data) // candidates * candidates
+    if n == 0:
+        raise ValueError(f"retrieval among {candidates} candidates needs >= {candidates} pairs, got {len(data)}.")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    text_emb, image_emb = [], []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        tok = tokenizer(data.texts[start:stop], padding="longest", truncation=True, return_tensors="pt").to(device)
+        out = model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                    pixel_values=to_pixel_values(data.pixels[start:stop].to(device)))
+        text_emb.append(out.text_embeds.float())  # (b, E), unit norm
+        image_emb.append(out.image_embeds.float())
+    model.train(was_training)
+    groups = n // candidates
+    text = torch.cat(text_emb).view(groups, candidates, -1)  # (G, C, E)
+    image = torch.cat(image_emb).view(groups, candidates, -1)  # (G, C, E)
+    sim = text @ image.transpose(1, 2)  # (G, C texts, C images)
+    t2i = sim.argmax(dim=2).flatten().tolist()  # per text: the image it retrieved
+    i2t = sim.argmax(dim=1).flatten().tolist()  # per image: the text it retrieved
+    offsets = [g * candidates for g in range(groups) for _ in range(candidates)]
+    t2i_hits = [data.texts[q] in data.captions[o + r] for q, (o, r) in enumerate(zip(offsets, t2i, strict=True))]
+    i2t_hits = [data.texts[o + r] in data.captions[q] for q, (o, r) in enumerate(zip(offsets, i2t, strict=True))]
+    same = torch.arange(candidates).repeat(groups)
+    return {
+        "text_to_image_top1": sum(t2i_hits) / n,
+        "image_to_text_top1": sum(i2t_hits) / n,
+        "text_to_image_top1_exact": (torch.tensor(t2i) == same).float().mean().item(),
+        "image_to_text_top1_exact": (torch.tensor(i2t) == same).float().mean().item(),
+        "pairs": n,
+        "candidates": candidates,
+    }
+
+
+def format_scores(scores: dict) -> str:
+    return (f"retrieval top-1 among {scores['candidates']} ({scores['pairs']} pairs): "
+            f"text->image {scores['text_to_image_top1']:.3f}, image->text {scores['image_to_text_top1']:.3f} "
+            f"(exact pair: {scores['text_to_image_top1_exact']:.3f} / {scores['image_to_text_top1_exact']:.3f})")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def mixed_precision(accelerator_cpu: bool) -> str:
+    """bf16 autocast only where it is fast: CUDA with bf16, or a CPU with AVX-512 BF16 / AMX.
+
+    On this project's CPU bf16 trains ~2x faster than fp32; on a CPU without those instructions it is
+    2-38x slower, and fp16 on CPU ~60x slower, so neither is ever chosen blindly.
+    """
+    if not accelerator_cpu and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+def train(cfg: PretrainConfig, data: str | Path, out: str | Path, resume: bool = False, cpu: bool = False) -> dict:
+    """Train (or resume) a small CLIP and export it to `out`; returns the final retrieval scores."""
+    out = Path(out)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cpu or not torch.cuda.is_available()), cpu=cpu)
+    train_set, val_set = load_splits(data, cfg)
+    if resume:
+        tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")  # the ids the checkpoint was trained with
+    else:
+        tokenizer = train_clip_bpe((c for caps in train_set.captions for c in caps),
+                                   vocab_size=cfg.vocab_size, model_max_length=cfg.max_length)
+        if accelerator.is_main_process:
+            save_clip_tokenizer(tokenizer, out / "tokenizer")
+    if accelerator.is_main_process:  # (again on resume: --steps may have changed)
+        (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    _report_long_captions(tokenizer, train_set, cfg.max_length)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [  # nanoGPT's rule: decay matrices and embeddings, not biases, norms or the logit scale
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)  # CLIP's betas/eps
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    start_step, elapsed = _resume(accelerator, out) if resume else (0, 0.0)
+
+    accelerator.print(f"{sum(p.numel() for p in params) / 1e6:.2f} M parameters, vocab {len(tokenizer)}, "
+                      f"{len(train_set)} train / {len(val_set)} validation pairs, "
+                      f"mixed precision {accelerator.mixed_precision}, steps {start_step}->{cfg.steps}")
+    eval_set = val_set.subset(slice(0, cfg.eval_size))
+    t0 = time.perf_counter() - elapsed
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, mininterval=5,
+               disable=not accelerator.is_local_main_process)
+    for step in bar:
+        idx = batch_indices(step, cfg.batch_size, len(train_set), cfg.seed)
+        # each process takes its share of the global batch (contrastive negatives are then per process)
+        idx = idx[accelerator.process_index :: accelerator.num_processes]
+        loss = _train_step(model, optimizer, scheduler, accelerator, tokenizer, train_set, idx, step, cfg)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        done = step + 1
+        record = {"step": done, "loss": loss, "seconds": round(time.perf_counter() - t0, 1)}
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            record.update(retrieval_top1(accelerator.unwrap_model(model), tokenizer, eval_set, cfg.candidates))
+            bar.write(f"step {done}: loss {loss:.3f}  " + format_scores(record))
+        if accelerator.is_main_process and (done % cfg.eval_every == 0 or done % 50 == 0):
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _save_checkpoint(accelerator, out, done, time.perf_counter() - t0, cfg.keep_checkpoints)
+    train_seconds = time.perf_counter() - t0
+
+    clip = accelerator.unwrap_model(model)
+    scores = retrieval_top1(clip, tokenizer, val_set, cfg.candidates)
+    accelerator.print("final (all validation pairs): " + format_scores(scores))
+    if accelerator.is_main_process:
+        export(clip, tokenizer, cfg, out, scores, train_seconds, str(data))
+    return scores
+
+
+def _train_step(model, optimizer, scheduler, accelerator, tokenizer, data, idx, step, cfg) -> float:
+    """One contrastive step on the examples `idx`; returns the loss."""
+    captions = pick_captions(data, idx, step, cfg.seed)
+    tok = tokenizer(captions, padding="longest", truncation=True, max_length=cfg.max_length, return_tensors="pt")
+    pixel_values = to_pixel_values(data.pixels[idx].to(accelerator.device))  # (b, 3, S, S)
+    out = model(input_ids=tok["input_ids"].to(accelerator.device),
+                attention_mask=tok["attention_mask"].to(accelerator.device),
+                pixel_values=pixel_values, return_loss=True)
+    accelerator.backward(out.loss)
+    if cfg.grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # CLIP clamps the learned temperature at 100 so the logits cannot blow up
+        accelerator.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
+    return out.loss.item()
+
+
+def _report_long_captions(tokenizer: CLIPTokenizer, data: CaptionedImages, max_length: int) -> None:
+    lengths = [len(ids) for ids in tokenizer([c for caps in data.captions for c in caps], verbose=False)["input_ids"]]
+    cut = sum(n > max_length for n in lengths)
+    if cut:
+        print(f"warning: {cut} of {len(lengths)} captions are longer than max_length={max_length} tokens "
+              f"(longest {max(lengths)}) and get truncated; raise max_length in the config.")
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    folder = out / "checkpoints"
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*") if (m := CHECKPOINT_RE.match(p.name))]
+    return sorted(found) if folder.is_dir() else []
+
+
+def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, seconds: float, keep: int) -> None:
+    """accelerate save_state named by global step (its own counter restarts at 0 on resume)."""
+    path = out / "checkpoints" / f"step_{step:07d}"
+    accelerator.save_state(str(path), safe_serialization=True)
+    if accelerator.is_main_process:
+        (path / "progress.json").write_text(json.dumps({"step": step, "seconds": seconds}))
+        for _, old in _checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+
+
+def _resume(accelerator: Accelerator, out: Path) -> tuple[int, float]:
+    """Load the latest checkpoint; returns (step, training seconds so far)."""
+    found = _checkpoints(out)
+    if not found:
+        raise ValueError(f"--resume: no checkpoints/step_NNNNNNN folder in {out}; start without --resume.")
+    step, path = found[-1]
+    accelerator.load_state(str(path))  # accelerate's loader uses torch.load(weights_only=True): no code runs
+    progress = json.loads((path / "progress.json").read_text())
+    accelerator.print(f"resumed from {path} (step {step})")
+    return step, float(progress["seconds"])
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(clip: CLIPModel, tokenizer: CLIPTokenizer, cfg: PretrainConfig, out: Path, scores: dict,
+           train_seconds: float, data: str) -> None:
+    """Write clip/, text_encoder/ + tokenizer/, retrieval.json and the model card into `out`."""
+    clip = clip.float().eval()
+    clip.save_pretrained(out / "clip", safe_serialization=True)
+    save_clip_tokenizer(tokenizer, out / "clip")
+    CLIPImageProcessorPil(
+        size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    ).save_pretrained(out / "clip")
+    # the text half, through the same loader users' CLIP checkpoints go through (it checks no weight is missing)
+    TextEncoder.from_pretrained(str(out / "clip")).save_pretrained(out)
+    config_json = json.dumps(dataclasses.asdict(cfg), indent=2)
+    for folder in (out, out / "clip", out / "text_encoder"):
+        (folder / "pretrain_config.json").write_text(config_json)
+    result = {**scores, "train_seconds": round(train_seconds, 1), "steps": cfg.steps, "data": data}
+    (out / "retrieval.json").write_text(json.dumps(result, indent=2))
+    (out / "README.md").write_text(model_card(cfg, result, sum(p.numel() for p in clip.parameters())))
+
+
+def model_card(cfg: PretrainConfig, result: dict, n_params: int) -> str:
+    passed = min(result["text_to_image_top1"], result["image_to_text_top1"]) >= 0.90
+    return f"""# Small CLIP trained on captioned shapes
+
+A `transformers.CLIPModel` ({n_params / 1e6:.1f} M parameters; text tower {cfg.text_layers} layers x
+{cfg.text_width}, ViT image tower {cfg.vision_layers} layers x {cfg.vision_width} on {cfg.image_size} px in
+{cfg.patch_size} px patches) trained contrastively (symmetric InfoNCE) from scratch on `{result['data']}`,
+with a BPE tokenizer in CLIP's vocab.json/merges.txt format trained on the same captions
+(max {cfg.max_length} tokens; characters outside printable ASCII and the captions map to `<|unk|>`).
+It only knows the shapes world: words never seen in captions carry no meaning for it.
+
+| validation retrieval, top-1 among {result['candidates']} ({result['pairs']} pairs) | score |
+|---|---|
+| text -> image | {result['text_to_image_top1']:.3f} |
+| image -> text | {result['image_to_text_top1']:.3f} |
+| text -> image, exact pair only | {result['text_to_image_top1_exact']:.3f} |
+| image -> text, exact pair only | {result['image_to_text_top1_exact']:.3f} |
+
+Quality bar (>= 0.90 both ways): {"met" if passed else "NOT met"}. A hit is a retrieved image that the
+caption truly describes, or a retrieved caption that truly describes the image: the caption is one of the
+image's phrasings (for the shapes set, any phrasing its generator can produce for the image's ground
+truth; about 16% of its captions, e.g. "a small yellow cross", fit more than one of 100 images).
+"Exact pair" counts only the item the caption was written for.
+Training: {result['steps']} steps of {cfg.batch_size} pairs, {result['train_seconds'] / 60:.0f} min.
+Reproduce the score: `python -m conditioning.pretrain_clip --data {result['data']} --eval <this folder>`.
+Layout: `clip/` (full CLIPModel), `text_encoder/` + `tokenizer/` (what the diffusion pipeline loads).
+"""
+
+
+def evaluate(model_dir: str | Path, data: str | Path, candidates: int, update_card: bool = False) -> dict:
+    """Print and return the retrieval scores of a saved CLIP (`<out>` or `<out>/clip`) on the validation split.
+
+    With `update_card`, the scores replace those in `<out>/retrieval.json` and the model card `<out>/README.md`.
+    """
+    model_dir = Path(model_dir)
+    clip_dir = model_dir / "clip" if (model_dir / "clip" / "config.json").is_file() else model_dir
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    config_file = clip_dir / "pretrain_config.json"
+    cfg = PretrainConfig(**json.loads(config_file.read_text())) if config_file.is_file() else PretrainConfig()
+    cfg.image_size = model.config.vision_config.image_size
+    _, val_set = load_splits(data, cfg)
+    scores = retrieval_top1(model, tokenizer, val_set, candidates)
+    print(f"{clip_dir}: " + format_scores(scores))
+    if update_card:
+        out = clip_dir.parent
+        if not (out / "retrieval.json").is_file():
+            raise ValueError(f"--update-card: {out} has no retrieval.json; point --eval at a pretrain_clip --out.")
+        result = {**json.loads((out / "retrieval.json").read_text()), **scores}
+        (out / "retrieval.json").write_text(json.dumps(result, indent=2))
+        (out / "README.md").write_text(model_card(cfg, result, sum(p.numel() for p in model.parameters())))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="captioned image folder (imagefolder layout)")
+    p.add_argument("--out", help="output folder for the model, tokenizer and checkpoints")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--steps", type=int, help="override the preset's number of steps (e.g. to extend a run)")
+    p.add_argument("--batch-size", type=int, help="override the preset's batch size")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--eval", metavar="DIR", help="only print the retrieval score of a saved model")
+    p.add_argument("--candidates", type=int, default=100, help="retrieval candidates for --eval")
+    p.add_argument("--update-card", action="store_true", help="with --eval: write the scores into the model card")
+    args = p.parse_args(argv)
+    if args.eval:
+        evaluate(args.eval, args.data, args.candidates, args.update_card)
+        return
+    if not args.out:
+        p.error("--out is required for training")
+    out = Path(args.out)
+    if args.resume:  # the run's own config, so a resumed run cannot silently change shape
+        cfg = PretrainConfig(**json.loads((out / "pretrain_config.json").read_text()))
+    else:
+        cfg = dataclasses.replace(PRESETS[args.preset])
+    cfg.steps = args.steps or cfg.steps
+    cfg.batch_size = args.batch_size or cfg.batch_size
+    if not args.resume and _checkpoints(out):
+        p.error(f"{out} already has checkpoints: pass --resume to continue, or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    train(cfg, args.data, out, resume=args.resume, cpu=args.cpu)
+
+
+if __name__ == "__main__":
+    main()

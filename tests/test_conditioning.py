@@ -1,0 +1,339 @@
+"""conditioning/: the CLIP-format tokenizer, the frozen TextEncoder, and the small-CLIP pre-training.
+
+Everything runs offline on tiny random models; the pre-training smoke run takes a few seconds.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPTokenizerFast,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
+
+from conditioning.imagefolder import CaptionedImages, load_split
+from conditioning.pretrain_clip import add_shapes_phrasings, batch_indices, evaluate, main, retrieval_top1
+from conditioning.text_encoder import TextEncoder
+from conditioning.tokenizer import BOS, EOS, UNK, save_clip_tokenizer, train_clip_bpe
+
+COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 90, 225), "yellow": (235, 210, 35)}
+KINDS = ("circle", "square")
+CAPTIONS = [f"a {size} {colour} {kind}" for size in ("small", "large") for colour in COLOURS for kind in KINDS]
+CAPTIONS += ["a red circle above a blue square", "a green square left of a yellow circle"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CLIPTokenizer:
+    return train_clip_bpe(CAPTIONS * 3, model_max_length=12)
+
+
+def tiny_text_model(tokenizer: CLIPTokenizer, hidden: int = 32) -> CLIPTextModel:
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer, tmp_path_factory) -> TextEncoder:
+    """Loaded back from a pipeline folder, the way the app loads it."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    TextEncoder(tiny_text_model(tokenizer), tokenizer).save_pretrained(folder)
+    return TextEncoder.from_pretrained(str(folder))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_files_load_with_from_pretrained_and_round_trip(tokenizer, tmp_path):
+    save_clip_tokenizer(tokenizer, tmp_path / "full")
+    assert (tmp_path / "full" / "merges.txt").read_text().startswith("#version: 0.2\n")
+    # CLIP's own file set only (no tokenizer.json): what other CLIP tooling ships and reads
+    clip_files = tmp_path / "clip_files"
+    clip_files.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "full" / name, clip_files / name)
+    for cls in (CLIPTokenizer, CLIPTokenizerFast):
+        for folder in (tmp_path / "full", clip_files):
+            loaded = cls.from_pretrained(folder)
+            assert len(loaded) == len(tokenizer), (cls, folder)  # not the 3-token fallback vocabulary
+            assert loaded.unk_token == UNK and loaded.model_max_length == 12
+            for caption in CAPTIONS:
+                ids = loaded(caption)["input_ids"]
+                assert ids == tokenizer(caption)["input_ids"]
+                assert loaded.decode(ids, skip_special_tokens=True) == caption
+    # frequent words became single tokens: "a red circle" is start + 3 + end
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a red circle")["input_ids"]) == [
+        BOS, "a</w>", "red</w>", "circle</w>", EOS]
+
+
+def test_vocabulary_has_clip_layout_and_a_distinct_unknown_token(tokenizer):
+    vocab = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["vocab"]
+    by_id = sorted(vocab, key=vocab.get)
+    assert by_id[-3:] == [BOS, EOS, UNK]  # special tokens last, as in CLIP
+    n_alpha = by_id.index("!</w>")  # alphabet, then the same alphabet with </w>
+    assert [t + "</w>" for t in by_id[:n_alpha]] == by_id[n_alpha : 2 * n_alpha]
+    assert "q" in vocab and "z</w>" in vocab  # printable ASCII even if no caption uses it
+    assert tokenizer.unk_token_id != tokenizer.eos_token_id
+    assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (EOS, BOS, EOS)
+
+
+def test_train_clip_bpe_rejects_empty_captions():
+    with pytest.raises(ValueError, match="no captions"):
+        train_clip_bpe([])
+
+
+# ----------------------------------------------------------------------------- TextEncoder.encode
+
+
+def test_encode_shapes_mask_tokens_and_words(encoder):
+    out = encoder.encode(["a red circle", "A small, blue square above a red circle", ""])
+    assert encoder.hidden_size == 32 and encoder.max_length == 12
+    lengths = [5, 11, 2]  # start + words (the comma is a word of its own) + end
+    assert out.context.shape == (3, max(lengths), 32) and out.context.dtype == torch.float32
+    assert out.mask.dtype == torch.bool and out.mask.sum(1).tolist() == lengths
+    assert not out.mask[0, 5:].any()
+    assert out.tokens[0] == [BOS, "a", "red", "circle", EOS]
+    assert out.word_ids[0] == [None, 0, 1, 2, None]
+    assert out.words[1] == ["a", "small", ",", "blue", "square", "above", "a", "red", "circle"]
+    assert [out.words[1][w] for w in out.word_ids[1][1:-1]] == out.tokens[1][1:-1]  # lowercased
+    assert out.truncated == [False, False, False] and out.unknown_words == [[], [], []]
+    for b in range(3):
+        assert len(out.tokens[b]) == len(out.word_ids[b]) == lengths[b]
+
+
+def test_padding_in_a_mixed_batch_does_not_change_a_prompt(encoder):
+    alone = encoder.encode("a red circle")
+    batch = encoder.encode(["a small blue square above a red circle", "a red circle"])
+    torch.testing.assert_close(batch.context[1, :5], alone.context[0], atol=1e-5, rtol=1e-5)
+
+
+def test_word_spans_cover_words_split_into_several_tokens(encoder):
+    out = encoder.encode("redcircle squares")  # neither is a caption word: BPE splits them
+    assert out.words == [["redcircle", "squares"]]
+    pieces = {w: "".join(t for t, i in zip(out.tokens[0], out.word_ids[0], strict=True) if i == w) for w in (0, 1)}
+    assert pieces == {0: "redcircle", 1: "squares"}
+    assert out.word_ids[0].count(0) > 1
+
+
+def test_unknown_words_are_reported(encoder):
+    out = encoder.encode(["a café circle 🙂", "a giraffe"])
+    assert out.unknown_words[0] == ["café", "🙂"]
+    assert UNK in out.tokens[0]
+    # spelled with known characters: representable (split into pieces), so not unknown
+    assert out.unknown_words[1] == []
+
+
+def test_long_prompt_is_truncated_and_reported(encoder):
+    long = " ".join(["a red circle"] * 6)  # 18 words + start/end > 12
+    out = encoder.encode([long, "a red circle"])
+    assert out.truncated == [True, False]
+    assert out.context.shape[1] == encoder.max_length == 12
+    assert out.tokens[0][-1] == EOS and out.mask[0].all()
+    assert len(out.words[0]) == 10 and max(i for i in out.word_ids[0] if i is not None) == 9
+
+
+def test_empty_prompt_is_start_and_end_only(encoder):
+    out = encoder.encode("")
+    assert out.tokens == [[BOS, EOS]] and out.words == [[]] and out.word_ids == [[None, None]]
+    assert out.context.shape == (1, 2, 32)
+    batch = encoder.encode(["", "a red circle"])
+    torch.testing.assert_close(batch.context[0, :2], out.context[0], atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_is_frozen_and_its_output_feeds_a_trainable_layer(encoder):
+    assert not encoder.model.training
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+    context = encoder.encode("a red circle").context
+    assert not context.requires_grad
+    layer = torch.nn.Linear(32, 4)  # like the U-Net's cross-attention k/v projection
+    layer(context).sum().backward()  # fails if encode ran under inference_mode
+    assert layer.weight.grad is not None
+
+
+def test_to_changes_dtype(tokenizer):
+    enc = TextEncoder(tiny_text_model(tokenizer), tokenizer).to(dtype=torch.bfloat16)
+    assert enc.encode("a red circle").context.dtype == torch.bfloat16 and enc.dtype == torch.bfloat16
+
+
+def test_encode_rejects_non_strings(encoder):
+    with pytest.raises(ValueError, match="string"):
+        encoder.encode([])
+    with pytest.raises(ValueError, match="string"):
+        encoder.encode([1, 2])
+
+
+# ----------------------------------------------------------------------------- any CLIP
+
+
+def test_any_clip_width_loads_through_the_same_path(tokenizer, tmp_path):
+    # a plain checkpoint folder (weights + tokenizer at the top level) of another width
+    plain = tmp_path / "plain"
+    tiny_text_model(tokenizer, hidden=48).save_pretrained(plain)
+    save_clip_tokenizer(tokenizer, plain)
+    enc = TextEncoder.from_pretrained(str(plain))
+    assert enc.hidden_size == 48 and enc.encode(["a red circle", ""]).context.shape == (2, 5, 48)
+    # a full CLIPModel checkpoint, like openai/clip-vit-base-patch32: only the text half is loaded
+    full = tmp_path / "full_clip"
+    text = tiny_text_model(tokenizer, hidden=64).config.to_dict()
+    vision = dict(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    clip.save_pretrained(full)
+    save_clip_tokenizer(tokenizer, full)
+    enc = TextEncoder.from_pretrained(str(full))
+    assert enc.hidden_size == 64
+    ids = tokenizer("a red circle", return_tensors="pt")["input_ids"]
+    expected = clip.text_model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(enc.encode("a red circle").context, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_without_text_weights_is_refused(tokenizer, tmp_path):
+    vision = CLIPVisionConfig(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32,
+                              num_hidden_layers=1, num_attention_heads=2)
+    CLIPVisionModel(vision).save_pretrained(tmp_path)
+    save_clip_tokenizer(tokenizer, tmp_path)
+    with pytest.raises(ValueError, match="not a CLIP text model"):
+        TextEncoder.from_pretrained(str(tmp_path))
+    # right architecture, wrong width for the saved weights: a config/weights mismatch, also refused
+    model = tiny_text_model(tokenizer, hidden=48)
+    model.save_pretrained(tmp_path / "text")
+    config = json.loads((tmp_path / "text" / "config.json").read_text())
+    (tmp_path / "text" / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    save_clip_tokenizer(tokenizer, tmp_path / "text")
+    with pytest.raises(ValueError, match="not a CLIP text model"):
+        TextEncoder.from_pretrained(str(tmp_path / "text"))
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        TextEncoder.from_pretrained(str(tmp_path / "nope"))
+
+
+# ----------------------------------------------------------------------------- pre-training
+
+
+def make_caption_folder(root: Path, n_train: int, n_val: int) -> Path:
+    """A tiny imagefolder: one coloured circle or square per 16 px image, captioned."""
+    for split, n in (("train", n_train), ("validation", n_val)):
+        (root / split).mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            colour, kind = list(COLOURS)[i % 4], KINDS[(i // 4) % 2]
+            img = Image.new("RGB", (16, 16), "white")
+            box = (2 + i % 3, 2 + i % 5, 12 + i % 3, 12 + i % 3)
+            draw = ImageDraw.Draw(img)
+            (draw.ellipse if kind == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+            img.save(root / split / f"{i:03d}.png")
+            rows.append({"file_name": f"{i:03d}.png", "text": f"a {colour} {kind}",
+                         "captions": [f"a {colour} {kind}", f"an image of a {colour} {kind}"]})
+        (root / split / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_load_split_reads_captions_and_resizes(tmp_path):
+    folder = make_caption_folder(tmp_path / "data", 4, 0) / "train"
+    data = load_split(folder, image_size=8)
+    assert data.pixels.shape == (4, 3, 8, 8) and data.pixels.dtype == torch.uint8
+    assert data.texts[0] == "a red circle" and data.captions[0] == ["a red circle", "an image of a red circle"]
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "000.png", "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match="text"):
+        load_split(folder, image_size=8)
+
+
+def test_batch_indices_are_seeded_permutations_across_epochs():
+    seen = torch.cat([batch_indices(s, 4, 10, seed=0) for s in range(5)])  # 20 = two epochs of 10
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(3, 4, 10, seed=0), batch_indices(3, 4, 10, seed=0))
+    assert not torch.equal(batch_indices(0, 10, 10, seed=0), batch_indices(0, 10, 10, seed=1))
+
+
+def test_shapes_judge_adds_every_true_phrasing_and_leaves_other_data_alone(tmp_path):
+    split = make_caption_folder(tmp_path / "shapes", 1, 0) / "train"
+    data = load_split(split, image_size=8)
+    assert not add_shapes_phrasings(split, data)  # no shapes_info.json: not the shapes set
+    (tmp_path / "shapes" / "shapes_info.json").write_text("{}")
+    row = {"file_name": "000.png", "text": "a red circle", "captions": ["a red circle"], "background": "white",
+           "objects": [{"kind": "circle", "colour": "red", "size": "small", "row": 1, "col": 1,
+                        "box": [12.0, 12.0, 18.0, 18.0]}]}
+    (split / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    data = load_split(split, image_size=8)
+    assert add_shapes_phrasings(split, data, draws=64)
+    assert data.captions[0][0] == "a red circle"
+    assert {"a small red circle", "a red circle in the center"} <= set(data.captions[0])
+    assert not any("blue" in c or "square" in c for c in data.captions[0])
+
+
+class OracleCLIP(torch.nn.Module):
+    """Embeds every caption and image as the one-hot of a class id, so retrieval is decided by the ids."""
+
+    def __init__(self, text_class: dict[str, int], image_class: list[int]):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.text_class, self.image_class, self.cursor = text_class, image_class, 0
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        b = len(input_ids)
+        texts = [self.text_class[t] for t in self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)]
+        images = self.image_class[self.cursor : self.cursor + b]
+        self.cursor += b
+        one_hot = torch.nn.functional.one_hot
+        return SimpleNamespace(text_embeds=one_hot(torch.tensor(texts), 8).float(),
+                               image_embeds=one_hot(torch.tensor(images), 8).float())
+
+
+def test_retrieval_top1_counts_true_descriptions_not_only_the_paired_item(tokenizer):
+    texts = ["a red circle", "a blue square", "a red circle", "a green square"]
+    data = CaptionedImages(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), texts, [[t] for t in texts])
+    model = OracleCLIP({"a red circle": 0, "a blue square": 1, "a green square": 2}, [0, 1, 0, 3])
+    model.tokenizer = tokenizer
+    scores = retrieval_top1(model, tokenizer, data, candidates=4)
+    # text 3 ("a green square") matches no image (image 3 is class 3): the only miss text->image;
+    # image 3 matches no caption and retrieves text 0 ("a red circle"): a miss image->text.
+    assert scores["text_to_image_top1"] == 0.75 and scores["image_to_text_top1"] == 0.75
+    # the two "a red circle" pairs tie; argmax picks the first, so pair 2 is not its exact partner
+    assert scores["text_to_image_top1_exact"] == 0.5
+    with pytest.raises(ValueError, match="candidates"):
+        retrieval_top1(model, tokenizer, data, candidates=5)
+
+
+@pytest.mark.slow
+def test_pretraining_smoke_run_writes_files_that_load_and_encode(tmp_path, capsys):
+    data = make_caption_folder(tmp_path / "data", 12, 8)
+    out = tmp_path / "run"
+    main(["--data", str(data), "--out", str(out), "--preset", "tiny", "--steps", "3", "--cpu"])
+    for name in ("clip/config.json", "clip/model.safetensors", "clip/vocab.json", "clip/merges.txt",
+                 "clip/preprocessor_config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json",
+                 "tokenizer/merges.txt", "pretrain_config.json", "retrieval.json", "README.md",
+                 "checkpoints/step_0000003/model.safetensors"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.bin")) or all(p.parent.parent.name == "checkpoints" for p in out.rglob("*.bin"))
+    assert "retrieval top-1 among 4" in capsys.readouterr().out
+
+    enc = TextEncoder.from_pretrained(str(out))
+    assert enc.hidden_size == 32 and enc.max_length == 16
+    assert enc.encode(["a red circle", ""]).tokens[0] == [BOS, "a", "red", "circle", EOS]
+    # the whole CLIP loads as a standard CLIPModel and scores with --eval
+    assert CLIPModel.from_pretrained(out / "clip").config.vision_config.image_size == 32
+    scores = evaluate(out, data, candidates=4)
+    assert scores["pairs"] == 8 and 0.0 <= scores["text_to_image_top1"] <= 1.0
+
+    # resume continues from the step-3 checkpoint instead of starting over
+    main(["--data", str(data), "--out", str(out), "--resume", "--steps", "4", "--cpu"])
+    assert "resumed from" in capsys.readouterr().out
+    assert (out / "checkpoints" / "step_0000004").is_dir()
+    assert json.loads((out / "retrieval.json").read_text())["steps"] == 4
