@@ -4,17 +4,9 @@ import pytest
 import torch
 
 from tests import seed_reference as seed
+from tests.tiny import randomize_
 from unet import attention
 from unet.blocks import AttentionBlock, CrossAttentionBlock, ResidualBlock, timestep_embedding
-
-
-def randomize_(module: torch.nn.Module, seed_value: int = 0) -> torch.nn.Module:
-    """Give every parameter random values: our zero-initialised projections would hide bugs."""
-    g = torch.Generator().manual_seed(seed_value)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
 
 
 @pytest.mark.parametrize("in_ch,out_ch,t_dim", [(32, 32, None), (32, 64, 16), (64, 32, 16)])

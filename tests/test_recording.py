@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.test_blocks import randomize_
 from tests.test_unet import inputs
+from tests.tiny import randomize_
 from unet import AttentionStore, UNet, UNetConfig
 
 

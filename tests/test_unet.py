@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.test_blocks import randomize_
+from tests.tiny import randomize_
 from unet import UNet, UNetConfig
 from unet.blocks import AttentionBlock, CrossAttentionBlock, ResidualBlock
 

@@ -66,8 +66,8 @@ class AttentionRecorder:
     rely on, so a user can plug in their own (e.g. to stream maps elsewhere).
     """
 
-    def rows(self, batch_size: int) -> slice:
-        """Which batch rows to record (e.g. only the conditional half of a guided batch)."""
+    def rows(self, batch_size: int, kind: str) -> slice:
+        """Which batch rows to record for a "self" or "cross" layer (e.g. the conditional half)."""
         return slice(0, batch_size)
 
     def wants_self_attention(self, num_queries: int) -> bool:

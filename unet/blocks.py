@@ -152,7 +152,7 @@ class AttentionBlock(nn.Module):
         q, k, v = qkv.view(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, h, N, d)
         out = attend(q, k, v, None, self.scale)  # (B, h, N, d)
         if self.recorder is not None and self.recorder.wants_self_attention(H * W):
-            rows = self.recorder.rows(B)
+            rows = self.recorder.rows(B, self.kind)
             self.recorder.record(self.name, self.kind, (H, W), attention_probs(q[rows], k[rows], None, self.scale))
         del qkv, q, k, v  # free the projections before the output projection allocates (peak memory)
         return merge_heads_to_image(out, self.to_out, (H, W)) + x
@@ -206,7 +206,7 @@ class CrossAttentionBlock(nn.Module):
             v = v * token_weights[:, None, :, None].to(v.dtype)  # (B, h, L, d)
         out = attend(q, k, v, mask, self.scale)  # (B, h, N, d)
         if self.recorder is not None:
-            rows = self.recorder.rows(B)
+            rows = self.recorder.rows(B, self.kind)
             probs = attention_probs(q[rows], k[rows], None if mask is None else mask[rows], self.scale)
             if token_weights is not None:
                 probs = probs * token_weights[rows, None, None, :].to(probs.dtype)  # (b, h, N, L)

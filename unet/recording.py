@@ -36,6 +36,9 @@ class AttentionStore(AttentionRecorder):
         num_bins: timestep bins the steps are summed into (constant memory in num_steps).
         rows: batch rows to record, e.g. slice(B//2, B) for the conditional half of a guided batch;
             None records every row.
+        self_attention_rows: rows to record at self-attention layers (default: `rows`); the pipeline
+            records cross-attention of both halves (prompt and negative prompt) but self-attention
+            of the prompt half only.
         num_tokens: keep the first num_tokens keys of cross-attention (the real tokens); None keeps all.
         self_attention_max_positions: record self-attention only at layers with N ≤ this (16×16 = 256
             by default: an (N, N) map is quadratic, and low resolutions are where maps are semantic).
@@ -48,6 +51,7 @@ class AttentionStore(AttentionRecorder):
         num_bins: int = 4,
         *,
         rows: slice | None = None,
+        self_attention_rows: slice | None = None,
         num_tokens: int | None = None,
         self_attention_max_positions: int = 256,
         per_head: bool = True,
@@ -56,7 +60,7 @@ class AttentionStore(AttentionRecorder):
             raise ValueError(f"AttentionStore needs num_steps >= 1 and num_bins >= 1, got {num_steps} and {num_bins}.")
         self.num_steps = num_steps
         self.num_bins = min(num_bins, num_steps)
-        self.row_slice = rows
+        self.row_slices = {"cross": rows, "self": self_attention_rows if self_attention_rows is not None else rows}
         self.num_tokens = num_tokens
         self.self_attention_max_positions = self_attention_max_positions
         self.per_head = per_head
@@ -84,8 +88,9 @@ class AttentionStore(AttentionRecorder):
         return range(steps[0], steps[-1] + 1)
 
     # -- the block's side (AttentionRecorder) ---------------------------------------------------
-    def rows(self, batch_size: int) -> slice:
-        return self.row_slice if self.row_slice is not None else slice(0, batch_size)
+    def rows(self, batch_size: int, kind: str) -> slice:
+        chosen = self.row_slices[kind]
+        return chosen if chosen is not None else slice(0, batch_size)
 
     def wants_self_attention(self, num_queries: int) -> bool:
         return num_queries <= self.self_attention_max_positions

@@ -1,0 +1,219 @@
+"""TextToImagePipeline: prompt → images (+ where every word looked), over a diffusers-layout folder.
+
+    pipe = TextToImagePipeline.from_pretrained("weights/default")
+    result = pipe("a red circle above a blue square", num_images=4, seed=0, record_attention=True)
+    result.images           # 4 PIL images
+    result.attention.word_maps(0)   # {"red": (H, W) map, "circle": …} for the first image
+
+Folder layout (diffusers pipeline style): unet/ (config.json + model.safetensors), text_encoder/,
+tokenizer/, scheduler/scheduler_config.json (the training noise schedule), README.md (model card).
+"""
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from conditioning.text_encoder import TextEncoder
+from diffusion.maps import AttentionMaps
+from diffusion.prompts import parse_emphasis, token_weights
+from diffusion.sampling import DEFAULT_SAMPLER, guided_model, make_scheduler, sample
+from unet import AttentionStore, UNet
+
+MAX_STEPS = 1000
+
+
+@dataclass
+class GenerationResult:
+    """What one pipeline call returns.
+
+    images: PIL images, prompt-major (prompt 0's images first). seeds: the seed of each image (image i of
+    a call with seed s has seed s + i, so any single image can be remade alone). tokens / words /
+    word_ids: per image, as the text encoder split its prompt. warnings: unknown words, truncation.
+    attention: the recorded maps when record_attention=True, else None.
+    """
+
+    images: list[Image.Image]
+    seed: int
+    seeds: list[int]
+    prompts: list[str]
+    tokens: list[list[str]]
+    words: list[list[str]]
+    word_ids: list[list[int | None]]
+    warnings: list[str] = field(default_factory=list)
+    attention: AttentionMaps | None = None
+
+
+class TextToImagePipeline:
+    """A text-conditioned U-Net, its frozen CLIP text encoder, and the training noise schedule.
+
+    Args:
+        unet: the denoiser; its context_dim must equal text_encoder.hidden_size.
+        text_encoder: the frozen CLIP text encoder wrapper.
+        scheduler_config: the training scheduler's config (a diffusers scheduler config dict).
+        model_card: the README.md written beside the weights, if any.
+    """
+
+    def __init__(self, unet: UNet, text_encoder: TextEncoder, scheduler_config: dict, model_card: str | None = None):
+        if unet.config.context_dim != text_encoder.hidden_size:
+            raise ValueError(
+                f"the U-Net reads text of width {unet.config.context_dim} but the text encoder produces "
+                f"{text_encoder.hidden_size}; use the text encoder the U-Net was trained with."
+            )
+        self.unet = unet.eval()
+        self.text_encoder = text_encoder
+        self.scheduler_config = dict(scheduler_config)
+        self.model_card = model_card
+
+    # -- folders ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> "TextToImagePipeline":
+        path = Path(path)
+        missing = [p for p in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not a pipeline folder: missing {', '.join(missing)}/ (expected unet/, text_encoder/, "
+                "tokenizer/ and scheduler/, as written by TextToImagePipeline.save_pretrained or train.py)."
+            )
+        unet = UNet.from_pretrained(path / "unet")
+        text_encoder = TextEncoder.from_pretrained(str(path))
+        scheduler_config = dict(DDPMScheduler.load_config(path / "scheduler"))
+        card = (path / "README.md").read_text() if (path / "README.md").is_file() else None
+        return cls(unet, text_encoder, scheduler_config, card).to(device)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.unet.save_pretrained(path / "unet")
+        self.text_encoder.save_pretrained(path)
+        DDPMScheduler.from_config(self.scheduler_config).save_pretrained(path / "scheduler")
+        if self.model_card is not None:
+            (path / "README.md").write_text(self.model_card)
+
+    def to(self, device: str | torch.device | None) -> "TextToImagePipeline":
+        if device is not None:
+            self.unet.to(device)
+            self.text_encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_images: int = 1,
+        steps: int = 20,
+        guidance_scale: float = 4.0,
+        seed: int | None = None,
+        sampler: str = DEFAULT_SAMPLER,
+        record_attention: bool = False,
+        callback: Callable[[int, int, int], None] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        attention_bins: int = 4,
+    ) -> GenerationResult:
+        """Generate `num_images` images per prompt.
+
+        negative_prompt replaces the empty prompt of classifier-free guidance. `(word:1.5)` in a prompt
+        scales that word's cross-attention (see diffusion/prompts.py). callback(step, timestep, steps)
+        runs before each denoising step. The same seed gives the same images on the same device.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = self._negatives(negative_prompt, len(prompts))
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}.")
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {num_images}.")
+        parsed = [parse_emphasis(p) for p in prompts]
+        plain = [text for text, _ in parsed for _ in range(num_images)]  # B = len(prompts) · num_images
+        emphasis = [weights for _, weights in parsed for _ in range(num_images)]
+        negatives = [n for n in negatives for _ in range(num_images)]
+        B = len(plain)
+
+        enc = self.text_encoder.encode(negatives + plain)  # rows: B negatives, then B prompts
+        weights = None
+        if any(emphasis):
+            cond = token_weights(enc.words[B:], enc.word_ids[B:], emphasis, enc.mask.shape[1])
+            weights = torch.cat([torch.ones_like(cond), cond]).to(self.device)  # (2B, L)
+        model = guided_model(self.unet, enc.context.to(self.device), enc.mask.to(self.device), guidance_scale, weights)
+
+        seed = secrets.randbelow(2**31) if seed is None else int(seed)
+        c = self.unet.config
+        H, W = height or c.sample_size, width or c.sample_size
+        noise = torch.stack([
+            torch.randn(c.in_channels, H, W, generator=torch.Generator().manual_seed(seed + i)) for i in range(B)
+        ]).to(self.device)  # (B, C, H, W); drawn on the CPU so a seed means the same noise everywhere
+        scheduler = make_scheduler(self.scheduler_config, sampler)
+        scheduler.set_timesteps(steps, device=self.device)
+
+        store = None
+        if record_attention:
+            store = AttentionStore(steps, attention_bins, rows=None, self_attention_rows=slice(B, 2 * B),
+                                   num_tokens=enc.mask.shape[1])
+
+        def on_step(step: int, t: int) -> None:
+            if store is not None:
+                store.set_step(step)
+            if callback is not None:
+                callback(step, t, steps)
+
+        generator = torch.Generator().manual_seed(seed)  # for stochastic samplers (DDPM)
+        if store is None:
+            x = sample(model, scheduler, noise, generator, on_step)
+        else:
+            with self.unet.record_attention(store):
+                x = sample(model, scheduler, noise, generator, on_step)
+
+        result = GenerationResult(
+            images=to_pil(x), seed=seed, seeds=[seed + i for i in range(B)], prompts=plain,
+            tokens=enc.tokens[B:], words=enc.words[B:], word_ids=enc.word_ids[B:], warnings=warnings(enc, B),
+        )
+        if store is not None:
+            result.attention = AttentionMaps(store, enc, num_images=B, image_size=(H, W),
+                                             prompts=plain, negative_prompts=negatives, seed=seed, sampler=sampler)
+        return result
+
+    @staticmethod
+    def _negatives(negative_prompt: str | list[str] | None, n: int) -> list[str]:
+        if negative_prompt is None:
+            return [""] * n
+        if isinstance(negative_prompt, str):
+            return [negative_prompt] * n
+        if len(negative_prompt) != n:
+            raise ValueError(
+                f"got {len(negative_prompt)} negative prompts for {n} prompts; give one per prompt, or one string."
+            )
+        return list(negative_prompt)
+
+
+def warnings(enc, B: int) -> list[str]:
+    """User-facing warnings about the prompts (rows B: of the encoding): unknown words, truncation."""
+    out = []
+    for unknown, truncated in zip(enc.unknown_words[B:], enc.truncated[B:], strict=True):
+        if unknown:
+            out.append(f"unknown to this model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
+        if truncated:
+            out.append("the prompt was longer than the text encoder takes and was cut; shorten it")
+    return list(dict.fromkeys(out))
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] → PIL RGB images. NaN/inf means a broken model or precision: refuse it."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            "the sampler produced NaN or inf values (black images otherwise); on CPU use float32 or bfloat16, "
+            "never float16, and check that the model was trained with this prediction type."
+        )
+    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
