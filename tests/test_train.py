@@ -1,0 +1,142 @@
+"""Training: a few-step CLI run exports a pipeline that samples; kill-and-resume equals an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from data.shapes import ShapesConfig, generate_dataset
+from diffusion.pipeline import TextToImagePipeline
+from tests.tiny import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    generate_dataset(root / "data", ShapesConfig(size=32, seed=0), counts={"train": 24}, workers=1, progress=False)
+    tiny_pipeline().save_pretrained(root / "init")
+    return root
+
+
+def args(setup, out, *extra):
+    return ["--init", str(setup / "init"), "--data", str(setup / "data"), "--out", str(out), "--resolution", "16",
+            "--batch-size", "4", "--lr", "1e-3", "--warmup", "1", "--checkpoint-every", "2", "--validate-every", "100",
+            "--mixed-precision", "no", "--validation-prompts", "a red circle", "--validation-steps", "2", *extra]
+
+
+def test_cli_trains_checkpoints_and_exports_a_pipeline(setup):
+    out = setup / "smoke"
+    train.main(args(setup, out, "--steps", "3"))
+    assert [s for s, _ in train.checkpoints(out / "checkpoints")] == [2, 3]
+    state = json.loads((out / "checkpoints" / "step_000003" / "state.json").read_text())
+    assert state["step"] == 3 and state["config"]["batch_size"] == 4
+    assert (out / "samples" / "step_000003.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard: loss, lr, images/s, grids
+    pipe = TextToImagePipeline.from_pretrained(out / "pipeline")
+    result = pipe("a red circle", steps=2, seed=0)
+    assert result.images[0].size == (16, 16)
+    assert "Training config" in (out / "pipeline" / "README.md").read_text()
+    before = tiny_pipeline().unet.state_dict()
+    after = pipe.unet.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # training changed the weights
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(setup, monkeypatch):
+    train.main(args(setup, setup / "straight", "--steps", "4"))
+
+    calls = {"n": 0}
+    real_loss = train.diffusion_loss
+
+    def dies_at_step_3(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed mid-run, after the step-2 checkpoint
+        return real_loss(*a, **kw)
+
+    monkeypatch.setattr(train, "diffusion_loss", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(setup, setup / "resumed", "--steps", "4"))
+    assert [s for s, _ in train.checkpoints(setup / "resumed" / "checkpoints")] == [2]
+    monkeypatch.setattr(train, "diffusion_loss", real_loss)
+    train.main(args(setup, setup / "resumed", "--steps", "4"))
+
+    for name in ("unet", "ema", "optimizer"):
+        a = load_file(setup / "straight" / "checkpoints" / "step_000004" / f"{name}.safetensors")
+        b = load_file(setup / "resumed" / "checkpoints" / "step_000004" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    train.save_checkpoint(tmp_path, 5, {"unet": {"w": torch.ones(2)}}, {"step": 5}, keep=3)
+    (tmp_path / ".tmp_step_000007").mkdir()  # a run killed while writing step 7
+    (tmp_path / "step_000009").mkdir()  # no state.json: never finished
+    assert [s for s, _ in train.checkpoints(tmp_path)] == [5]
+
+
+def test_keep_last_k(tmp_path):
+    for step in (1, 2, 3, 4):
+        train.save_checkpoint(tmp_path, step, {"unet": {"w": torch.full((1,), float(step))}}, {"step": step}, keep=2)
+    assert [s for s, _ in train.checkpoints(tmp_path)] == [3, 4]
+
+
+def test_lr_schedule():
+    cfg = train.TrainConfig(lr=1e-3, warmup=10, steps=110)
+    assert train.get_lr(0, cfg) == pytest.approx(1e-4)
+    assert train.get_lr(9, cfg) == pytest.approx(1e-3)
+    assert train.get_lr(110, cfg) == pytest.approx(1e-4)
+    assert train.get_lr(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.45))
+
+
+def test_batches_cover_the_data_and_differ_by_rank():
+    seen = [i for step in range(6) for i in train.batch_indices(12, 4, step, seed=0, rank=0, world=1)]
+    assert sorted(seen[:12]) == list(range(12)) and sorted(seen[12:]) == list(range(12))
+    r0 = train.batch_indices(12, 4, 0, seed=0, rank=0, world=2)
+    r1 = train.batch_indices(12, 4, 0, seed=0, rank=1, world=2)
+    assert not set(r0) & set(r1)
+
+
+def test_bad_input_fails_before_any_compute(setup):
+    with pytest.raises(ValueError, match="not divisible"):
+        train.main(args(setup, setup / "bad", "--steps", "1", "--resolution", "15"))
+    with pytest.raises(ValueError, match="caption"):
+        train.main(args(setup, setup / "bad", "--steps", "1", "--caption-column", "nope"))
+    with pytest.raises(ValueError, match="prediction_type"):
+        train.main(args(setup, setup / "bad", "--steps", "1", "--prediction-type", "x0"))
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_end_with_identical_weights(setup):
+    out = setup / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train.py", *args(setup, out, "--steps", "2", "--cpu")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A session of its own, so a timeout kills torchrun's workers too (they would wait at a barrier forever).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=Path(train.__file__).parent, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, output[-3000:]
+    assert "weights identical on all 2 processes" in output
+    assert (out / "pipeline" / "unet" / "model.safetensors").is_file()
+
+
+def test_shapes_data_is_generated_once_into_cache(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = train.TrainConfig(data="shapes:12", resolution=32)
+    calls = []
+    fake = lambda out, config, counts: calls.append((config, counts)) or out  # noqa: E731
+    monkeypatch.setattr("data.shapes.generate_dataset", fake)
+    assert train.resolve_data(cfg) == "cache/shapes_32px_seed0_12"
+    assert calls[0][1]["train"] == 12 and calls[0][0].size == 32
+    assert train.resolve_data(train.TrainConfig(data="my_folder")) == "my_folder"

@@ -1,0 +1,423 @@
+"""Train or fine-tune the text-to-image U-Net with accelerate.
+
+    # from scratch on the procedural shapes (generated into cache/ on first use), shipped text encoder
+    accelerate launch train.py --data shapes --caption-column captions --out runs/default --steps 20000
+    # fine-tune the shipped model on your own captioned images (imagefolder: images + metadata.jsonl)
+    accelerate launch train.py --init weights/default --data my_images --out runs/mine --steps 500 --lr 1e-4
+    # two CPU processes (gloo), the same script
+    torchrun --nproc_per_node 2 train.py --cpu --data cache/shapes --out runs/ddp --steps 100
+
+`python train.py ...` works too (one process). A run writes, under --out:
+    checkpoints/step_000500/   model, EMA, optimizer (safetensors) + state.json; the newest K kept
+    samples/step_000500.png    validation prompts sampled with the EMA weights
+    logs/                      TensorBoard (loss, lr, images/s, validation grids) when tensorboard is installed
+    pipeline/                  the final export (EMA weights), loadable by TextToImagePipeline
+--push-to-hub OWNER/NAME uploads the export to the Hugging Face Hub (needs network and a token).
+Re-running the same command resumes from the newest checkpoint, exactly: every random draw of step
+s (batch order, caption choice and dropout, noise, timesteps) is seeded from (seed, s, rank).
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from conditioning.text_encoder import TextEncoder
+from data.loading import LoadConfig, load_captioned
+from diffusion.pipeline import TextToImagePipeline
+from unet import UNet, UNetConfig
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in every checkpoint and in the exported model card."""
+
+    data: str = "shapes"                  # "shapes[:N]" (generated), a captioned image folder, or a hub dataset id
+    out: str = "runs/default"
+    init: str | None = None               # pipeline folder to fine-tune (e.g. weights/default)
+    text_encoder: str = "weights/default"  # from scratch: pipeline folder or CLIP checkpoint to condition on
+    preset: str = "cpu"                   # U-Net preset when training from scratch
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = 32
+    batch_size: int = 64
+    grad_accum: int = 1
+    steps: int = 20_000
+    lr: float = 1e-3
+    warmup: int = 500
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"         # auto (bf16 where the CPU/GPU runs it fast) | no | bf16 | fp16
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1          # empty prompts, for classifier-free guidance
+    prediction_type: str = "v_prediction"  # or "epsilon"
+    snr_gamma: float = 5.0                # Min-SNR weighting; 0 turns it off
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 1000
+    validation_steps: int = 20            # sampling steps for the validation grid
+    validation_prompts: tuple[str, ...] = ("a red circle", "a blue square above a yellow triangle", "two green circles")
+    seed: int = 0
+    cpu: bool = False
+    push_to_hub: str | None = None        # OWNER/NAME on the Hugging Face Hub
+
+    def __post_init__(self):
+        self.validation_prompts = tuple(self.validation_prompts)
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {self.prediction_type!r}: choose epsilon or v_prediction.")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision {self.mixed_precision!r}: choose auto, no, bf16 or fp16.")
+        if min(self.batch_size, self.grad_accum, self.steps) < 1:
+            raise ValueError("batch_size, grad_accum and steps must be at least 1.")
+
+
+# -- small pure pieces ------------------------------------------------------------------------------
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to 10% of it at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 is 2–2.5× faster than fp32 on CPUs with AVX-512 BF16 or AMX, and much slower without."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if torch.cuda.is_available() and not cfg.cpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
+def step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
+    return (cfg.seed * 1_000_003 + step) * 64 + rank
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int, world: int) -> list[int]:
+    """The rows this rank trains on at `step`: epochs are seeded permutations, read in order."""
+    start = (step * world + rank) * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return out
+
+
+def diffusion_loss(unet, noise_scheduler: DDPMScheduler, x0, context, mask, cfg: TrainConfig,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Denoising loss at random timesteps; target noise (epsilon) or velocity (v), Min-SNR weighted."""
+    B = x0.shape[0]
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x_t = noise_scheduler.add_noise(x0, noise, t)
+    target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+    pred = unet(x_t, t, context, mask)
+    mse = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))  # (B,)
+    if cfg.snr_gamma > 0:  # Min-SNR-γ (Hang et al. 2023): cap the weight of easy, low-noise steps
+        snr = compute_snr(noise_scheduler, t)
+        base = snr if cfg.prediction_type == "epsilon" else snr + 1
+        mse = mse * torch.clamp(snr, max=cfg.snr_gamma) / base
+    return mse.mean()
+
+
+# -- checkpoints: step-named, atomic, safetensors only ----------------------------------------------
+CHECKPOINT = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints, oldest first. A folder is finished once state.json is in it (written last)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT.match(p.name))]
+    return sorted((s, p) for s, p in found if (p / "state.json").is_file())
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, keep: int) -> Path:
+    """Write to a temporary folder, then rename: a killed run never leaves a half checkpoint that resume picks."""
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, group in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{name}.safetensors")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for _, old in checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON (hyper-parameters)."""
+    sd = optimizer.state_dict()
+    tensors = {f"{pid}.{key}": value for pid, s in sd["state"].items() for key, value in s.items()
+               if torch.is_tensor(value)}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# -- building the run ---------------------------------------------------------------------------------
+def build(cfg: TrainConfig) -> tuple[UNet, TextEncoder, DDPMScheduler]:
+    """The U-Net (fresh or from --init), the frozen text encoder, and the training noise schedule."""
+    if cfg.init is not None:
+        pipe = TextToImagePipeline.from_pretrained(cfg.init)
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler_config)
+        if noise_scheduler.config.prediction_type != cfg.prediction_type:
+            raise ValueError(
+                f"{cfg.init} was trained with prediction_type={noise_scheduler.config.prediction_type}; "
+                f"fine-tune it with --prediction-type {noise_scheduler.config.prediction_type}."
+            )
+        return pipe.unet.train(), pipe.text_encoder, noise_scheduler
+    text_encoder = TextEncoder.from_pretrained(cfg.text_encoder)
+    unet = UNet(UNetConfig.preset(cfg.preset, context_dim=text_encoder.hidden_size, sample_size=cfg.resolution))
+    noise_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=cfg.prediction_type,
+                                    clip_sample=False)
+    return unet, text_encoder, noise_scheduler
+
+
+def check_resolution(unet: UNet, resolution: int) -> None:
+    f = unet.config.downsample_factor
+    if resolution % f:
+        raise ValueError(f"--resolution {resolution} is not divisible by {f}, which this U-Net needs; "
+                         f"use e.g. {round(resolution / f) * f}.")
+
+
+def resolve_data(cfg: TrainConfig) -> str:
+    """"shapes" or "shapes:N" → generate N (default 50,000) training images once into cache/; else as given."""
+    if not (cfg.data == "shapes" or cfg.data.startswith("shapes:")):
+        return cfg.data
+    from data.shapes import ShapesConfig, generate_dataset
+
+    n = int(cfg.data.split(":", 1)[1]) if ":" in cfg.data else 50_000
+    size = max(cfg.resolution, 32)  # drawn at >= 32 px and resized by the loader
+    out = Path("cache") / f"shapes_{size}px_seed{cfg.seed}_{n}"
+    counts = {"train": n, "validation": 1000, "test": 1000, "heldout": 1000}
+    return str(generate_dataset(out, ShapesConfig(size=size, seed=cfg.seed), counts=counts))
+
+
+def collate(dataset, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
+    items = [dataset[i] for i in indices]
+    return torch.stack([it["pixel_values"] for it in items]), [it["caption"] for it in items]
+
+
+def validation_grid(pipe: TextToImagePipeline, prompts: tuple[str, ...], seed: int, steps: int, path: Path):
+    """One row per prompt, four samples each, scaled up 4× so 32 px samples can be seen."""
+    from PIL import Image
+
+    result = pipe(list(prompts), num_images=4, steps=steps, seed=seed)
+    w, h = result.images[0].size
+    grid = Image.new("RGB", (4 * w, len(prompts) * h))
+    for i, im in enumerate(result.images):
+        grid.paste(im, ((i % 4) * w, (i // 4) * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST)
+    grid.save(path)
+    return grid
+
+
+def model_card(cfg: TrainConfig, unet: UNet, step: int, seconds: float, precision: str, hardware: str,
+               loss: float) -> str:
+    return (
+        "---\nlibrary_name: look-inside-diffusion\ntags: [text-to-image, diffusion, attention-maps]\n---\n\n"
+        "# Text-to-image U-Net with recorded attention\n\n"
+        f"Trained with `train.py` for {step} steps ({seconds / 3600:.2f} h on {hardware}, precision {precision}); "
+        f"final training loss {loss:.4f}. U-Net: {unet.num_parameters() / 1e6:.2f} M parameters.\n\n"
+        f"## Training config\n\n```json\n{json.dumps(asdict(cfg), indent=2)}\n```\n\n"
+        f"## U-Net config\n\n```json\n{json.dumps(asdict(unet.config), indent=2)}\n```\n"
+    )
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the exported pipeline folder."""
+    precision = resolve_precision(cfg)
+    out = Path(cfg.out)
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
+                              log_with="tensorboard" if tensorboard else None, project_dir=out / "logs")
+    if not tensorboard:
+        accelerator.print("tensorboard is not installed: logging to the console only (pip install tensorboard)")
+    unet, text_encoder, noise_scheduler = build(cfg)
+    check_resolution(unet, cfg.resolution)
+    dataset = load_captioned(resolve_data(cfg), LoadConfig(resolution=cfg.resolution, image_column=cfg.image_column,
+                                                  caption_column=cfg.caption_column))
+    text_encoder.to(accelerator.device)
+    params = [p for p in unet.parameters() if p.requires_grad]  # a list: clip_grad_norm_ may not eat an iterator
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay)
+
+    step, seconds, loss_value = 0, 0.0, float("nan")
+    found = checkpoints(out / "checkpoints")
+    if found:
+        step, path = found[-1]
+        unet.load_state_dict(load_file(path / "unet.safetensors"), strict=True)
+        state = json.loads((path / "state.json").read_text())
+        load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+        ema_tensors = load_file(path / "ema.safetensors")
+        ema.load_state_dict({**state["ema"], "shadow_params": [ema_tensors[str(i)] for i in range(len(params))]})
+        seconds, loss_value = state["seconds"], state["loss"]
+        accelerator.print(f"resuming from {path} (step {step})")
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema.to(accelerator.device)
+    # TensorBoard's hparams take scalars and strings only.
+    accelerator.init_trackers("train", config={k: v if isinstance(v, int | float | str | bool) else str(v)
+                                               for k, v in asdict(cfg).items()})
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    progress = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not accelerator.is_main_process)
+    t_start = time.perf_counter() - seconds
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, cfg)
+        torch.manual_seed(step_seed(cfg, step, rank))  # dataset transforms and caption picks
+        generator = torch.Generator().manual_seed(step_seed(cfg, step, rank))
+        t0 = time.perf_counter()
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(len(dataset), cfg.batch_size, step * cfg.grad_accum + micro, cfg.seed, rank, world)
+            x0, captions = collate(dataset, idx)
+            drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
+            captions = ["" if d else c for d, c in zip(drop.tolist(), captions, strict=True)]
+            enc = text_encoder.encode(captions)
+            with accelerator.accumulate(unet), accelerator.autocast():
+                loss = diffusion_loss(unet, noise_scheduler, x0.to(accelerator.device), enc.context,
+                                      enc.mask, cfg, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+        if not math.isfinite(loss_value):
+            last = checkpoints(out / "checkpoints")
+            raise FloatingPointError(
+                f"loss became {loss_value} at step {step}; stopping. The last good checkpoint is "
+                f"{last[-1][1] if last else 'none (no checkpoint was written yet)'}: lower --lr or use "
+                "--mixed-precision no, then re-run to resume from it."
+            )
+        ema.step(params)
+        images_per_s = cfg.batch_size * cfg.grad_accum * world / (time.perf_counter() - t0)
+        progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.1f}")
+        done = step + 1
+        accelerator.log({"loss": loss_value, "lr": get_lr(step, cfg), "images_per_s": images_per_s}, step=done)
+        if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            opt_tensors, opt_meta = optimizer_tensors(optimizer)
+            ema_state = ema.state_dict()
+            shadow = {str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}
+            state = {"step": done, "seconds": time.perf_counter() - t_start, "loss": loss_value,
+                     "config": asdict(cfg), "optimizer": opt_meta, "ema": ema_state}
+            save_checkpoint(out / "checkpoints", done, {"unet": accelerator.unwrap_model(unet).state_dict(),
+                                                        "optimizer": opt_tensors, "ema": shadow},
+                            state, cfg.keep_checkpoints)
+        if accelerator.is_main_process and (done % cfg.validate_every == 0 or done == cfg.steps):
+            with swapped_in_ema(ema, params):
+                pipe = TextToImagePipeline(accelerator.unwrap_model(unet), text_encoder,
+                                           dict(noise_scheduler.config))
+                grid = validation_grid(pipe, cfg.validation_prompts, cfg.seed, cfg.validation_steps,
+                                       out / "samples" / f"step_{done:06d}.png")
+            if tensorboard:
+                writer = accelerator.get_tracker("tensorboard", unwrap=True)
+                writer.add_image("validation", np.asarray(grid), done, dataformats="HWC")
+            unet.train()
+    accelerator.wait_for_everyone()
+    check_ranks_agree(accelerator, params)
+
+    export = out / "pipeline"
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(unet)
+        ema.copy_to(params)  # export the EMA weights
+        hardware = "CUDA GPU" if accelerator.device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+        card = model_card(cfg, final, cfg.steps, time.perf_counter() - t_start, precision, hardware, loss_value)
+        TextToImagePipeline(final.eval(), text_encoder, dict(noise_scheduler.config), card).save_pretrained(export)
+        (export / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        accelerator.print(f"exported {export}")
+        if cfg.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            create_repo(cfg.push_to_hub, exist_ok=True)
+            upload_folder(repo_id=cfg.push_to_hub, folder_path=export, commit_message=f"train.py, {cfg.steps} steps")
+            accelerator.print(f"pushed to https://huggingface.co/{cfg.push_to_hub}")
+    # Teardown: when the DDP wrapper dies it joins gloo's worker thread while holding the GIL; if that
+    # thread is still freeing a finished all-gather (which needs the GIL) both wait forever (seen here
+    # under load). Waiting in a barrier releases the GIL, and gloo retires earlier work before it.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return export
+
+
+def check_ranks_agree(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Data-parallel ranks must end with identical weights; compare a checksum across processes."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum()[None].to(accelerator.device)
+    sums = accelerator.gather(checksum)
+    if not torch.all(sums == sums[0]):
+        raise RuntimeError(f"weights differ across the {accelerator.num_processes} processes: {sums.tolist()}")
+    accelerator.print(f"weights identical on all {accelerator.num_processes} processes (checksum {sums[0].item():.6f})")
+
+
+class swapped_in_ema:
+    """Swap EMA weights into the model for validation, and the trained weights back after."""
+
+    def __init__(self, ema: EMAModel, params: list[torch.nn.Parameter]):
+        self.ema, self.params = ema, params
+
+    def __enter__(self):
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc):
+        self.ema.restore(self.params)
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action="store_true")
+        elif f.name == "validation_prompts":
+            parser.add_argument(flag, nargs="+", default=f.default)
+        else:
+            kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", str(f.type)), str)
+            parser.add_argument(flag, type=kind, default=f.default)
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
