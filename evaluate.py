@@ -1,0 +1,235 @@
+"""GenEval in miniature: does the model draw what the prompt says, and do its words look at the right place?
+
+    python evaluate.py --model weights/default                 # default settings, Markdown + JSON in eval/
+    python evaluate.py --model runs/default/pipeline --quick   # a small run (CI)
+
+Prompts are built from the shapes set's caption grammar (data/shapes.py) and scored by its detector,
+which is validated on ground truth at 100% per attribute (python -m data.detector --validate).
+GenEval's rule: an image is correct only if every constraint of its prompt holds.
+
+Tasks: single object, colour, two objects, counting, position, colour attribution (the six GenEval
+tasks; "overall" is their mean) and unseen combinations (colour–shape pairs and relations held out of
+training). Attention localisation: for each colour and shape word of single-object prompts whose
+object was detected, pointing accuracy (the word's aggregated map peaks inside the object) and the IoU
+of the map thresholded at τ (min-max normalised) with the object's mask, over a τ sweep.
+"""
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.detector import Detection, detect, relations
+from data.shapes import COLOURS, KINDS, PLURALS, ShapesConfig
+from diffusion.pipeline import TextToImagePipeline
+
+GENEVAL_TASKS = ("single_object", "colour", "two_objects", "counting", "position", "colour_attribution")
+TASKS = (*GENEVAL_TASKS, "unseen")
+TAUS = (0.2, 0.3, 0.4, 0.5, 0.6)
+RELATION_PHRASES = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
+
+
+@dataclass
+class Prompt:
+    """A prompt and what must hold in the image: objects as (colour or None = any colour, kind), an exact
+    count, a relation. `named` lists the (colour, kind) pairs the text names."""
+
+    task: str
+    text: str
+    named: list[tuple[str, str]]
+    objects: list[tuple[str | None, str]]
+    count: int | None = None
+    relation: tuple[int, str, int] | None = None  # (index a, "above", index b) into objects
+    words: list[str] = field(default_factory=list)  # words whose maps are localised
+
+
+def article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def make_prompts(per_task: int, seed: int, shapes: ShapesConfig | None = None) -> list[Prompt]:
+    """`per_task` prompts per task; seen tasks avoid held-out pairs, the unseen task uses only them."""
+    shapes = shapes or ShapesConfig()  # its held-out pairs and relations are the training set's
+    rng = random.Random(seed)
+    held = set(shapes.held_out_pairs)
+    seen = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in held]
+
+    def pair(exclude=()):
+        return rng.choice([p for p in seen if p not in exclude and p[1] not in {e[1] for e in exclude}])
+
+    out = []
+    for _ in range(per_task):
+        c, k = pair()
+        out.append(Prompt("single_object", article(f"{c} {k}"), [(c, k)], [(None, k)], words=[k]))
+        c, k = pair()
+        out.append(Prompt("colour", article(f"{c} {k}"), [(c, k)], [(c, k)], words=[c, k]))
+        a, b = pair(), None
+        b = pair(exclude=[a])
+        out.append(Prompt("two_objects", f"{article(f'{a[0]} {a[1]}')} and {article(f'{b[0]} {b[1]}')}",
+                          [a, b], [(None, a[1]), (None, b[1])]))
+        c, k = pair()
+        n = rng.choice((2, 3))
+        out.append(Prompt("counting", f"{('two', 'three')[n - 2]} {c} {PLURALS[k]}", [(c, k)], [(None, k)], count=n))
+        a = pair()
+        b = pair(exclude=[a])
+        rel = rng.choice(tuple(RELATION_PHRASES))
+        text = f"{article(f'{a[0]} {a[1]}')} {RELATION_PHRASES[rel]} {article(f'{b[0]} {b[1]}')}"
+        out.append(Prompt("position", text,
+                          [a, b], [(None, a[1]), (None, b[1])], relation=(0, rel, 1)))
+        a = pair()
+        b = rng.choice([p for p in seen if p[0] != a[0] and p[1] != a[1]])
+        out.append(Prompt("colour_attribution", f"{article(f'{a[0]} {a[1]}')} and {article(f'{b[0]} {b[1]}')}",
+                          [a, b], [a, b]))
+        if rng.random() < 0.5 or not shapes.held_out_relations:
+            c, k = rng.choice(sorted(held))
+            out.append(Prompt("unseen", article(f"{c} {k}"), [(c, k)], [(c, k)], words=[c, k]))
+        else:
+            ka, rel, kb = rng.choice(shapes.held_out_relations)
+            ca = rng.choice([c for c in COLOURS if (c, ka) not in held])
+            cb = rng.choice([c for c in COLOURS if (c, kb) not in held and c != ca])
+            out.append(Prompt("unseen", f"{article(f'{ca} {ka}')} {RELATION_PHRASES[rel]} {article(f'{cb} {kb}')}",
+                              [(ca, ka), (cb, kb)], [(ca, ka), (cb, kb)], relation=(0, rel, 1)))
+    return out
+
+
+def find(dets: list[Detection], colour: str | None, kind: str) -> list[Detection]:
+    return [d for d in dets if d.kind == kind and (colour is None or d.colour == colour)]
+
+
+def correct(prompt: Prompt, dets: list[Detection], image_size: int) -> bool:
+    """GenEval's rule: every constraint of the prompt holds in the detected objects."""
+    if prompt.count is not None:
+        kind = prompt.objects[0][1]
+        return len(find(dets, None, kind)) == prompt.count and len(dets) == prompt.count
+    if len(dets) != len(prompt.objects):  # nothing missing, nothing extra
+        return False
+    matches = [find(dets, colour, kind) for colour, kind in prompt.objects]
+    if any(len(m) != 1 for m in matches):
+        return False
+    if prompt.relation is not None:
+        a, rel, b = prompt.relation
+        return rel in relations(matches[a][0].center, matches[b][0].center, image_size)
+    return True
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sound at 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def localisation(heat: torch.Tensor, mask: np.ndarray) -> tuple[bool, list[float]]:
+    """Does the (H, W) map peak inside the mask; IoU of the map ≥ τ (min-max normalised) per τ."""
+    h = heat.float()
+    h = (h - h.min()) / (h.max() - h.min()).clamp_min(1e-12)
+    peak = np.unravel_index(int(h.argmax()), h.shape)
+    m = torch.from_numpy(mask)
+    ious = []
+    for tau in TAUS:
+        region = h >= tau
+        union = (region | m).sum().item()
+        ious.append((region & m).sum().item() / union if union else 0.0)
+    return bool(mask[peak]), ious
+
+
+def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: int = 4, steps: int = 20,
+             guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0, progress: bool = True) -> dict:
+    prompts = make_prompts(per_task, seed)
+    size = pipe.unet.config.sample_size
+    hits: dict[str, list[bool]] = {t: [] for t in TASKS}
+    pointing, ious = [], []
+    examples = []
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        result = pipe(prompt.text, num_images=images_per_prompt, steps=steps, guidance_scale=guidance,
+                      sampler=sampler, seed=seed + 1000 * i, record_attention=bool(prompt.words))
+        for j, image in enumerate(result.images):
+            dets = detect(image)
+            ok = correct(prompt, dets, size)
+            hits[prompt.task].append(ok)
+            if len(examples) < 40:
+                examples.append({"task": prompt.task, "prompt": prompt.text, "correct": ok,
+                                 "detected": [f"{d.size} {d.colour} {d.kind}" for d in dets]})
+            if prompt.words and len(dets) == 1:
+                maps = result.attention.word_maps(j, normalize="absolute")
+                for word in prompt.words:
+                    if word in maps:
+                        hit, iou = localisation(maps[word], dets[0].mask)
+                        pointing.append(hit)
+                        ious.append(iou)
+        if progress:
+            print(f"[{i + 1}/{len(prompts)}] {prompt.task:<18} {prompt.text!r}: "
+                  f"{sum(hits[prompt.task][-images_per_prompt:])}/{images_per_prompt}", flush=True)
+    scores = {}
+    for task, h in hits.items():
+        lo, hi = wilson(sum(h), len(h))
+        scores[task] = {"score": sum(h) / max(1, len(h)), "ci95": [lo, hi], "images": len(h)}
+    scores["overall"] = {"score": float(np.mean([scores[t]["score"] for t in GENEVAL_TASKS]))}
+    miou = np.mean(ious, axis=0).tolist() if ious else [0.0] * len(TAUS)
+    lo, hi = wilson(sum(pointing), len(pointing))
+    attention = {"pointing_accuracy": sum(pointing) / max(1, len(pointing)), "pointing_ci95": [lo, hi],
+                 "words": len(pointing), "miou_by_tau": dict(zip(map(str, TAUS), miou, strict=True)),
+                 "miou": max(miou)}
+    settings = {"per_task": per_task, "images_per_prompt": images_per_prompt, "steps": steps,
+                "guidance": guidance, "sampler": sampler, "seed": seed, "seconds": time.perf_counter() - t0}
+    return {"scores": scores, "attention": attention, "settings": settings, "examples": examples}
+
+
+def markdown(report: dict, model: str) -> str:
+    s = report["scores"]
+    lines = [f"## Evaluation of `{model}`", "", "| task | score | 95% interval | images |", "|---|---|---|---|"]
+    for task in TASKS:
+        r = s[task]
+        lines.append(f"| {task.replace('_', ' ')} | {r['score']:.3f} | {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f} | "
+                     f"{r['images']} |")
+    lines.append(f"| **overall** (mean of the six GenEval tasks) | **{s['overall']['score']:.3f}** | | |")
+    a = report["attention"]
+    lines += ["", "| attention localisation | value |", "|---|---|",
+              f"| pointing accuracy ({a['words']} words) | {a['pointing_accuracy']:.3f} "
+              f"({a['pointing_ci95'][0]:.2f}–{a['pointing_ci95'][1]:.2f}) |",
+              f"| mIoU (best τ) | {a['miou']:.3f} |"]
+    lines += [f"| mIoU at τ = {tau} | {v:.3f} |" for tau, v in a["miou_by_tau"].items()]
+    st = report["settings"]
+    lines += ["", f"{st['per_task']} prompts per task × {st['images_per_prompt']} images, {st['steps']} "
+              f"{st['sampler']} steps, guidance {st['guidance']}, seed {st['seed']}; {st['seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="weights/default", help="pipeline folder (unet/, text_encoder/, …)")
+    parser.add_argument("--out", default="eval", help="folder for report.md and report.json")
+    parser.add_argument("--per-task", type=int, default=16)
+    parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--sampler", default="dpm++")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="2 prompts per task, 2 images each, 10 steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.per_task, args.images_per_prompt, args.steps = 2, 2, 10
+    torch.set_num_threads(torch.get_num_threads())
+    pipe = TextToImagePipeline.from_pretrained(args.model)
+    report = evaluate(pipe, args.per_task, args.images_per_prompt, args.steps, args.guidance, args.sampler, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report["model"] = args.model
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report, args.model))
+    print(markdown(report, args.model))
+    return report
+
+
+if __name__ == "__main__":
+    main()

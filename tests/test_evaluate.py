@@ -1,0 +1,137 @@
+"""evaluate.py: prompts follow the data's grammar, scoring follows GenEval's rule, a perfect model scores 1."""
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from data.detector import detect
+from data.shapes import PLURALS, Scene, ShapeObject, ShapesConfig, render
+from tests.tiny import tiny_pipeline
+
+CELLS = {"above": ((0, 1), (2, 1)), "below": ((2, 1), (0, 1)), "left of": ((1, 0), (1, 2)),
+         "right of": ((1, 2), (1, 0))}
+
+
+def draw(objects: list[tuple[str, str, tuple[int, int]]], size: int = 32) -> Image.Image:
+    """Render (colour, kind, (row, col)) objects with the data generator's own renderer."""
+    side = 0.25 * size
+    scene = Scene("white", [ShapeObject(kind, colour, "large", r, c,
+                                        ((c + 0.5) * size / 3 - side / 2, (r + 0.5) * size / 3 - side / 2,
+                                         (c + 0.5) * size / 3 + side / 2, (r + 0.5) * size / 3 + side / 2))
+                            for colour, kind, (r, c) in objects])
+    return render(scene, size)
+
+
+def perfect_image(prompt: evaluate.Prompt, rng: random.Random, wrong_colour: bool = False):
+    """What a model that follows the prompt exactly would draw (colours parsed from the text)."""
+    colours = [c for c, _ in prompt.named]
+    if wrong_colour:
+        colours = ["orange" if c != "orange" else "red" for c in colours]
+    kinds = [k for _, k in prompt.objects]
+    if prompt.count:
+        return draw([(colours[0], kinds[0], divmod(cell, 3)) for cell in rng.sample(range(9), prompt.count)])
+    if prompt.relation:
+        cells = CELLS[prompt.relation[1]]
+        return draw([(colours[i], kinds[i], cells[i]) for i in range(2)])
+    return draw([(colours[i], kinds[i], (i, i)) for i in range(len(kinds))])
+
+
+class FakePipe:
+    """Stands in for TextToImagePipeline: draws the prompt perfectly (or with wrong colours)."""
+
+    def __init__(self, prompts, wrong_colour=False):
+        self.by_text = {p.text: p for p in prompts}
+        self.wrong_colour = wrong_colour
+        self.unet = type("U", (), {"config": type("C", (), {"sample_size": 32})})()
+
+    def __call__(self, text, num_images, **kwargs):
+        rng = random.Random(kwargs["seed"])
+        prompt = self.by_text[text]
+        images = [perfect_image(prompt, rng, self.wrong_colour) for _ in range(num_images)]
+        return type("R", (), {"images": images, "attention": PerfectMaps(prompt, images)})()
+
+
+class PerfectMaps:
+    """Attention that looks exactly at the object: every word's map is the object's mask."""
+
+    def __init__(self, prompt, images):
+        self.words, self.images = prompt.words, images
+
+    def word_maps(self, image, normalize):
+        mask = torch.from_numpy(detect(self.images[image])[0].mask).float()
+        return {w: mask for w in self.words}
+
+
+def test_prompts_use_the_training_grammar_and_hold_out_what_training_never_saw():
+    prompts = evaluate.make_prompts(20, seed=0)
+    held = set(ShapesConfig().held_out_pairs)
+    assert {p.task for p in prompts} == set(evaluate.TASKS) and len(prompts) == 20 * len(evaluate.TASKS)
+    for p in prompts:
+        for colour, kind in p.named:
+            assert colour in p.text and (kind in p.text or PLURALS[kind] in p.text), p.text
+        if p.task == "unseen":
+            triple = (p.named[0][1], p.relation[1], p.named[1][1]) if p.relation else None
+            held_relation = triple in ShapesConfig().held_out_relations
+            assert set(p.named) & held or held_relation, p.text
+        else:
+            assert not set(p.named) & held, p.text
+    assert evaluate.make_prompts(5, seed=1)[0].text == evaluate.make_prompts(5, seed=1)[0].text
+
+
+def test_a_perfect_model_scores_one_and_a_colour_blind_one_fails_colour_tasks(monkeypatch):
+    prompts = evaluate.make_prompts(3, seed=0)
+    monkeypatch.setattr(evaluate, "make_prompts", lambda per_task, seed: prompts)
+    report = evaluate.evaluate(FakePipe(prompts), per_task=3, images_per_prompt=2, progress=False)
+    for task in evaluate.TASKS:
+        assert report["scores"][task]["score"] == 1.0, task
+    assert report["scores"]["overall"]["score"] == 1.0
+    assert report["attention"]["pointing_accuracy"] == 1.0 and report["attention"]["miou"] == 1.0
+    assert report["attention"]["words"] == 3 * 2 * (1 + 2) + sum(p.task == "unseen" and not p.relation
+                                                                  for p in prompts) * 2 * 2
+    wrong = evaluate.evaluate(FakePipe(prompts, wrong_colour=True), per_task=3, images_per_prompt=2, progress=False)
+    assert wrong["scores"]["colour"]["score"] == 0.0 and wrong["scores"]["colour_attribution"]["score"] == 0.0
+    assert wrong["scores"]["single_object"]["score"] == 1.0  # shape only: colour is not a constraint there
+
+
+def test_geneval_rule_extra_or_missing_objects_fail():
+    p = evaluate.Prompt("colour", "a red circle", [("red", "circle")], [("red", "circle")])
+    assert evaluate.correct(p, detect(draw([("red", "circle", (1, 1))])), 32)
+    assert not evaluate.correct(p, detect(draw([("red", "circle", (1, 1)), ("blue", "square", (0, 0))])), 32)
+    assert not evaluate.correct(p, detect(draw([("red", "square", (1, 1))])), 32)
+    pos = evaluate.Prompt("position", "a red circle above a blue square", [("red", "circle"), ("blue", "square")],
+                          [(None, "circle"), (None, "square")], relation=(0, "above", 1))
+    assert evaluate.correct(pos, detect(draw([("red", "circle", (0, 1)), ("blue", "square", (2, 1))])), 32)
+    assert not evaluate.correct(pos, detect(draw([("red", "circle", (2, 1)), ("blue", "square", (0, 1))])), 32)
+
+
+def test_wilson_interval():
+    lo, hi = evaluate.wilson(10, 10)
+    assert hi == 1.0 and 0.69 < lo < 0.73  # known value: 0.722
+    assert evaluate.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_localisation():
+    import numpy as np
+    import torch
+
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:4, 2:4] = True
+    heat = torch.zeros(8, 8)
+    heat[2:4, 2:4] = 1.0
+    hit, ious = evaluate.localisation(heat, mask)
+    assert hit and ious == [1.0] * len(evaluate.TAUS)
+    miss, ious = evaluate.localisation(torch.roll(heat, 4, 0), mask)
+    assert not miss and max(ious) == 0.0
+
+
+@pytest.mark.slow
+def test_quick_run_on_a_real_pipeline_writes_reports(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    report = evaluate.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "eval"), "--quick",
+                            "--per-task", "1", "--steps", "2"])
+    assert (tmp_path / "eval" / "report.md").read_text().startswith("## Evaluation")
+    assert set(report["scores"]) == {*evaluate.TASKS, "overall"}
+    assert 0.0 <= report["attention"]["miou"] <= 1.0
