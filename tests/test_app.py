@@ -1,0 +1,248 @@
+"""The Gradio app: its functions in-process, then a live server driven by gradio_client.
+
+A tiny random pipeline (16 px noise images) and 2–3 sampling steps keep every test fast; what is
+tested is the wiring: limits, seeds, the maps that come back, errors that leave the server up.
+"""
+
+import io
+import json
+import os
+import socket
+import zipfile
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import gradio as gr
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import app
+from tests.tiny import tiny_pipeline
+
+PROMPT = "a red circle above a blue square"
+# Gradio 6.31's queue calls a pandas option that pandas 3 deprecates: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
+
+
+class NoProgress:
+    """Stands in for gr.Progress outside a request."""
+
+    def __call__(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def result(pipe):
+    """One generation shared by the explorer tests: 2 images, 3 steps, a negative prompt."""
+    _, seed, status, res = app.generate(pipe, PROMPT, "green triangle", 3, 4.0, 11, False, "ddim", 2,
+                                        progress=NoProgress())
+    assert seed == 11 and res.attention is not None
+    return res
+
+
+def form(**overrides):
+    """Arguments of check_request, valid unless overridden."""
+    args = {"prompt": "a red circle", "negative_prompt": "", "steps": 20, "guidance": 4.0, "seed": 0,
+            "num_images": 4, "sampler": "dpm++"}
+    return {**args, **overrides}
+
+
+# -- in-process ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": "x" * 301}, "limit is 300"),
+    ({"negative_prompt": "x" * 301}, "negative prompt has 301 characters"),
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"steps": 0}, "steps must be a whole number from 1 to 100"),
+    ({"steps": 101}, "steps must be a whole number from 1 to 100"),
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"num_images": 9}, "number of images must be a whole number from 1 to 8"),
+    ({"num_images": 0}, "number of images"),
+    ({"guidance": 20.5}, "guidance must be between 0 and 20"),
+    ({"guidance": -1}, "guidance must be between 0 and 20"),
+    ({"seed": -1}, "seed must be a whole number from 0 to 2147483647"),
+    ({"seed": 2**31}, "seed must be a whole number from 0 to 2147483647"),
+    ({"sampler": "plms"}, "unknown sampler 'plms'"),
+])
+def test_limits_raise_errors_that_name_the_limit(bad, message):
+    app.check_request(**form())  # the valid form passes
+    with pytest.raises(gr.Error, match=message):
+        app.check_request(**form(**bad))
+
+
+def test_generate_refuses_out_of_range_requests_before_sampling(pipe):
+    with pytest.raises(gr.Error, match="limit is 300"):
+        app.generate(pipe, "x" * 301, "", 2, 4.0, 0, False, "ddim", 1, progress=NoProgress())
+    with pytest.raises(gr.Error, match="outside 0..10"):  # the pipeline's ValueError, passed on as gr.Error
+        app.generate(pipe, "a (red:11) circle", "", 2, 4.0, 0, False, "ddim", 1, progress=NoProgress())
+
+
+def test_generate_is_seeded_upscaled_and_records_maps(pipe):
+    seen = []
+
+    def progress(value, desc=None, unit=None):
+        seen.append(value)
+
+    gallery, seed, status, res = app.generate(pipe, "a red circle", "", 3, 4.0, 7.0, False, "ddim", 2,
+                                              progress=progress)
+    assert seed == 7 and res.seeds == [7, 8] and "Seed 7" in status
+    assert [caption for _, caption in gallery] == ["seed 7", "seed 8"]
+    assert app.explorer_choices(res)[0]["columns"] == 2  # 2 images side by side, 8 in 4 columns
+    assert (3, 3) not in seen and (2, 3) in seen  # the bar follows the steps: called before each one
+    again = app.generate(pipe, "a red circle", "", 3, 4.0, 7, False, "ddim", 2, progress=NoProgress())[3]
+    for a, b in zip(res.images, again.images, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    shown = app.upscale(res.images[0])
+    assert shown.size == (256, 256)  # 16 px samples shown at 256 px, nearest: the pixels stay exact
+    assert np.array_equal(np.asarray(shown.resize((16, 16), Image.NEAREST)), np.asarray(res.images[0]))
+
+
+def test_randomized_seed_is_reported_and_in_range(pipe):
+    _, seed, status, res = app.generate(pipe, "a red circle", "", 1, 4.0, 0, True, "ddim", 1, progress=NoProgress())
+    assert res.seed == seed and 0 <= seed <= app.MAX_SEED - app.MAX_IMAGES and f"Seed {seed}" in status
+
+
+def test_unknown_words_are_listed(pipe):
+    with pytest.warns(UserWarning, match="unknown words: zebra, okapi"):  # gr.Warning, outside a request
+        _, _, status, _ = app.generate(pipe, "a red zebra circle okapi", "", 1, 4.0, 0, False, "ddim", 1,
+                                       progress=NoProgress())
+    assert "unknown words: zebra, okapi" in status and "red" not in status.split("unknown")[1]
+
+
+def test_vocabulary_lists_whole_words_only(pipe):
+    words = app.vocabulary(pipe)
+    assert {"red", "circle", "above", "square", "a"} <= set(words)
+    assert all(w.isalpha() and (len(w) > 1 or w == "a") for w in words)
+    assert "zebra" not in words and "red" in app.vocabulary_note(pipe)
+
+
+def test_word_maps_follow_layer_bin_head_and_toggles(result):
+    gallery, word, heads, grid, note = app.render_attention(result, 1, app.ALL_LAYERS, 0, app.MEAN_HEADS,
+                                                            "minmax", False, False, 0.6, None)
+    assert [c for _, c in gallery] == ["a", "red", "circle", "above", "a #2", "blue", "square"]
+    assert word == "red"  # the first content word gets the focus
+    assert [c for _, c in heads] == ["head 1", "head 2"]
+    layers = result.attention.layers("cross")
+    assert grid.size == (150 + 100 * 7, 24 + 100 * (len(layers) + 1))  # a row per layer + all, a column per word
+    assert all(im.size == (256, 256) for im, _ in gallery)
+
+    one = app.render_attention(result, 1, layers[0], 3, 1, "tokens", True, False, 0.3, "circle")
+    assert [c for _, c in one[0]][0] == "<start>" and [c for _, c in one[0]][-1] == "<end>"
+    assert one[1] == "circle" and "head 2" in one[4] and "step 3 of 3" in one[4]
+    assert not np.array_equal(np.asarray(one[0][1][0]), np.asarray(gallery[0][0]))
+
+    negative = app.render_attention(result, 0, app.ALL_LAYERS, 0, app.MEAN_HEADS, "absolute", False, True, 0.6, "")
+    assert [c for _, c in negative[0]] == ["green", "triangle"] and "negative prompt" in negative[4]
+
+
+def test_word_selector_follows_image_negative_and_special_toggles(result):
+    assert app.word_choices(result, 0, False, False, "circle") == {
+        "__type__": "update", "choices": ["a", "red", "circle", "above", "a #2", "blue", "square"], "value": "circle"}
+    negative = app.word_choices(result, 0, True, True, "circle")  # "circle" is gone: the first content word
+    assert negative["choices"] == ["<start>", "green", "triangle", "<end>"] and negative["value"] == "green"
+
+
+def test_explorer_rejects_bad_choices(result):
+    args = [result, 0, app.ALL_LAYERS, 0, app.MEAN_HEADS, "minmax", False, False, 0.6, None]
+    for index, bad, message in [(1, 2, "image must be"), (2, "down.9.cross_attn", "unknown layer"),
+                                (3, 4, "time bin"), (4, 2, "head must be"), (5, "max", "normalisation"),
+                                (8, 1.5, "alpha")]:
+        with pytest.raises(gr.Error, match=message):
+            app.render_attention(*args[:index], bad, *args[index + 1:])
+    with pytest.raises(gr.Error, match="generate images first"):
+        app.render_attention(None, *args[1:])
+
+
+def test_empty_negative_prompt_explains_itself(pipe):
+    res = app.generate(pipe, "a red circle", "", 2, 4.0, 0, False, "ddim", 1, progress=NoProgress())[3]
+    gallery, _, _, grid, note = app.render_attention(res, 0, app.ALL_LAYERS, 0, app.MEAN_HEADS, "minmax", False,
+                                                     True, 0.6, None)
+    assert gallery == [] and grid is None and "negative prompt is empty" in note
+
+
+def test_self_attention_per_layer_and_pixel_clicks(result):
+    target, gallery = app.render_self_attention(result, 0, 0, 4, 12, 0.6)
+    layers = result.attention.layers("self")
+    assert layers and [c for _, c in gallery][1:] == [f"{n} · 8×8" for n in layers]
+    assert target.size == (256, 256)
+    other = app.render_self_attention(result, 0, 0, 12, 2, 0.6)[1]
+    assert not np.array_equal(np.asarray(other[1][0]), np.asarray(gallery[1][0]))
+    with pytest.raises(gr.Error, match="inside the 16×16 image"):
+        app.render_self_attention(result, 0, 0, 16, 0, 0.6)
+    click = gr.SelectData(None, {"index": [255, 40], "value": None})  # (x, y) on the 256 px display
+    assert app.click_pixel(result, 0, click) == (2, 15)
+
+
+def test_export_zip_has_png_npz_and_json(result):
+    path = app.export_maps(result)
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        meta = json.loads(z.read("maps.json"))
+        arrays = np.load(io.BytesIO(z.read("maps.npz")))
+        assert "image1.words" in arrays.files
+    assert {"maps.json", "maps.npz", "image0.png", "image1_red.png"} <= names
+    assert meta["seed"] == 11 and meta["negative_prompts"] == ["green triangle"] * 2
+
+
+def test_main_without_a_model_says_how_to_get_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", str(tmp_path / "missing")])
+    assert "--model" in str(exit_info.value) and "train.py" in str(exit_info.value)
+
+
+# -- a live server --------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(pipe, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
+        demo = app.build_demo(pipe)
+        try:
+            _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                                    quiet=True)
+            yield url
+        finally:
+            demo.close()
+
+
+def test_live_generate_then_maps_come_back(server):
+    client = Client(server, verbose=False)  # keyword calls, as in the README snippet
+    gallery, seed, status = client.predict(prompt=PROMPT, steps=2, seed=5, randomize_seed=False, sampler="ddim",
+                                           num_images=2, api_name="/generate")
+    assert seed == 5 and "Seed 5" in status
+    assert [Image.open(item["image"]).size for item in gallery] == [(256, 256)] * 2
+
+    words, word, heads, grid, summary = client.predict(image=1, layer="all", time_bin=0, api_name="/attention")
+    assert [w["caption"] for w in words] == ["a", "red", "circle", "above", "a #2", "blue", "square"]
+    assert word == "red" and [h["caption"] for h in heads] == ["head 1", "head 2"] and "Image 2" in summary
+    assert Image.open(words[0]["image"]).size == (256, 256) and Image.open(grid).width > 256
+    one_head = client.predict(image=1, layer="mid.0.cross_attn", head=1, word="blue", api_name="/attention")
+    assert one_head[1] == "blue" and "mid.0.cross_attn" in one_head[4] and "head 2" in one_head[4]
+
+    target, self_maps = client.predict(image=1, pixel_y=8, pixel_x=8, api_name="/self_attention")
+    assert self_maps[0]["caption"] == "all layers (mean)" and len(self_maps) > 1
+
+    with zipfile.ZipFile(client.predict(api_name="/export_maps")) as z:
+        assert {"maps.json", "maps.npz"} <= set(z.namelist())
+
+
+def test_live_bad_input_is_an_error_and_the_server_keeps_answering(server):
+    client = Client(server, verbose=False)
+    with pytest.raises(AppError, match="limit is 300"):
+        client.predict("x" * 400, "", 2, 4.0, 5, False, "ddim", 1, api_name="/generate")
+    with pytest.raises(AppError, match="generate images first"):
+        client.predict(0, "all", 0, -1, "minmax", False, False, 0.6, "", api_name="/attention")
+    _, seed, _ = client.predict("a red circle", "", 1, 4.0, 3, False, "ddim", 1, api_name="/generate")
+    assert seed == 3

@@ -1,0 +1,122 @@
+"""The app in a real browser: `python app.py` as a subprocess, Debian's chromium driven by Playwright.
+
+Like Gradio's own browser tests: start the app, wait for "Running on local URL", then find elements
+by label, role and test id. `playwright install` cannot download its browser here, so Playwright is
+pointed at /usr/bin/chromium (installed by .ci/run). The screenshot goes to the test's tmp dir and to
+/tmp/app_screenshot.png, to look at.
+"""
+
+import os
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+START_TIMEOUT_S = 120  # importing torch + gradio on 2 busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_url(proc: subprocess.Popen, timeout: float) -> str:
+    """Read the app's output until Gradio prints its URL; fail with the output if it never does."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen = []
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"the app printed no URL within {timeout} s:\n{''.join(seen)}")
+        seen.append(line)
+        if match := re.search(r"Running on local URL:\s+(\S+)", line):
+            return match.group(1)
+        if proc.poll() is not None and lines.empty():
+            pytest.fail(f"the app exited with {proc.returncode}:\n{''.join(seen)}")
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    model = tmp_path / "model"
+    tiny_pipeline().save_pretrained(model)
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(model), "--port", str(free_port())],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield wait_for_url(proc, START_TIMEOUT_S)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+# Skipped only outside CI (a developer without chromium); in CI a missing browser is a failure.
+@pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+                    reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
+def test_prompt_to_samples_to_attention_maps_in_a_browser(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url)
+            page.locator("#prompt textarea").fill("a red circle above a blue square")
+            page.get_by_role("button", name="Generate").click()
+
+            # Samples, the seed used, and one overlay per word.
+            expect(page.locator("#samples img")).to_have_count(4, timeout=60_000)
+            expect(page.locator("#status")).to_contain_text(re.compile(r"Seed \d+"))
+            words = page.locator("#word-maps")
+            expect(words.locator("img")).to_have_count(7, timeout=30_000)
+            for word in ["red", "circle", "blue", "square"]:
+                expect(words.get_by_text(word, exact=True)).to_be_visible()
+
+            # Another layer: the summary line names it.
+            page.get_by_label("Cross-attention layer").click()
+            page.get_by_role("option", name=re.compile(r"^mid\.0\.cross_attn")).click()
+            expect(page.get_by_text(re.compile(r"mid\.0\.cross_attn \(8×8\)"))).to_be_visible(timeout=30_000)
+
+            # Another word in the per-head view.
+            page.get_by_role("tab", name="Heads of one word").click()
+            page.get_by_label("Word", exact=True).click()
+            page.get_by_role("option", name="square", exact=True).click()
+            expect(page.get_by_label("Word", exact=True)).to_have_value("square", timeout=30_000)
+
+            # Self-attention: clicking the sample moves the pixel.
+            page.get_by_role("tab", name="Self-attention").click()
+            page.locator("#self-target img").click(position={"x": 40, "y": 200})
+            expect(page.get_by_label("Pixel y (row)")).not_to_have_value("8", timeout=30_000)
+            page.get_by_role("tab", name="Words", exact=True).click()
+
+            page.screenshot(path=tmp_path / "app.png", full_page=True)
+            shutil.copy(tmp_path / "app.png", "/tmp/app_screenshot.png")
+
+            # A too-long prompt: an error toast that names the limit; the samples stay.
+            page.locator("#prompt textarea").fill("x" * 400)
+            page.locator("#prompt textarea").press("Enter")
+            expect(page.get_by_test_id("toast-body").first).to_contain_text("limit is 300", timeout=30_000)
+            expect(page.locator("#samples img")).to_have_count(4)
+            page.screenshot(path=tmp_path / "error.png")
+        finally:
+            browser.close()
