@@ -72,3 +72,15 @@ def test_import_direction():
 def test_no_pickles_tracked():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert [p for p in tracked if Path(p).suffix in {".pt", ".pth", ".ckpt", ".bin", ".pkl"}] == []
+
+
+def test_readme_unet_snippet_runs_as_written(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The U-Net in 20 lines", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)  # it saves "my-unet"
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["eps"].shape == (2, 3, 32, 32)
+    assert namespace["store"].mean("up.1.2.cross_attn").shape == (1, 256, 7)
+    assert namespace["store"].head_mean("up.1.2.cross_attn").shape == (1, 4, 256, 7)

@@ -1,0 +1,109 @@
+"""Our U-Net vs diffusers' UNet2DConditionModel with the same widths, levels and attention placement.
+
+    python -m benchmarks.unet            # writes the "unet" section of BENCHMARKS.md
+    python -m benchmarks.unet --quick    # fewer repeats, prints only
+
+Both: 32 px, 32/64/128 channels, 2 residual blocks per level, attention at 16×16 and 8×8, 4 heads,
+context width 256, 12 text tokens. diffusers' transformer blocks also carry a feed-forward layer and
+layer norms, so it has more parameters; the comparison is what a user of each gets for these sizes.
+Measured: ms per guided denoising step of 4 images (batch 8) in fp32 and bf16 autocast, and training
+images/s (batch 32, forward + backward + AdamW) in fp32 and bf16 autocast. Target (issue 8): our step
+≤ 0.6× the peer's time.
+"""
+
+import argparse
+import sys
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from benchmarks.common import interleaved_medians, write_section
+from unet import UNet, UNetConfig
+
+
+def models():
+    torch.manual_seed(0)
+    ours = UNet(UNetConfig.preset("cpu"))
+    c = ours.config
+    peer = UNet2DConditionModel(
+        sample_size=c.sample_size, in_channels=3, out_channels=3,
+        block_out_channels=tuple(c.base_channels * m for m in c.channel_mults), layers_per_block=c.num_res_blocks,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=c.context_dim,
+        attention_head_dim=c.num_heads,  # diffusers' legacy name: this is the number of heads
+        norm_num_groups=c.norm_groups,
+    )
+    with torch.no_grad():  # non-zero weights everywhere, so no kernel takes a shortcut on zeros
+        for m in (ours, peer):
+            for p in m.parameters():
+                p.normal_(0, 0.02)
+    return {"ours": ours, "diffusers": peer}
+
+
+def call(name, model, x, t, ctx):
+    return model(x, t, ctx) if name == "ours" else model(x, t, ctx).sample
+
+
+def sampling_ms(nets: dict, dtype: torch.dtype | None, repeats: int) -> dict[str, float]:
+    x, t, ctx = torch.randn(8, 3, 32, 32), torch.full((8,), 500), torch.randn(8, 12, 256)
+
+    def step(name):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            return call(name, nets[name].eval(), x, t, ctx)
+
+    fns = {name: (lambda n=name: step(n)) for name in nets}
+    return {k: v * 1e3 for k, v in interleaved_medians(fns, repeats=repeats).items()}
+
+
+def training_images_per_s(nets: dict, dtype: torch.dtype | None, repeats: int, batch: int = 32) -> dict[str, float]:
+    x, t, ctx = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,)), torch.randn(batch, 12, 256)
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, m in nets.items()}
+
+    def step(name):
+        model = nets[name].train()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = call(name, model, x, t, ctx).float().square().mean()
+        loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+
+    fns = {name: (lambda n=name: step(n)) for name in nets}
+    return {k: batch / v for k, v in interleaved_medians(fns, repeats=repeats, warmup=1).items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; print, do not write BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    repeats = 5 if args.quick else 15
+    nets = models()
+    params = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in nets.items()}
+    rows = []
+    for label, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
+        ms = sampling_ms(nets, dtype, repeats)
+        ips = training_images_per_s(nets, dtype, max(3, repeats // 3))
+        rows.append((label, ms, ips))
+        print(label, ms, ips, flush=True)
+    lines = ["| precision | ours ms/step | diffusers ms/step | ours ÷ diffusers (time) | ours train img/s "
+             "| diffusers train img/s |", "|---|---|---|---|---|---|"]
+    for label, ms, ips in rows:
+        lines.append(f"| {label} | {ms['ours']:.1f} | {ms['diffusers']:.1f} | **{ms['ours'] / ms['diffusers']:.2f}** "
+                     f"| {ips['ours']:.1f} | {ips['diffusers']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.quick:
+        return
+    body = (
+        "## U-Net vs diffusers UNet2DConditionModel\n\n"
+        f"Same widths (32/64/128), levels, attention at 16×16 and 8×8, 4 heads. Parameters: ours "
+        f"{params['ours']:.2f} M, diffusers {params['diffusers']:.2f} M (its transformer blocks add a "
+        "feed-forward layer). Sampling: one guided step of 4 images (batch 8) under inference_mode. "
+        "Training: batch 32, forward + backward + AdamW. Target: ours ≤ 0.6× the peer's step time.\n\n" + table
+    )
+    command = "python -m benchmarks.unet " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_section("unet", body, command.strip())
+
+
+if __name__ == "__main__":
+    main()
