@@ -549,9 +549,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     looks_local = Path(args.model).exists() or args.model.startswith((".", "/", "~")) or args.model == DEFAULT_MODEL
-    if looks_local and not Path(args.model).is_dir():
+    # weights/default ships the text encoder first; its U-Net arrives once trained.
+    if looks_local and not (Path(args.model) / "unet").is_dir():
         sys.exit(
-            f"No model at {args.model!r}. Train one and point the app at its export:\n"
+            f"No trained model at {args.model!r} (no unet/ in it). Train one and point the app at its export:\n"
             f"    python train.py --data shapes --caption-column captions --out runs/default --steps 20000\n"
             f"    python app.py --model runs/default/pipeline\n"
             f"or serve a model from the Hugging Face Hub: python app.py --model OWNER/NAME"

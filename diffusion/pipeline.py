@@ -74,10 +74,10 @@ class TextToImagePipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> "TextToImagePipeline":
         path = Path(path)
-        missing = [p for p in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
+        missing = [f"{p}/" for p in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
         if missing:
             raise FileNotFoundError(
-                f"{path} is not a pipeline folder: missing {', '.join(missing)}/ (expected unet/, text_encoder/, "
+                f"{path} is not a pipeline folder: missing {', '.join(missing)} (expected unet/, text_encoder/, "
                 "tokenizer/ and scheduler/, as written by TextToImagePipeline.save_pretrained or train.py)."
             )
         unet = UNet.from_pretrained(path / "unet")

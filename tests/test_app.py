@@ -195,6 +195,10 @@ def test_main_without_a_model_says_how_to_get_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--model", str(tmp_path / "missing")])
     assert "--model" in str(exit_info.value) and "train.py" in str(exit_info.value)
+    (tmp_path / "partial" / "text_encoder").mkdir(parents=True)  # e.g. weights/default before its U-Net ships
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", str(tmp_path / "partial")])
+    assert "no unet/" in str(exit_info.value) and "train.py" in str(exit_info.value)
 
 
 # -- a live server --------------------------------------------------------------------------------
