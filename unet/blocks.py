@@ -199,7 +199,10 @@ class CrossAttentionBlock(nn.Module):
         token_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, C, H, W = x.shape
-        q = split_heads(conv1x1_on_tokens(self.to_q, image_to_tokens(self.norm(x))), self.num_heads)  # (B, h, N, d)
+        # The seed's layout: a 1×1 conv on (B, C, H, W), heads read as a transposed view, which BLAS takes
+        # without a copy. (Self-attention's token layout would cost copies here: the explicit kernel,
+        # which wins for short text contexts, does not need it; attend() makes q contiguous for SDPA.)
+        q = self.to_q(self.norm(x)).view(B, self.num_heads, self.head_dim, H * W).transpose(-1, -2)  # (B, h, N, d)
         k = split_heads(self.to_k(context), self.num_heads)  # (B, h, L, d)
         v = split_heads(self.to_v(context), self.num_heads)  # (B, h, L, d)
         if token_weights is not None:
@@ -212,7 +215,7 @@ class CrossAttentionBlock(nn.Module):
                 probs = probs * token_weights[rows, None, None, :].to(probs.dtype)  # (b, h, N, L)
             self.recorder.record(self.name, self.kind, (H, W), probs)
         del q, k, v
-        return merge_heads_to_image(out, self.to_out, (H, W)) + x
+        return self.to_out(out.transpose(-1, -2).reshape(B, C, H, W)) + x  # (B, h, d, N) → (B, C, H, W)
 
 
 class Downsample(nn.Module):
