@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     if looks_local and not (Path(args.model) / "unet").is_dir():
         sys.exit(
             f"No trained model at {args.model!r} (no unet/ in it). Train one and point the app at its export:\n"
-            f"    python train.py --data shapes --caption-column captions --out runs/default --steps 20000\n"
+            f"    python train.py --data shapes --caption-column captions --out runs/default --steps 8000\n"
             f"    python app.py --model runs/default/pipeline\n"
             f"or serve a model from the Hugging Face Hub: python app.py --model OWNER/NAME"
         )

@@ -1,7 +1,7 @@
 """Train or fine-tune the text-to-image U-Net with accelerate.
 
     # from scratch on the procedural shapes (generated into cache/ on first use), shipped text encoder
-    accelerate launch train.py --data shapes --caption-column captions --out runs/default --steps 20000
+    accelerate launch train.py --data shapes --caption-column captions --out runs/default --steps 8000
     # fine-tune the shipped model on your own captioned images (imagefolder: images + metadata.jsonl)
     accelerate launch train.py --init weights/default --data my_images --out runs/mine --steps 500 --lr 1e-4
     # two CPU processes (gloo), the same script
@@ -56,7 +56,7 @@ class TrainConfig:
     resolution: int = 32
     batch_size: int = 64
     grad_accum: int = 1
-    steps: int = 20_000
+    steps: int = 8_000
     lr: float = 1e-3
     warmup: int = 500
     weight_decay: float = 0.0
