@@ -11,7 +11,8 @@ Tasks: single object, colour, two objects, counting, position, colour attributio
 tasks; "overall" is their mean) and unseen combinations (colour–shape pairs and relations held out of
 training). Attention localisation: for each colour and shape word of single-object prompts whose
 object was detected, pointing accuracy (the word's aggregated map peaks inside the object) and the IoU
-of the map thresholded at τ (min-max normalised) with the object's mask, over a τ sweep.
+of the map thresholded at τ (min-max normalised) with the object's mask, over a τ sweep. CLIP-score:
+100 · max(cos(image, prompt), 0) with the shipped small CLIP's towers (weights/default/clip).
 """
 
 import argparse
@@ -142,17 +143,44 @@ def localisation(heat: torch.Tensor, mask: np.ndarray) -> tuple[bool, list[float
     return bool(mask[peak]), ious
 
 
+class ClipScorer:
+    """CLIP-score (Hessel et al. 2021, as torchmetrics computes it): 100 · max(cos(image, text), 0)."""
+
+    def __init__(self, clip_dir: str | Path):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        self.model = CLIPModel.from_pretrained(clip_dir).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+        self.size = self.model.config.vision_config.image_size
+
+    @torch.no_grad()
+    def __call__(self, images: list, texts: list[str]) -> list[float]:
+        from conditioning.imagefolder import to_pixel_values
+
+        pixels = to_pixel_values(torch.stack([
+            torch.from_numpy(np.array(im.convert("RGB").resize((self.size, self.size)))).permute(2, 0, 1)
+            for im in images
+        ]))  # (B, 3, S, S), CLIP-normalised
+        ids = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        out = self.model(**ids, pixel_values=pixels)
+        cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+        return (100 * cos.clamp_min(0)).tolist()
+
+
 def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: int = 4, steps: int = 20,
-             guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0, progress: bool = True) -> dict:
+             guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0, progress: bool = True,
+             clip: "ClipScorer | None" = None) -> dict:
     prompts = make_prompts(per_task, seed)
     size = pipe.unet.config.sample_size
     hits: dict[str, list[bool]] = {t: [] for t in TASKS}
-    pointing, ious = [], []
+    pointing, ious, clip_scores = [], [], []
     examples = []
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         result = pipe(prompt.text, num_images=images_per_prompt, steps=steps, guidance_scale=guidance,
                       sampler=sampler, seed=seed + 1000 * i, record_attention=bool(prompt.words))
+        if clip is not None:
+            clip_scores += clip(result.images, [prompt.text] * len(result.images))
         for j, image in enumerate(result.images):
             dets = detect(image)
             ok = correct(prompt, dets, size)
@@ -182,7 +210,9 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
                  "miou": max(miou)}
     settings = {"per_task": per_task, "images_per_prompt": images_per_prompt, "steps": steps,
                 "guidance": guidance, "sampler": sampler, "seed": seed, "seconds": time.perf_counter() - t0}
-    return {"scores": scores, "attention": attention, "settings": settings, "examples": examples}
+    clip_score = float(np.mean(clip_scores)) if clip_scores else None
+    return {"scores": scores, "attention": attention, "clip_score": clip_score, "settings": settings,
+            "examples": examples}
 
 
 def markdown(report: dict, model: str) -> str:
@@ -199,6 +229,8 @@ def markdown(report: dict, model: str) -> str:
               f"({a['pointing_ci95'][0]:.2f}–{a['pointing_ci95'][1]:.2f}) |",
               f"| mIoU (best τ) | {a['miou']:.3f} |"]
     lines += [f"| mIoU at τ = {tau} | {v:.3f} |" for tau, v in a["miou_by_tau"].items()]
+    if report.get("clip_score") is not None:
+        lines += ["", f"CLIP-score (shipped small CLIP, 100 · max(cos, 0)): {report['clip_score']:.1f}"]
     st = report["settings"]
     lines += ["", f"{st['per_task']} prompts per task × {st['images_per_prompt']} images, {st['steps']} "
               f"{st['sampler']} steps, guidance {st['guidance']}, seed {st['seed']}; {st['seconds']:.0f} s."]
@@ -215,13 +247,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--sampler", default="dpm++")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip", default="weights/default/clip", help="CLIP for the CLIP-score ('' to skip)")
     parser.add_argument("--quick", action="store_true", help="2 prompts per task, 2 images each, 10 steps")
     args = parser.parse_args(argv)
     if args.quick:
         args.per_task, args.images_per_prompt, args.steps = 2, 2, 10
     torch.set_num_threads(torch.get_num_threads())
     pipe = TextToImagePipeline.from_pretrained(args.model)
-    report = evaluate(pipe, args.per_task, args.images_per_prompt, args.steps, args.guidance, args.sampler, args.seed)
+    clip = ClipScorer(args.clip) if args.clip else None
+    report = evaluate(pipe, args.per_task, args.images_per_prompt, args.steps, args.guidance, args.sampler, args.seed,
+                      clip=clip)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report["model"] = args.model

@@ -1,6 +1,7 @@
 """evaluate.py: prompts follow the data's grammar, scoring follows GenEval's rule, a perfect model scores 1."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,16 @@ def test_quick_run_on_a_real_pipeline_writes_reports(tmp_path):
     assert (tmp_path / "eval" / "report.md").read_text().startswith("## Evaluation")
     assert set(report["scores"]) == {*evaluate.TASKS, "overall"}
     assert 0.0 <= report["attention"]["miou"] <= 1.0
+    assert 0.0 <= report["clip_score"] <= 100.0 and "CLIP-score" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_clip_score_prefers_the_true_caption():
+    from data.shapes import make_example
+
+    scorer = evaluate.ClipScorer(Path(__file__).resolve().parent.parent / "weights" / "default" / "clip")
+    examples = [make_example(ShapesConfig(size=32, seed=7), "test", i) for i in range(8)]
+    images = [im for im, _ in examples]
+    true = scorer(images, [row["text"] for _, row in examples])
+    shifted = scorer(images, [row["text"] for _, row in examples[1:] + examples[:1]])  # someone else's caption
+    assert all(0 <= s <= 100 for s in true + shifted)
+    assert sum(t > s for t, s in zip(true, shifted, strict=True)) >= 6
