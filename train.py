@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from conditioning.text_encoder import TextEncoder
-from data.loading import LoadConfig, load_captioned
+from data.loading import LoadConfig, batch_indices, load_captioned
 from diffusion.pipeline import TextToImagePipeline
 from unet import UNet, UNetConfig
 
@@ -113,17 +113,6 @@ def resolve_precision(cfg: TrainConfig) -> str:
 
 def step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
     return (cfg.seed * 1_000_003 + step) * 64 + rank
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int, world: int) -> list[int]:
-    """The rows this rank trains on at `step`: epochs are seeded permutations, read in order."""
-    start = (step * world + rank) * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return out
 
 
 def diffusion_loss(unet, noise_scheduler: DDPMScheduler, x0, context, mask, cfg: TrainConfig,

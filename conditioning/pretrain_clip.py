@@ -45,6 +45,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from conditioning.imagefolder import CLIP_MEAN, CLIP_STD, CaptionedImages, find_split, load_split, to_pixel_values
 from conditioning.text_encoder import TextEncoder
 from conditioning.tokenizer import save_clip_tokenizer, train_clip_bpe
+from data.loading import batch_indices
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{7})$")
 
@@ -166,18 +167,6 @@ def add_shapes_phrasings(split_dir: Path, data: CaptionedImages, draws: int = 51
     return True
 
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """The examples of `step`: epochs are seeded permutations, so a resumed run sees the same batches."""
-    chunks, start = [], step * batch_size
-    while sum(len(c) for c in chunks) < batch_size:
-        epoch, offset = divmod(start, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        chunk = perm[offset : offset + batch_size - sum(len(c) for c in chunks)]
-        chunks.append(chunk)
-        start += len(chunk)
-    return torch.cat(chunks)
-
-
 def pick_captions(data: CaptionedImages, idx: torch.Tensor, step: int, seed: int) -> list[str]:
     """One phrasing per image, drawn afresh every step (deterministically, for resumes)."""
     g = torch.Generator().manual_seed(seed * 100_003 + 7 * step + 1)
@@ -295,7 +284,7 @@ def train(cfg: PretrainConfig, data: str | Path, out: str | Path, resume: bool =
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, mininterval=5,
                disable=not accelerator.is_local_main_process)
     for step in bar:
-        idx = batch_indices(step, cfg.batch_size, len(train_set), cfg.seed)
+        idx = torch.tensor(batch_indices(len(train_set), cfg.batch_size, step, cfg.seed))
         # each process takes its share of the global batch (contrastive negatives are then per process)
         idx = idx[accelerator.process_index :: accelerator.num_processes]
         loss = _train_step(model, optimizer, scheduler, accelerator, tokenizer, train_set, idx, step, cfg)
@@ -349,8 +338,10 @@ def _report_long_captions(tokenizer: CLIPTokenizer, data: CaptionedImages, max_l
 
 def _checkpoints(out: Path) -> list[tuple[int, Path]]:
     folder = out / "checkpoints"
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*") if (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found) if folder.is_dir() else []
+    # progress.json is written after save_state: a folder without it is a run killed mid-save.
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*")
+             if (m := CHECKPOINT_RE.match(p.name)) and (p / "progress.json").is_file()]
+    return sorted(found)
 
 
 def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, seconds: float, keep: int) -> None:

@@ -327,6 +327,20 @@ class CaptionedImages(torch.utils.data.Dataset):
         return {"pixel_values": to_tensor(img), "caption": caption, "index": self.rows[i]}
 
 
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """The rows rank `rank` of `world` reads at `step`: epochs are seeded permutations, read in order.
+
+    Depends only on its arguments, so a resumed run reads exactly the batches it would have read.
+    """
+    start = (step * world + rank) * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return out
+
+
 def load_captioned(source: str | Path, config: LoadConfig = LoadConfig()) -> CaptionedImages:
     """A torch dataset from a local imagefolder-style folder or a hub dataset id.
 

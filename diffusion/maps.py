@@ -157,22 +157,24 @@ class AttentionMaps:
         image) and, if `images` are given, one overlay PNG per image and word. Returns the paths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        arrays = {}
+        arrays, words = {}, []
         for i in range(self.num_images):
             for name in self.layers("cross") + self.layers("self"):
                 row = self._row(i, False) if self.store.layers[name].kind == "cross" else i
                 arrays[f"image{i}.{name}"] = np.stack(
                     [self.store.mean(name, [b])[row].numpy() for b in self.store.recorded_bins(name)]
                 )  # (bins, N, L) or (bins, N, N)
-            words = self.word_maps(i, normalize="absolute")
-            arrays[f"image{i}.words"] = np.stack([m.numpy() for m in words.values()])  # (K, H, W)
+            words.append(self.word_maps(i, normalize="absolute"))
+            arrays[f"image{i}.words"] = np.stack([m.numpy() for m in words[i].values()])  # (K, H, W)
         paths = [directory / "maps.json", directory / "maps.npz"]
         paths[0].write_text(json.dumps(self.metadata(), indent=2))
         np.savez_compressed(paths[1], **arrays)
         for i, image in enumerate(images or []):
             image.resize(display_size(image.size, size), Image.NEAREST).save(directory / f"image{i}.png")
             paths.append(directory / f"image{i}.png")
-            for word, heat in self.word_maps(i).items():
+            # min-max is scale-invariant: the absolute maps give the per-word display maps without
+            # aggregating every layer again.
+            for word, heat in normalize_maps(words[i], "minmax").items():
                 path = directory / f"image{i}_{_safe(word)}.png"
                 overlay(image, heat, size=size).save(path)
                 paths.append(path)

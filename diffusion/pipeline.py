@@ -177,7 +177,7 @@ class TextToImagePipeline:
 
         result = GenerationResult(
             images=to_pil(x), seed=seed, seeds=[seed + i for i in range(B)], prompts=plain,
-            tokens=enc.tokens[B:], words=enc.words[B:], word_ids=enc.word_ids[B:], warnings=warnings(enc, B),
+            tokens=enc.tokens[B:], words=enc.words[B:], word_ids=enc.word_ids[B:], warnings=prompt_warnings(enc, B),
         )
         if store is not None:
             result.attention = AttentionMaps(store, enc, num_images=B, image_size=(H, W),
@@ -197,7 +197,7 @@ class TextToImagePipeline:
         return list(negative_prompt)
 
 
-def warnings(enc, B: int) -> list[str]:
+def prompt_warnings(enc, B: int) -> list[str]:
     """User-facing warnings about the prompts (rows B: of the encoding): unknown words, truncation."""
     out = []
     for unknown, truncated in zip(enc.unknown_words[B:], enc.truncated[B:], strict=True):

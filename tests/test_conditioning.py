@@ -23,9 +23,10 @@ from transformers import (
 )
 
 from conditioning.imagefolder import CaptionedImages, load_split
-from conditioning.pretrain_clip import add_shapes_phrasings, batch_indices, evaluate, main, retrieval_top1
+from conditioning.pretrain_clip import add_shapes_phrasings, evaluate, main, retrieval_top1
 from conditioning.text_encoder import TextEncoder
 from conditioning.tokenizer import BOS, EOS, UNK, save_clip_tokenizer, train_clip_bpe
+from data.loading import batch_indices
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 90, 225), "yellow": (235, 210, 35)}
 KINDS = ("circle", "square")
@@ -256,10 +257,10 @@ def test_load_split_reads_captions_and_resizes(tmp_path):
 
 
 def test_batch_indices_are_seeded_permutations_across_epochs():
-    seen = torch.cat([batch_indices(s, 4, 10, seed=0) for s in range(5)])  # 20 = two epochs of 10
+    seen = torch.tensor([i for s in range(5) for i in batch_indices(10, 4, s, seed=0)])  # 20 = two epochs of 10
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
-    assert torch.equal(batch_indices(3, 4, 10, seed=0), batch_indices(3, 4, 10, seed=0))
-    assert not torch.equal(batch_indices(0, 10, 10, seed=0), batch_indices(0, 10, 10, seed=1))
+    assert batch_indices(10, 4, 3, seed=0) == batch_indices(10, 4, 3, seed=0)
+    assert batch_indices(10, 10, 0, seed=0) != batch_indices(10, 10, 0, seed=1)
 
 
 def test_shapes_judge_adds_every_true_phrasing_and_leaves_other_data_alone(tmp_path):
@@ -337,3 +338,14 @@ def test_pretraining_smoke_run_writes_files_that_load_and_encode(tmp_path, capsy
     assert "resumed from" in capsys.readouterr().out
     assert (out / "checkpoints" / "step_0000004").is_dir()
     assert json.loads((out / "retrieval.json").read_text())["steps"] == 4
+
+
+def test_resume_ignores_a_checkpoint_killed_mid_save(tmp_path):
+    from conditioning.pretrain_clip import _checkpoints
+
+    for step, finished in ((100, True), (200, False)):  # step 200: save_state was interrupted
+        folder = tmp_path / "checkpoints" / f"step_{step:07d}"
+        folder.mkdir(parents=True)
+        if finished:
+            (folder / "progress.json").write_text('{"step": 100, "seconds": 1.0}')
+    assert [s for s, _ in _checkpoints(tmp_path)] == [100]

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from data.loading import batch_indices
 from data.shapes import ShapesConfig, generate_dataset
 from diffusion.pipeline import TextToImagePipeline
 from tests.tiny import tiny_pipeline
@@ -96,10 +97,10 @@ def test_lr_schedule():
 
 
 def test_batches_cover_the_data_and_differ_by_rank():
-    seen = [i for step in range(6) for i in train.batch_indices(12, 4, step, seed=0, rank=0, world=1)]
+    seen = [i for step in range(6) for i in batch_indices(12, 4, step, seed=0, rank=0, world=1)]
     assert sorted(seen[:12]) == list(range(12)) and sorted(seen[12:]) == list(range(12))
-    r0 = train.batch_indices(12, 4, 0, seed=0, rank=0, world=2)
-    r1 = train.batch_indices(12, 4, 0, seed=0, rank=1, world=2)
+    r0 = batch_indices(12, 4, 0, seed=0, rank=0, world=2)
+    r1 = batch_indices(12, 4, 0, seed=0, rank=1, world=2)
     assert not set(r0) & set(r1)
 
 
