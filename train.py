@@ -11,7 +11,8 @@
     checkpoints/step_000500/   model, EMA, optimizer (safetensors) + state.json; the newest K kept
     samples/step_000500.png    validation prompts sampled with the EMA weights
     logs/                      TensorBoard (loss, lr, images/s, validation grids) when tensorboard is installed
-    pipeline/                  the final export (EMA weights), loadable by TextToImagePipeline
+    pipeline/                  the final export (EMA weights, U-Net stored in fp16), loadable by TextToImagePipeline
+`--export-only` writes pipeline/ from the newest checkpoint instead (e.g. while a run is still going).
 --push-to-hub OWNER/NAME uploads the export to the Hugging Face Hub (needs network and a token).
 Re-running the same command resumes from the newest checkpoint, exactly: every random draw of step
 s (batch order, caption choice and dropout, noise, timesteps) is seeded from (seed, s, rank).
@@ -40,6 +41,8 @@ from conditioning.text_encoder import TextEncoder
 from data.loading import LoadConfig, batch_indices, load_captioned
 from diffusion.pipeline import TextToImagePipeline
 from unet import UNet, UNetConfig
+
+EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -74,6 +77,8 @@ class TrainConfig:
     seed: int = 0
     cpu: bool = False
     push_to_hub: str | None = None        # OWNER/NAME on the Hugging Face Hub
+    export_dtype: str = "fp16"            # precision the exported U-Net weights are stored in: fp16 | fp32
+    export_only: bool = False             # write OUT/pipeline from the newest checkpoint's EMA weights, no training
 
     def __post_init__(self):
         self.validation_prompts = tuple(self.validation_prompts)
@@ -81,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"prediction_type {self.prediction_type!r}: choose epsilon or v_prediction.")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: choose auto, no, bf16 or fp16.")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export_dtype {self.export_dtype!r}: choose {' or '.join(EXPORT_DTYPES)}.")
         if min(self.batch_size, self.grad_accum, self.steps) < 1:
             raise ValueError("batch_size, grad_accum and steps must be at least 1.")
 
@@ -247,6 +254,43 @@ def model_card(cfg: TrainConfig, unet: UNet, step: int, seconds: float, precisio
     )
 
 
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.is_file() else []
+    return f"{os.cpu_count()}-core CPU" + (f" ({names[0].strip()})" if names else "")
+
+
+def export(unet: UNet, text_encoder: TextEncoder, noise_scheduler: DDPMScheduler, cfg: TrainConfig, step: int,
+           seconds: float, precision: str, hardware_name: str, loss: float) -> Path:
+    """Write OUT/pipeline: the given (EMA) U-Net, the text encoder, the noise schedule and a model card."""
+    dest = Path(cfg.out) / "pipeline"
+    card = model_card(cfg, unet, step, seconds, precision, hardware_name, loss)
+    pipe = TextToImagePipeline(unet.eval(), text_encoder, dict(noise_scheduler.config), card)
+    pipe.save_pretrained(dest, unet_dtype=EXPORT_DTYPES[cfg.export_dtype])
+    (dest / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return dest
+
+
+def export_checkpoint(cfg: TrainConfig) -> Path:
+    """Export the newest checkpoint under cfg.out (its EMA weights), e.g. of a run that is still going."""
+    found = checkpoints(Path(cfg.out) / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"no finished checkpoint under {Path(cfg.out) / 'checkpoints'}: nothing to export.")
+    step, path = found[-1]
+    state = json.loads((path / "state.json").read_text())
+    run = TrainConfig(**{**state["config"], "out": cfg.out, "export_dtype": cfg.export_dtype, "export_only": False})
+    unet, text_encoder, noise_scheduler = build(run)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    shadow = load_file(path / "ema.safetensors")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(shadow[str(i)])
+    return export(unet, text_encoder, noise_scheduler, run, step, state["seconds"], resolve_precision(run),
+                  state.get("hardware", "unknown hardware"), state["loss"])
+
+
 # -- the loop -------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the exported pipeline folder."""
@@ -324,6 +368,7 @@ def train(cfg: TrainConfig) -> Path:
             ema_state = ema.state_dict()
             shadow = {str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}
             state = {"step": done, "seconds": time.perf_counter() - t_start, "loss": loss_value,
+                     "hardware": hardware(accelerator.device),
                      "config": asdict(cfg), "optimizer": opt_meta, "ema": ema_state}
             save_checkpoint(out / "checkpoints", done, {"unet": accelerator.unwrap_model(unet).state_dict(),
                                                         "optimizer": opt_tensors, "ema": shadow},
@@ -341,27 +386,25 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     check_ranks_agree(accelerator, params)
 
-    export = out / "pipeline"
+    dest = out / "pipeline"
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(unet)
         ema.copy_to(params)  # export the EMA weights
-        hardware = "CUDA GPU" if accelerator.device.type == "cuda" else f"{os.cpu_count()}-core CPU"
-        card = model_card(cfg, final, cfg.steps, time.perf_counter() - t_start, precision, hardware, loss_value)
-        TextToImagePipeline(final.eval(), text_encoder, dict(noise_scheduler.config), card).save_pretrained(export)
-        (export / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        accelerator.print(f"exported {export}")
+        export(final, text_encoder, noise_scheduler, cfg, cfg.steps, time.perf_counter() - t_start, precision,
+               hardware(accelerator.device), loss_value)
+        accelerator.print(f"exported {dest}")
         if cfg.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
             create_repo(cfg.push_to_hub, exist_ok=True)
-            upload_folder(repo_id=cfg.push_to_hub, folder_path=export, commit_message=f"train.py, {cfg.steps} steps")
+            upload_folder(repo_id=cfg.push_to_hub, folder_path=dest, commit_message=f"train.py, {cfg.steps} steps")
             accelerator.print(f"pushed to https://huggingface.co/{cfg.push_to_hub}")
     # Teardown: when the DDP wrapper dies it joins gloo's worker thread while holding the GIL; if that
     # thread is still freeing a finished all-gather (which needs the GIL) both wait forever (seen here
     # under load). Waiting in a barrier releases the GIL, and gloo retires earlier work before it.
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return export
+    return dest
 
 
 def check_ranks_agree(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -405,7 +448,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
-    train(cfg)
+    if cfg.export_only:
+        print(f"exported {export_checkpoint(cfg)}")
+    else:
+        train(cfg)
 
 
 if __name__ == "__main__":

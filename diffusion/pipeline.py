@@ -9,6 +9,7 @@ Folder layout (diffusers pipeline style): unet/ (config.json + model.safetensors
 tokenizer/, scheduler/scheduler_config.json (the training noise schedule), README.md (model card).
 """
 
+import copy
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,9 +87,12 @@ class TextToImagePipeline:
         card = (path / "README.md").read_text() if (path / "README.md").is_file() else None
         return cls(unet, text_encoder, scheduler_config, card).to(device)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, unet_dtype: torch.dtype | None = None) -> None:
+        """Write the pipeline folder. unet_dtype=torch.float16 stores the U-Net weights at half the size
+        (loading casts them back to the model's fp32 parameters)."""
         path = Path(path)
-        self.unet.save_pretrained(path / "unet")
+        unet = self.unet if unet_dtype is None else copy.deepcopy(self.unet).to(unet_dtype)
+        unet.save_pretrained(path / "unet")
         self.text_encoder.save_pretrained(path)
         DDPMScheduler.from_config(self.scheduler_config).save_pretrained(path / "scheduler")
         if self.model_card is not None:

@@ -47,6 +47,26 @@ def test_cli_trains_checkpoints_and_exports_a_pipeline(setup):
     before = tiny_pipeline().unet.state_dict()
     after = pipe.unet.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # training changed the weights
+    stored = load_file(out / "pipeline" / "unet" / "model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}  # half the size on disk…
+    assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())  # …loaded back as fp32
+
+
+def test_export_only_writes_the_newest_checkpoints_ema_weights(setup):
+    out = setup / "export"
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+        train.main(["--out", str(out), "--export-only"])
+    train.main(args(setup, out, "--steps", "2"))
+    ema = load_file(out / "checkpoints" / "step_000002" / "ema.safetensors")
+    (out / "pipeline").rename(out / "final")
+    train.main(["--out", str(out), "--export-only", "--export-dtype", "fp32"])
+    pipe = TextToImagePipeline.from_pretrained(out / "pipeline")
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    assert all(torch.equal(p, ema[str(i)]) for i, p in enumerate(params))
+    final = TextToImagePipeline.from_pretrained(out / "final")  # the run's own export: the same weights in fp16
+    pairs = zip(pipe.unet.parameters(), final.unet.parameters(), strict=True)
+    assert all(torch.equal(a.half().float(), b) for a, b in pairs)
+    assert "2 steps" in (out / "pipeline" / "README.md").read_text()
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(setup, monkeypatch):
