@@ -531,13 +531,13 @@ def build_demo(pipe: TextToImagePipeline) -> gr.Blocks:
     return demo
 
 
-def load_pipeline(model: str) -> TextToImagePipeline:
+def load_pipeline(model: str, dtype: str = "auto") -> TextToImagePipeline:
     """A pipeline folder, or a hub id (downloaded once; offline it must already be cached)."""
     if Path(model).is_dir():
-        return TextToImagePipeline.from_pretrained(model)
+        return TextToImagePipeline.from_pretrained(model, dtype=dtype)
     from huggingface_hub import snapshot_download  # only needed for hub ids
 
-    return TextToImagePipeline.from_pretrained(snapshot_download(model))
+    return TextToImagePipeline.from_pretrained(snapshot_download(model), dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -546,6 +546,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=None, help="address to bind, e.g. 0.0.0.0 (default: Gradio's, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free)")
     parser.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="U-Net compute type; auto = bf16 where this CPU runs it fast, else fp32 (default: auto)")
     args = parser.parse_args(argv)
 
     looks_local = Path(args.model).exists() or args.model.startswith((".", "/", "~")) or args.model == DEFAULT_MODEL
@@ -558,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
             f"or serve a model from the Hugging Face Hub: python app.py --model OWNER/NAME"
         )
     try:
-        pipe = load_pipeline(args.model)
+        pipe = load_pipeline(args.model, args.dtype)
     except Exception as e:  # a CLI: one clear line beats a traceback through three libraries
         sys.exit(f"Could not load the model {args.model!r}: {e}")
     torch.set_num_threads(os.cpu_count() or 1)

@@ -233,7 +233,8 @@ def markdown(report: dict, model: str) -> str:
         lines += ["", f"CLIP-score (shipped small CLIP, 100 · max(cos, 0)): {report['clip_score']:.1f}"]
     st = report["settings"]
     lines += ["", f"{st['per_task']} prompts per task × {st['images_per_prompt']} images, {st['steps']} "
-              f"{st['sampler']} steps, guidance {st['guidance']}, seed {st['seed']}; {st['seconds']:.0f} s."]
+              f"{st['sampler']} steps, guidance {st['guidance']}, seed {st['seed']}, "
+              f"U-Net in {st.get('dtype', 'float32')}; {st['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -248,18 +249,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--sampler", default="dpm++")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clip", default="weights/default/clip", help="CLIP for the CLIP-score ('' to skip)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="U-Net compute type")
     parser.add_argument("--quick", action="store_true", help="2 prompts per task, 2 images each, 10 steps")
     args = parser.parse_args(argv)
     if args.quick:
         args.per_task, args.images_per_prompt, args.steps = 2, 2, 10
     torch.set_num_threads(torch.get_num_threads())
-    pipe = TextToImagePipeline.from_pretrained(args.model)
+    pipe = TextToImagePipeline.from_pretrained(args.model, dtype=args.dtype)
     clip = ClipScorer(args.clip) if args.clip else None
     report = evaluate(pipe, args.per_task, args.images_per_prompt, args.steps, args.guidance, args.sampler, args.seed,
                       clip=clip)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report["model"] = args.model
+    report["settings"]["dtype"] = str(pipe.dtype).removeprefix("torch.")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report, args.model))
     print(markdown(report, args.model))

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from conditioning.text_encoder import TextEncoder
 from data.loading import LoadConfig, batch_indices, load_captioned
 from diffusion.pipeline import TextToImagePipeline
+from diffusion.precision import cpu_has_fast_bf16
 from unet import UNet, UNetConfig
 
 EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -99,15 +100,6 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 is 2–2.5× faster than fp32 on CPUs with AVX-512 BF16 or AMX, and much slower without."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -187,7 +179,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
 def build(cfg: TrainConfig) -> tuple[UNet, TextEncoder, DDPMScheduler]:
     """The U-Net (fresh or from --init), the frozen text encoder, and the training noise schedule."""
     if cfg.init is not None:
-        pipe = TextToImagePipeline.from_pretrained(cfg.init)
+        pipe = TextToImagePipeline.from_pretrained(cfg.init, dtype="fp32")  # trained in fp32 (+ autocast)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler_config)
         if noise_scheduler.config.prediction_type != cfg.prediction_type:
             raise ValueError(

@@ -22,6 +22,7 @@ from PIL import Image
 
 from conditioning.text_encoder import TextEncoder
 from diffusion.maps import AttentionMaps
+from diffusion.precision import inference_dtype
 from diffusion.prompts import parse_emphasis, token_weights
 from diffusion.sampling import DEFAULT_SAMPLER, guided_model, make_scheduler, sample
 from unet import AttentionStore, UNet
@@ -73,7 +74,11 @@ class TextToImagePipeline:
 
     # -- folders ---------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> "TextToImagePipeline":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype = "auto") -> "TextToImagePipeline":
+        """Load a pipeline folder. dtype: the U-Net's compute type, "auto" (the fastest safe one on this
+        device: bf16 on a CPU with AVX-512 BF16/AMX or a GPU, else fp32; see diffusion/precision.py),
+        "fp32", "bf16", or a torch.dtype. The text encoder stays fp32 (it runs once per call)."""
         path = Path(path)
         missing = [f"{p}/" for p in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
         if missing:
@@ -85,28 +90,37 @@ class TextToImagePipeline:
         text_encoder = TextEncoder.from_pretrained(str(path))
         scheduler_config = dict(DDPMScheduler.load_config(path / "scheduler"))
         card = (path / "README.md").read_text() if (path / "README.md").is_file() else None
-        return cls(unet, text_encoder, scheduler_config, card).to(device)
+        pipe = cls(unet, text_encoder, scheduler_config, card).to(device)
+        return pipe.to(dtype=dtype if isinstance(dtype, torch.dtype) else inference_dtype(pipe.device, dtype))
 
     def save_pretrained(self, path: str | Path, unet_dtype: torch.dtype | None = None) -> None:
         """Write the pipeline folder. unet_dtype=torch.float16 stores the U-Net weights at half the size
         (loading casts them back to the model's fp32 parameters)."""
         path = Path(path)
-        unet = self.unet if unet_dtype is None else copy.deepcopy(self.unet).to(unet_dtype)
+        unet = copy.deepcopy(self.unet).to(unet_dtype or torch.float32)
         unet.save_pretrained(path / "unet")
         self.text_encoder.save_pretrained(path)
         DDPMScheduler.from_config(self.scheduler_config).save_pretrained(path / "scheduler")
         if self.model_card is not None:
             (path / "README.md").write_text(self.model_card)
 
-    def to(self, device: str | torch.device | None) -> "TextToImagePipeline":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TextToImagePipeline":
+        """Move to `device`; cast the U-Net to `dtype` (its inputs are cast to match at every step)."""
         if device is not None:
             self.unet.to(device)
             self.text_encoder.to(device)
+        if dtype is not None:
+            self.unet.to(dtype)
         return self
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The U-Net's compute type (noise, scheduler and images stay fp32)."""
+        return next(self.unet.parameters()).dtype
 
     # -- generation ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -149,8 +163,9 @@ class TextToImagePipeline:
         weights = None
         if any(emphasis):
             cond = token_weights(enc.words[B:], enc.word_ids[B:], emphasis, enc.mask.shape[1])
-            weights = torch.cat([torch.ones_like(cond), cond]).to(self.device)  # (2B, L)
-        model = guided_model(self.unet, enc.context.to(self.device), enc.mask.to(self.device), guidance_scale, weights)
+            weights = torch.cat([torch.ones_like(cond), cond]).to(self.device, self.dtype)  # (2B, L)
+        context = enc.context.to(self.device, self.dtype)
+        model = guided_model(self.unet, context, enc.mask.to(self.device), guidance_scale, weights)
 
         seed = secrets.randbelow(2**31) if seed is None else int(seed)
         c = self.unet.config

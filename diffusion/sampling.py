@@ -46,7 +46,8 @@ def guided_model(
 
     Args:
         unet: the denoiser, called as unet(x, t, context, mask, token_weights).
-        context: (2B, L, D), the B negative (or empty) prompts first, then the B prompts.
+        context: (2B, L, D), the B negative (or empty) prompts first, then the B prompts, in the U-Net's
+            compute type (x is cast to it; the prediction comes back in x's type, e.g. fp32 for the scheduler).
         mask: (2B, L) bool.  scale: guidance scale s (1 = no guidance).
         token_weights: (2B, L) or None (emphasis; the pipeline leaves the negative half at 1).
     Returns:
@@ -54,9 +55,9 @@ def guided_model(
     """
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x_in = torch.cat([x, x])  # (2B, C, H, W)
+        x_in = torch.cat([x, x]).to(context.dtype)  # (2B, C, H, W), in the U-Net's compute type
         t_in = torch.as_tensor(t, device=x.device).reshape(-1).expand(x_in.shape[0])
-        uncond, cond = unet(x_in, t_in, context, mask, token_weights).chunk(2)
+        uncond, cond = unet(x_in, t_in, context, mask, token_weights).to(x.dtype).chunk(2)
         return uncond + scale * (cond - uncond)
 
     return fn

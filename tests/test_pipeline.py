@@ -8,6 +8,7 @@ import torch
 
 from diffusion.maps import normalize_maps, overlay
 from diffusion.pipeline import TextToImagePipeline
+from diffusion.precision import cpu_has_fast_bf16, inference_dtype
 from diffusion.prompts import parse_emphasis
 from diffusion.sampling import SAMPLERS, guided_model
 from tests.tiny import tiny_pipeline
@@ -211,12 +212,34 @@ def test_memory_of_maps_is_flat_in_steps(pipe):
     assert sizes[0] == sizes[1]
 
 
+def test_bf16_sampling_stays_close_to_fp32(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    fp32 = TextToImagePipeline.from_pretrained(tmp_path, dtype="fp32")
+    bf16 = TextToImagePipeline.from_pretrained(tmp_path, dtype="bf16")
+    assert bf16.dtype == torch.bfloat16 and bf16.text_encoder.model.dtype == torch.float32
+    a = fp32("a red circle above a blue square", num_images=2, steps=6, seed=1, record_attention=True)
+    b = bf16("a red circle above a blue square", num_images=2, steps=6, seed=1, record_attention=True)
+    diff = np.abs(pixels(a.images).astype(float) - pixels(b.images).astype(float))
+    assert diff.mean() < 4, diff.mean()  # of 255
+    for w, m in a.attention.word_maps(0).items():
+        assert torch.allclose(m, b.attention.word_maps(0)[w], atol=0.02)
+    with pytest.raises(ValueError, match="fp16 on a CPU"):
+        TextToImagePipeline.from_pretrained(tmp_path, dtype="fp16")
+
+
+def test_cpu_bf16_detection_reads_the_flags():
+    assert cpu_has_fast_bf16("flags : fpu avx512f avx512_bf16 avx512vl")
+    assert cpu_has_fast_bf16("flags : fpu amx_bf16 amx_tile")
+    assert not cpu_has_fast_bf16("flags : fpu avx2 avx512f avx512bw")
+
+
 def test_save_and_load_pipeline(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} >= {"unet", "text_encoder", "tokenizer", "scheduler"}
-    loaded = TextToImagePipeline.from_pretrained(tmp_path)
+    loaded = TextToImagePipeline.from_pretrained(tmp_path, dtype="fp32")
     a = pipe("a red circle", steps=3, seed=4).images
     b = loaded("a red circle", steps=3, seed=4).images
     assert np.array_equal(pixels(a), pixels(b))
+    assert TextToImagePipeline.from_pretrained(tmp_path).dtype == inference_dtype("cpu")  # "auto"
     with pytest.raises(FileNotFoundError, match="unet/"):
         TextToImagePipeline.from_pretrained(tmp_path / "unet")

@@ -40,7 +40,7 @@ def test_cli_trains_checkpoints_and_exports_a_pipeline(setup):
     assert state["step"] == 3 and state["config"]["batch_size"] == 4
     assert (out / "samples" / "step_000003.png").is_file()
     assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard: loss, lr, images/s, grids
-    pipe = TextToImagePipeline.from_pretrained(out / "pipeline")
+    pipe = TextToImagePipeline.from_pretrained(out / "pipeline", dtype="fp32")
     result = pipe("a red circle", steps=2, seed=0)
     assert result.images[0].size == (16, 16)
     assert "Training config" in (out / "pipeline" / "README.md").read_text()
@@ -60,10 +60,10 @@ def test_export_only_writes_the_newest_checkpoints_ema_weights(setup):
     ema = load_file(out / "checkpoints" / "step_000002" / "ema.safetensors")
     (out / "pipeline").rename(out / "final")
     train.main(["--out", str(out), "--export-only", "--export-dtype", "fp32"])
-    pipe = TextToImagePipeline.from_pretrained(out / "pipeline")
+    pipe = TextToImagePipeline.from_pretrained(out / "pipeline", dtype="fp32")
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     assert all(torch.equal(p, ema[str(i)]) for i, p in enumerate(params))
-    final = TextToImagePipeline.from_pretrained(out / "final")  # the run's own export: the same weights in fp16
+    final = TextToImagePipeline.from_pretrained(out / "final", dtype="fp32")  # the run's export: same weights, fp16
     pairs = zip(pipe.unet.parameters(), final.unet.parameters(), strict=True)
     assert all(torch.equal(a.half().float(), b) for a, b in pairs)
     assert "2 steps" in (out / "pipeline" / "README.md").read_text()
