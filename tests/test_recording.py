@@ -6,6 +6,7 @@ import torch
 from tests.test_unet import inputs
 from tests.tiny import randomize_
 from unet import AttentionStore, UNet, UNetConfig
+from unet.attention import attend, attend_and_record, attention_probs
 
 
 @pytest.fixture
@@ -25,8 +26,11 @@ def run_steps(unet, store, steps, x, ctx, mask=None):
     return outs
 
 
-def test_recording_never_changes_the_output(unet):
-    x, _, ctx = inputs(tokens=6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recording_never_changes_the_output(unet, dtype):
+    # bf16 takes the explicit kernel for self-attention too, and shares its probabilities with the recorder
+    unet = unet.to(dtype)
+    x, _, ctx = (t.to(dtype) for t in inputs(tokens=6))
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 3:] = False
     plain = [unet(x, torch.full((2,), 999 - s * 10), ctx, mask) for s in range(3)]
@@ -143,3 +147,17 @@ def test_emphasis_shows_in_the_maps(unet):
     first = emphasised.layer_names("cross")[0]  # before any emphasised layer changed the features
     torch.testing.assert_close(emphasised.mean(first)[..., 1], 2 * plain.mean(first)[..., 1])
     torch.testing.assert_close(emphasised.mean(first)[..., 0], plain.mean(first)[..., 0])
+
+
+@pytest.mark.parametrize(("n", "keys", "dtype"), [(64, 6, torch.float32), (300, 300, torch.float32),
+                                                  (64, 64, torch.bfloat16)])
+def test_attend_and_record_gives_attends_output_and_the_rows_probabilities(n, keys, dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, m, 8, generator=g).to(dtype) for m in (n, keys, keys))
+    mask = torch.ones(3, keys, dtype=torch.bool)
+    mask[1, keys // 2:] = False
+    out, probs = attend_and_record(q, k, v, mask, 8**-0.5, slice(1, 3))
+    assert torch.equal(out, attend(q, k, v, mask, 8**-0.5))
+    assert probs.shape == (2, 2, n, keys)
+    torch.testing.assert_close(probs, attention_probs(q[1:], k[1:], mask[1:], 8**-0.5))
+    assert probs[0, :, :, keys // 2:].abs().max() == 0  # masked keys get nothing

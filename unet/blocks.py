@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet.attention import AttentionRecorder, attend, attention_probs
+from unet.attention import AttentionRecorder, attend, attend_and_record
 
 
 def check_group_norm(channels: int, groups: int, where: str) -> None:
@@ -150,10 +150,11 @@ class AttentionBlock(nn.Module):
         B, C, H, W = x.shape
         qkv = conv1x1_on_tokens(self.to_qkv, image_to_tokens(self.norm(x)))  # (B, N, 3C), channel = (3, h, d)
         q, k, v = qkv.view(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, h, N, d)
-        out = attend(q, k, v, None, self.scale)  # (B, h, N, d)
         if self.recorder is not None and self.recorder.wants_self_attention(H * W):
-            rows = self.recorder.rows(B, self.kind)
-            self.recorder.record(self.name, self.kind, (H, W), attention_probs(q[rows], k[rows], None, self.scale))
+            out, probs = attend_and_record(q, k, v, None, self.scale, self.recorder.rows(B, self.kind))
+            self.recorder.record(self.name, self.kind, (H, W), probs)
+        else:
+            out = attend(q, k, v, None, self.scale)  # (B, h, N, d)
         del qkv, q, k, v  # free the projections before the output projection allocates (peak memory)
         return merge_heads_to_image(out, self.to_out, (H, W)) + x
 
@@ -207,13 +208,14 @@ class CrossAttentionBlock(nn.Module):
         v = split_heads(self.to_v(context), self.num_heads)  # (B, h, L, d)
         if token_weights is not None:
             v = v * token_weights[:, None, :, None].to(v.dtype)  # (B, h, L, d)
-        out = attend(q, k, v, mask, self.scale)  # (B, h, N, d)
         if self.recorder is not None:
             rows = self.recorder.rows(B, self.kind)
-            probs = attention_probs(q[rows], k[rows], None if mask is None else mask[rows], self.scale)
+            out, probs = attend_and_record(q, k, v, mask, self.scale, rows)  # (B, h, N, d), (b, h, N, L)
             if token_weights is not None:
-                probs = probs * token_weights[rows, None, None, :].to(probs.dtype)  # (b, h, N, L)
+                probs = probs * token_weights[rows, None, None, :].to(probs.dtype)
             self.recorder.record(self.name, self.kind, (H, W), probs)
+        else:
+            out = attend(q, k, v, mask, self.scale)  # (B, h, N, d)
         del q, k, v
         return self.to_out(out.transpose(-1, -2).reshape(B, C, H, W)) + x  # (B, h, d, N) → (B, C, H, W)
 

@@ -1,0 +1,194 @@
+"""What a user feels, and how close to the machine's limits we run.
+
+    python -m benchmarks.endtoend            # writes the "endtoend" section of BENCHMARKS.md
+    python -m benchmarks.endtoend --quick    # fewer repeats, prints only
+
+1. End-to-end sampling through TextToImagePipeline: 4 images, 20 DPM++ steps, guidance 4, with maps off
+   and on (maps on = recording during sampling + every image's word maps afterwards), in fp32 and in the
+   dtype the app picks ("auto": bf16 where this CPU runs it fast). Targets: ≤ 1.5 s with maps; recording
+   overhead ≤ 15%.
+2. Cold start: `python app.py` as a fresh process → the first /generate answer (4 images, 20 steps,
+   through gradio_client) → the first /attention answer. Target: ≤ 10 s to the first image.
+3. Achieved GFLOP/s of one guided sampling step (batch 8) and one training step (batch 64, forward +
+   backward + AdamW, as train.py runs it), FLOPs counted by torch.utils.flop_counter, against this
+   machine's matmul peak measured in the same run (2048² matmuls). Targets: ≥ 70% of peak; bf16 ≥ 2× fp32.
+
+The model is --model (default: the shipped weights/default); timings do not depend on its weights.
+"""
+
+import argparse
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import interleaved_medians, write_section
+from diffusion.pipeline import TextToImagePipeline
+
+PROMPT = "a red circle above a blue square"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def end_to_end(pipe: TextToImagePipeline, repeats: int) -> dict[str, float]:
+    """Median seconds per call: 4 images × 20 steps, maps off / on."""
+
+    def run(maps: bool):
+        result = pipe(PROMPT, num_images=4, steps=20, guidance_scale=4.0, seed=0, record_attention=maps)
+        if maps:
+            for i in range(4):
+                result.attention.word_maps(i)
+
+    return interleaved_medians({"off": lambda: run(False), "on": lambda: run(True)}, repeats=repeats,
+                               warmup=1, budget_s=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cold_start(model: str, timeout_s: float = 120) -> dict[str, float]:
+    """Seconds from spawning `python app.py` to the first served images, and to their first maps."""
+    from gradio_client import Client
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with code {proc.returncode} before serving")
+            if time.perf_counter() - t0 > timeout_s:
+                raise TimeoutError(f"app.py did not answer within {timeout_s} s")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        listening = time.perf_counter() - t0
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        client.predict(prompt=PROMPT, steps=20, guidance=4.0, seed=0, randomize_seed=False, num_images=4,
+                       api_name="/generate")
+        first_image = time.perf_counter() - t0
+        client.predict(image=0, layer="all", time_bin=0, api_name="/attention")
+        first_maps = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"listening": listening, "first_image": first_image, "first_maps": first_maps}
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
+    """GFLOP/s of an n×n×n matmul: this machine's practical peak for `dtype` at the current thread count."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    seconds = interleaved_medians({"mm": lambda: torch.mm(a, b)}, repeats=repeats, budget_s=10)["mm"]
+    return 2 * n**3 / seconds / 1e9
+
+
+def counted_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def step_throughput(unet: torch.nn.Module, repeats: int) -> dict[str, tuple[float, float]]:
+    """(GFLOP per call, GFLOP/s achieved) for sampling and training steps in fp32 and bf16."""
+    ctx_len, D = 12, unet.config.context_dim
+    S = unet.config.sample_size
+    out = {}
+    fp32 = copy.deepcopy(unet).float().eval()
+    bf16 = copy.deepcopy(unet).to(torch.bfloat16).eval()
+    x, t, ctx = torch.randn(8, 3, S, S), torch.full((8,), 500), torch.randn(8, ctx_len, D)
+
+    def sample_step(model, dtype):
+        def fn():
+            with torch.inference_mode():
+                return model(x.to(dtype), t, ctx.to(dtype))
+        return fn
+
+    sampling = {"sampling fp32": sample_step(fp32, torch.float32),
+                "sampling bf16": sample_step(bf16, torch.bfloat16)}
+    flops = {k: counted_flops(fn) for k, fn in sampling.items()}
+    times = interleaved_medians(sampling, repeats=repeats, budget_s=30)
+    out.update({k: (flops[k] / 1e9, flops[k] / times[k] / 1e9) for k in sampling})
+
+    xb, tb, cb = torch.randn(64, 3, S, S), torch.randint(0, 1000, (64,)), torch.randn(64, ctx_len, D)
+    train_net = copy.deepcopy(unet).float().train()
+    opt = torch.optim.AdamW(train_net.parameters(), lr=1e-6)
+
+    def train_step(autocast: bool):
+        def fn():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = train_net(xb, tb, cb).float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return fn
+
+    training = {"training fp32": train_step(False), "training bf16 autocast": train_step(True)}
+    flops = {k: counted_flops(fn) for k, fn in training.items()}
+    times = interleaved_medians(training, repeats=max(3, repeats // 3), warmup=1, budget_s=60)
+    out.update({k: (flops[k] / 1e9, flops[k] / times[k] / 1e9) for k in training})
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="weights/default", help="pipeline folder (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; print, do not write BENCHMARKS.md")
+    parser.add_argument("--skip-cold-start", action="store_true")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else 7
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    lines = ["### 1. Four images, 20 steps, guidance 4 (TextToImagePipeline)", "",
+             "| U-Net dtype | maps off, s | maps on, s | recording overhead |", "|---|---|---|---|"]
+    e2e = {}
+    for label in ("fp32", "auto"):
+        pipe = TextToImagePipeline.from_pretrained(args.model, dtype=label)
+        r = end_to_end(pipe, repeats)
+        name = f"{label} ({str(pipe.dtype).removeprefix('torch.')})"
+        e2e[name] = r
+        lines.append(f"| {name} | {r['off']:.2f} | **{r['on']:.2f}** | {(r['on'] / r['off'] - 1) * 100:+.0f}% |")
+        print(lines[-1], flush=True)
+    unet = pipe.unet
+
+    if not args.skip_cold_start:
+        c = cold_start(args.model)
+        lines += ["", "### 2. Cold start of `python app.py` (dtype auto)", "",
+                  "| listening | first 4 images served | first maps served |", "|---|---|---|",
+                  f"| {c['listening']:.1f} s | **{c['first_image']:.1f} s** | {c['first_maps']:.1f} s |"]
+        print(lines[-1], flush=True)
+
+    peaks = {"fp32": matmul_peak(torch.float32, repeats * 2), "bf16": matmul_peak(torch.bfloat16, repeats * 2)}
+    steps = step_throughput(unet, repeats * 2)
+    lines += ["", "### 3. Achieved GFLOP/s against the measured matmul peak", "",
+              f"Matmul peak (2048² × 2048, {torch.get_num_threads()} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+              f"bf16 {peaks['bf16']:.0f} GFLOP/s ({peaks['bf16'] / peaks['fp32']:.2f}×).", "",
+              "| step | GFLOP per step | GFLOP/s | % of peak |", "|---|---|---|---|"]
+    for name, (gflop, rate) in steps.items():
+        peak = peaks["bf16" if "bf16" in name else "fp32"]
+        lines.append(f"| {name} | {gflop:.2f} | {rate:.0f} | **{rate / peak * 100:.0f}%** |")
+    s32, s16 = steps["sampling fp32"][1], steps["sampling bf16"][1]
+    t32, t16 = steps["training fp32"][1], steps["training bf16 autocast"][1]
+    lines += ["", f"bf16 ÷ fp32 speed: sampling step {s16 / s32:.2f}×, training step {t16 / t32:.2f}×."]
+    table = "\n".join(lines)
+    print(table)
+    if args.quick:
+        return
+    body = "## End to end, cold start, and efficiency\n\n" + table
+    command = "python -m benchmarks.endtoend " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_section("endtoend", body, command.strip())
+
+
+if __name__ == "__main__":
+    main()
