@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -540,6 +541,10 @@ def load_pipeline(model: str, dtype: str = "auto") -> TextToImagePipeline:
     return TextToImagePipeline.from_pretrained(snapshot_download(model), dtype=dtype)
 
 
+def warm_up(pipe: TextToImagePipeline) -> None:
+    pipe("a red circle", num_images=4, steps=2, seed=0, record_attention=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or hub id (default: %(default)s)")
@@ -564,6 +569,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a CLI: one clear line beats a traceback through three libraries
         sys.exit(f"Could not load the model {args.model!r}: {e}")
     torch.set_num_threads(os.cpu_count() or 1)
+    # The first sampling run builds the CPU kernels for its shapes (~1.5 s here). Do that for the default
+    # settings while Gradio builds and starts the server (the pipeline lets one call run at a time).
+    threading.Thread(target=warm_up, args=(pipe,), daemon=True).start()
     build_demo(pipe).launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS)
 
 

@@ -11,6 +11,7 @@ tokenizer/, scheduler/scheduler_config.json (the training noise schedule), READM
 
 import copy
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ class TextToImagePipeline:
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.model_card = model_card
+        # Recording attaches a store to the shared U-Net's blocks: calls from several threads (a server's
+        # workers, a warm-up) take turns, so one call's maps never land in another's store.
+        self._lock = threading.Lock()
 
     # -- folders ---------------------------------------------------------------------------------
     @classmethod
@@ -145,6 +149,12 @@ class TextToImagePipeline:
         scales that word's cross-attention (see diffusion/prompts.py). callback(step, timestep, steps)
         runs before each denoising step. The same seed gives the same images on the same device.
         """
+        with self._lock:
+            return self._generate(prompt, negative_prompt, num_images, steps, guidance_scale, seed, sampler,
+                                  record_attention, callback, height, width, attention_bins)
+
+    def _generate(self, prompt, negative_prompt, num_images, steps, guidance_scale, seed, sampler, record_attention,
+                  callback, height, width, attention_bins) -> GenerationResult:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = self._negatives(negative_prompt, len(prompts))
         if not prompts or not all(isinstance(p, str) for p in prompts):

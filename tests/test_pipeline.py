@@ -1,6 +1,7 @@
 """The sampling pipeline: determinism, samplers, guidance, negative prompts, emphasis, maps, export."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -243,3 +244,22 @@ def test_save_and_load_pipeline(pipe, tmp_path):
     assert TextToImagePipeline.from_pretrained(tmp_path).dtype == inference_dtype("cpu")  # "auto"
     with pytest.raises(FileNotFoundError, match="unet/"):
         TextToImagePipeline.from_pretrained(tmp_path / "unet")
+
+
+def test_calls_from_two_threads_keep_their_own_maps(pipe):
+    prompts = ["a red circle", "a blue square above a green triangle"]
+    alone = [pipe(p, steps=3, seed=2, record_attention=True) for p in prompts]
+    results = [None, None]
+
+    def run(i):
+        results[i] = pipe(prompts[i], steps=3, seed=2, record_attention=True)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, results, strict=True):
+        assert np.array_equal(pixels(a.images), pixels(b.images))
+        for w, m in a.attention.word_maps(0).items():
+            assert torch.equal(m, b.attention.word_maps(0)[w])
