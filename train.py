@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from conditioning.text_encoder import TextEncoder
 from data.loading import LoadConfig, batch_indices, load_captioned
 from diffusion.pipeline import TextToImagePipeline
-from diffusion.precision import cpu_has_fast_bf16
+from diffusion.precision import DTYPES, cpu_has_fast_bf16, cpu_name
 from unet import UNet, UNetConfig
 
-EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+EXPORT_DTYPES = ("fp16", "fp32")
 
 
 @dataclass
@@ -249,9 +249,7 @@ def model_card(cfg: TrainConfig, unet: UNet, step: int, seconds: float, precisio
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.is_file() else []
-    return f"{os.cpu_count()}-core CPU" + (f" ({names[0].strip()})" if names else "")
+    return f"{os.cpu_count()}-core CPU ({cpu_name()})"
 
 
 def export(unet: UNet, text_encoder: TextEncoder, noise_scheduler: DDPMScheduler, cfg: TrainConfig, step: int,
@@ -260,7 +258,7 @@ def export(unet: UNet, text_encoder: TextEncoder, noise_scheduler: DDPMScheduler
     dest = Path(cfg.out) / "pipeline"
     card = model_card(cfg, unet, step, seconds, precision, hardware_name, loss)
     pipe = TextToImagePipeline(unet.eval(), text_encoder, dict(noise_scheduler.config), card)
-    pipe.save_pretrained(dest, unet_dtype=EXPORT_DTYPES[cfg.export_dtype])
+    pipe.save_pretrained(dest, unet_dtype=DTYPES[cfg.export_dtype])
     (dest / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return dest
 

@@ -101,7 +101,8 @@ class TextToImagePipeline:
         """Write the pipeline folder. unet_dtype=torch.float16 stores the U-Net weights at half the size
         (loading casts them back to the model's fp32 parameters)."""
         path = Path(path)
-        unet = copy.deepcopy(self.unet).to(unet_dtype or torch.float32)
+        unet_dtype = unet_dtype or torch.float32
+        unet = self.unet if self.dtype == unet_dtype else copy.deepcopy(self.unet).to(unet_dtype)
         unet.save_pretrained(path / "unet")
         self.text_encoder.save_pretrained(path)
         DDPMScheduler.from_config(self.scheduler_config).save_pretrained(path / "scheduler")
@@ -149,69 +150,64 @@ class TextToImagePipeline:
         scales that word's cross-attention (see diffusion/prompts.py). callback(step, timestep, steps)
         runs before each denoising step. The same seed gives the same images on the same device.
         """
-        with self._lock:
-            return self._generate(prompt, negative_prompt, num_images, steps, guidance_scale, seed, sampler,
-                                  record_attention, callback, height, width, attention_bins)
+        with self._lock:  # recording attaches to the shared U-Net: calls take turns
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negatives = self._negatives(negative_prompt, len(prompts))
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
+            if not 1 <= steps <= MAX_STEPS:
+                raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}.")
+            if num_images < 1:
+                raise ValueError(f"num_images must be at least 1, got {num_images}.")
+            parsed = [parse_emphasis(p) for p in prompts]
+            plain = [text for text, _ in parsed for _ in range(num_images)]  # B = len(prompts) · num_images
+            emphasis = [weights for _, weights in parsed for _ in range(num_images)]
+            negatives = [n for n in negatives for _ in range(num_images)]
+            B = len(plain)
 
-    def _generate(self, prompt, negative_prompt, num_images, steps, guidance_scale, seed, sampler, record_attention,
-                  callback, height, width, attention_bins) -> GenerationResult:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = self._negatives(negative_prompt, len(prompts))
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
-        if not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}.")
-        if num_images < 1:
-            raise ValueError(f"num_images must be at least 1, got {num_images}.")
-        parsed = [parse_emphasis(p) for p in prompts]
-        plain = [text for text, _ in parsed for _ in range(num_images)]  # B = len(prompts) · num_images
-        emphasis = [weights for _, weights in parsed for _ in range(num_images)]
-        negatives = [n for n in negatives for _ in range(num_images)]
-        B = len(plain)
+            enc = self.text_encoder.encode(negatives + plain)  # rows: B negatives, then B prompts
+            weights = None
+            if any(emphasis):
+                cond = token_weights(enc.words[B:], enc.word_ids[B:], emphasis, enc.mask.shape[1])
+                weights = torch.cat([torch.ones_like(cond), cond]).to(self.device, self.dtype)  # (2B, L)
+            context = enc.context.to(self.device, self.dtype)
+            model = guided_model(self.unet, context, enc.mask.to(self.device), guidance_scale, weights)
 
-        enc = self.text_encoder.encode(negatives + plain)  # rows: B negatives, then B prompts
-        weights = None
-        if any(emphasis):
-            cond = token_weights(enc.words[B:], enc.word_ids[B:], emphasis, enc.mask.shape[1])
-            weights = torch.cat([torch.ones_like(cond), cond]).to(self.device, self.dtype)  # (2B, L)
-        context = enc.context.to(self.device, self.dtype)
-        model = guided_model(self.unet, context, enc.mask.to(self.device), guidance_scale, weights)
+            seed = secrets.randbelow(2**31) if seed is None else int(seed)
+            c = self.unet.config
+            H, W = height or c.sample_size, width or c.sample_size
+            noise = torch.stack([
+                torch.randn(c.in_channels, H, W, generator=torch.Generator().manual_seed(seed + i)) for i in range(B)
+            ]).to(self.device)  # (B, C, H, W); drawn on the CPU so a seed means the same noise everywhere
+            scheduler = make_scheduler(self.scheduler_config, sampler)
+            scheduler.set_timesteps(steps, device=self.device)
 
-        seed = secrets.randbelow(2**31) if seed is None else int(seed)
-        c = self.unet.config
-        H, W = height or c.sample_size, width or c.sample_size
-        noise = torch.stack([
-            torch.randn(c.in_channels, H, W, generator=torch.Generator().manual_seed(seed + i)) for i in range(B)
-        ]).to(self.device)  # (B, C, H, W); drawn on the CPU so a seed means the same noise everywhere
-        scheduler = make_scheduler(self.scheduler_config, sampler)
-        scheduler.set_timesteps(steps, device=self.device)
+            store = None
+            if record_attention:
+                store = AttentionStore(steps, attention_bins, rows=None, self_attention_rows=slice(B, 2 * B),
+                                       num_tokens=enc.mask.shape[1])
 
-        store = None
-        if record_attention:
-            store = AttentionStore(steps, attention_bins, rows=None, self_attention_rows=slice(B, 2 * B),
-                                   num_tokens=enc.mask.shape[1])
+            def on_step(step: int, t: int) -> None:
+                if store is not None:
+                    store.set_step(step)
+                if callback is not None:
+                    callback(step, t, steps)
 
-        def on_step(step: int, t: int) -> None:
-            if store is not None:
-                store.set_step(step)
-            if callback is not None:
-                callback(step, t, steps)
-
-        generator = torch.Generator().manual_seed(seed)  # for stochastic samplers (DDPM)
-        if store is None:
-            x = sample(model, scheduler, noise, generator, on_step)
-        else:
-            with self.unet.record_attention(store):
+            generator = torch.Generator().manual_seed(seed)  # for stochastic samplers (DDPM)
+            if store is None:
                 x = sample(model, scheduler, noise, generator, on_step)
+            else:
+                with self.unet.record_attention(store):
+                    x = sample(model, scheduler, noise, generator, on_step)
 
-        result = GenerationResult(
-            images=to_pil(x), seed=seed, seeds=[seed + i for i in range(B)], prompts=plain,
-            tokens=enc.tokens[B:], words=enc.words[B:], word_ids=enc.word_ids[B:], warnings=prompt_warnings(enc, B),
-        )
-        if store is not None:
-            result.attention = AttentionMaps(store, enc, num_images=B, image_size=(H, W),
-                                             prompts=plain, negative_prompts=negatives, seed=seed, sampler=sampler)
-        return result
+            result = GenerationResult(
+                images=to_pil(x), seed=seed, seeds=[seed + i for i in range(B)], prompts=plain,
+                tokens=enc.tokens[B:], words=enc.words[B:], word_ids=enc.word_ids[B:], warnings=prompt_warnings(enc, B),
+            )
+            if store is not None:
+                result.attention = AttentionMaps(store, enc, num_images=B, image_size=(H, W),
+                                                 prompts=plain, negative_prompts=negatives, seed=seed, sampler=sampler)
+            return result
 
     @staticmethod
     def _negatives(negative_prompt: str | list[str] | None, n: int) -> list[str]:

@@ -5,12 +5,22 @@ without them bf16 is 2–38× *slower* (PITFALLS.md), and fp16 on any CPU is ~60
 model is not documented, so the choice is made from /proc/cpuinfo, never assumed.
 """
 
+import platform
 import re
 from pathlib import Path
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_name() -> str:
+    """The CPU model, from /proc/cpuinfo where there is one."""
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        found = None
+    return found.group(1).strip() if found else (platform.processor() or "unknown CPU")
 
 
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
