@@ -2,6 +2,8 @@
 
     # from scratch on the procedural shapes (generated into cache/ on first use), shipped text encoder
     accelerate launch train.py --data shapes --caption-column captions --out runs/default --steps 8000
+    #   --grounding-weight 0.01: also teach each colour/shape word's cross-attention to look at its object
+    #   (the shapes set's masks; diffusion/grounding.py) -- the recipe of the shipped default
     # fine-tune the shipped model on your own captioned images (imagefolder: images + metadata.jsonl)
     accelerate launch train.py --init weights/default --data my_images --out runs/mine --steps 500 --lr 1e-4
     # two CPU processes (gloo), the same script
@@ -19,6 +21,7 @@ s (batch order, caption choice and dropout, noise, timesteps) is seeded from (se
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -39,6 +42,7 @@ from tqdm.auto import tqdm
 
 from conditioning.text_encoder import TextEncoder
 from data.loading import LoadConfig, batch_indices, load_captioned
+from diffusion.grounding import GroundingRecorder, grounding_loss, token_targets
 from diffusion.pipeline import TextToImagePipeline
 from diffusion.precision import DTYPES, cpu_has_fast_bf16, cpu_name
 from unet import UNet, UNetConfig
@@ -70,6 +74,8 @@ class TrainConfig:
     caption_dropout: float = 0.1          # empty prompts, for classifier-free guidance
     prediction_type: str = "v_prediction"  # or "epsilon"
     snr_gamma: float = 5.0                # Min-SNR weighting; 0 turns it off
+    grounding_weight: float = 0.0         # token grounding loss on cross-attention (needs object masks: shapes)
+    grounding_pixel_weight: float = 0.05  # the pixel (BCE) term, relative to the token term
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 1000
@@ -89,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: choose auto, no, bf16 or fp16.")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ValueError(f"export_dtype {self.export_dtype!r}: choose {' or '.join(EXPORT_DTYPES)}.")
+        if self.grounding_weight < 0 or self.grounding_pixel_weight < 0:
+            raise ValueError("grounding_weight and grounding_pixel_weight must be >= 0.")
         if min(self.batch_size, self.grad_accum, self.steps) < 1:
             raise ValueError("batch_size, grad_accum and steps must be at least 1.")
 
@@ -214,9 +222,10 @@ def resolve_data(cfg: TrainConfig) -> str:
     return str(generate_dataset(out, ShapesConfig(size=size, seed=cfg.seed), counts=counts))
 
 
-def collate(dataset, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
+def collate(dataset, indices: list[int]) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """Images (B, 3, R, R), captions, and the items (object masks and words when the loader gives them)."""
     items = [dataset[i] for i in indices]
-    return torch.stack([it["pixel_values"] for it in items]), [it["caption"] for it in items]
+    return torch.stack([it["pixel_values"] for it in items]), [it["caption"] for it in items], items
 
 
 def validation_grid(pipe: TextToImagePipeline, prompts: tuple[str, ...], seed: int, steps: int, path: Path):
@@ -294,7 +303,8 @@ def train(cfg: TrainConfig) -> Path:
     unet, text_encoder, noise_scheduler = build(cfg)
     check_resolution(unet, cfg.resolution)
     dataset = load_captioned(resolve_data(cfg), LoadConfig(resolution=cfg.resolution, image_column=cfg.image_column,
-                                                  caption_column=cfg.caption_column))
+                                                  caption_column=cfg.caption_column,
+                                                  object_masks=cfg.grounding_weight > 0))
     text_encoder.to(accelerator.device)
     params = [p for p in unet.parameters() if p.requires_grad]  # a list: clip_grad_norm_ may not eat an iterator
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -328,31 +338,47 @@ def train(cfg: TrainConfig) -> Path:
         t0 = time.perf_counter()
         for micro in range(cfg.grad_accum):
             idx = batch_indices(len(dataset), cfg.batch_size, step * cfg.grad_accum + micro, cfg.seed, rank, world)
-            x0, captions = collate(dataset, idx)
+            x0, captions, items = collate(dataset, idx)
             drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
             captions = ["" if d else c for d, c in zip(drop.tolist(), captions, strict=True)]
             enc = text_encoder.encode(captions)
+            recorder = GroundingRecorder() if cfg.grounding_weight > 0 else None
+            recording = (accelerator.unwrap_model(unet).record_attention(recorder) if recorder
+                         else contextlib.nullcontext())
             with accelerator.accumulate(unet), accelerator.autocast():
-                loss = diffusion_loss(unet, noise_scheduler, x0.to(accelerator.device), enc.context,
-                                      enc.mask, cfg, generator)
+                with recording:
+                    loss = diffusion_loss(unet, noise_scheduler, x0.to(accelerator.device), enc.context,
+                                          enc.mask, cfg, generator)
+                denoise_value = loss.detach()
+                if recorder:
+                    targets, valid = token_targets(enc, [it["object_masks"] for it in items],
+                                                   [it["object_words"] for it in items], enc.context.shape[1])
+                    token, pixel = grounding_loss(recorder.maps, targets, valid)
+                    loss = loss + cfg.grounding_weight * (token + cfg.grounding_pixel_weight * pixel)
+                    grounding_values = {"grounding_token": token.item(), "grounding_pixel": pixel.item()}
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        loss_value = accelerator.gather(loss.detach()[None]).mean().item()
-        if not math.isfinite(loss_value):
+        loss_value = accelerator.gather(denoise_value[None]).mean().item()  # the denoising loss alone
+        total = accelerator.gather(loss.detach()[None]).mean().item()
+        if not (math.isfinite(loss_value) and math.isfinite(total)):
             last = checkpoints(out / "checkpoints")
             raise FloatingPointError(
-                f"loss became {loss_value} at step {step}; stopping. The last good checkpoint is "
+                f"loss became {total} at step {step}; stopping. The last good checkpoint is "
                 f"{last[-1][1] if last else 'none (no checkpoint was written yet)'}: lower --lr or use "
                 "--mixed-precision no, then re-run to resume from it."
             )
         ema.step(params)
         images_per_s = cfg.batch_size * cfg.grad_accum * world / (time.perf_counter() - t0)
-        progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.1f}")
+        logs = {"loss": loss_value, "lr": get_lr(step, cfg), "images_per_s": images_per_s}
+        if cfg.grounding_weight > 0:
+            logs.update(grounding_values)
+        progress.set_postfix({k: f"{v:.1f}" if k == "images_per_s" else f"{v:.4f}" for k, v in logs.items()
+                              if k != "lr"})
         done = step + 1
-        accelerator.log({"loss": loss_value, "lr": get_lr(step, cfg), "images_per_s": images_per_s}, step=done)
+        accelerator.log(logs, step=done)
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             opt_tensors, opt_meta = optimizer_tensors(optimizer)
             ema_state = ema.state_dict()

@@ -51,6 +51,7 @@ class LoadConfig:
     hflip: bool = False           # off by default: flips change what "left"/"right" mean
     skip_bad: bool = False        # skip (and count) bad samples instead of raising
     verify_images: bool = True    # decode every image once up front, so bad files fail early
+    object_masks: bool = False    # also return each object's mask and words (needs the shapes set's `objects`)
 
     def __post_init__(self):
         if self.resolution < 1:
@@ -76,15 +77,21 @@ def resize_shorter(img: Image.Image, size: int) -> Image.Image:
     return img.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def crop_square(img: Image.Image, size: int, random: bool, generator: torch.Generator | None = None):
-    """Crop a size x size square: centred, or at a uniformly random offset."""
-    w, h = img.size
+def crop_box(image_size: tuple[int, int], size: int, random: bool,
+             generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a size x size square: centred, or at a uniformly random offset."""
+    w, h = image_size
     if random:
         left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
         top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
     else:
         left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    return (left, top, left + size, top + size)
+
+
+def crop_square(img: Image.Image, size: int, random: bool, generator: torch.Generator | None = None):
+    """Crop a size x size square: centred, or at a uniformly random offset."""
+    return img.crop(crop_box(img.size, size, random, generator))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -260,7 +267,10 @@ def _caption_problem(caption) -> str | None:
 class CaptionedImages(torch.utils.data.Dataset):
     """Torch dataset over a `datasets.Dataset` of images and captions.
 
-    Item: {"pixel_values": float (3, R, R) in [-1, 1], "caption": str, "index": int (row in `hf`)}.
+    Item: {"pixel_values": float (3, R, R) in [-1, 1], "caption": str, "index": int (row in `hf`)}; with
+    config.object_masks also "object_masks": float (K, R, R) in [0, 1], the K objects' masks under the same
+    resize, crop and flip as the image, and "object_words": per object, the words that name it
+    (data.shapes.object_words), for the grounding loss.
     `skipped` lists the bad rows left out when config.skip_bad is set.
     """
 
@@ -271,6 +281,10 @@ class CaptionedImages(torch.utils.data.Dataset):
                 raise ValueError(f"{source} has no column {col!r} (columns: {hf.column_names}): pass "
                                  f"LoadConfig({option}=...) naming the right one, or rename it in the "
                                  "metadata file")
+        if config.object_masks and "objects" not in hf.column_names:
+            raise ValueError(f"{source} has no 'objects' column, which object_masks needs (per image, a list of "
+                             "objects with kind, colour, size and box, as data.shapes writes): turn the "
+                             "grounding loss off, or train on the shapes set")
         if isinstance(hf.features[config.image_column], datasets.Image):
             # decode ourselves, so a bad file is reported by name (or skipped) instead of crashing a worker
             hf = hf.cast_column(config.image_column, datasets.Image(decode=False))
@@ -320,11 +334,33 @@ class CaptionedImages(torch.utils.data.Dataset):
         if isinstance(caption, list | tuple):
             # torch RNG: DataLoader seeds it per worker, so workers do not repeat each other's picks
             caption = caption[int(torch.randint(len(caption), (1,)))]
-        img = crop_square(resize_shorter(img, cfg.resolution), cfg.resolution, cfg.crop == "random")
-        if cfg.hflip and bool(torch.rand(()) < 0.5):
+        source_size = img.size
+        img = resize_shorter(img, cfg.resolution)
+        box = crop_box(img.size, cfg.resolution, cfg.crop == "random")
+        img = img.crop(box)
+        flip = cfg.hflip and bool(torch.rand(()) < 0.5)
+        if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             caption = swap_left_right(caption)
-        return {"pixel_values": to_tensor(img), "caption": caption, "index": self.rows[i]}
+        item = {"pixel_values": to_tensor(img), "caption": caption, "index": self.rows[i]}
+        if cfg.object_masks:
+            item["object_masks"], item["object_words"] = self._object_masks(row["objects"], source_size, box, flip)
+        return item
+
+    def _object_masks(self, objects: list[dict], source_size: tuple[int, int], box, flip: bool):
+        """Each object's mask, drawn at the source size and transformed like the image: (K, R, R) in [0, 1]."""
+        from data.shapes import object_mask, object_words
+
+        R = self.config.resolution
+        masks = []
+        for obj in objects:
+            m = Image.fromarray(object_mask(obj, source_size[0]).astype(np.uint8) * 255)
+            m = resize_shorter(m, R).crop(box)
+            if flip:
+                m = m.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            masks.append(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255))
+        masks = torch.stack(masks) if masks else torch.zeros(0, R, R)
+        return masks, [object_words(obj) for obj in objects]
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:

@@ -177,6 +177,13 @@ def object_mask(obj: dict | ShapeObject, size: int) -> np.ndarray:
     return mask
 
 
+def object_words(obj: dict | ShapeObject) -> set[str]:
+    """The caption words that name an object: its colour, kind (singular and plural) and size."""
+    kind, colour, size = (obj["kind"], obj["colour"], obj["size"]) if isinstance(obj, dict) else (
+        obj.kind, obj.colour, obj.size)
+    return {colour, kind, PLURALS[kind], size}
+
+
 def render(scene: Scene, size: int) -> Image.Image:
     """Draw a scene as an RGB image (size, size): background, then antialiased objects."""
     img = np.empty((size, size, 3), dtype=np.float32)

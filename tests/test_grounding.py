@@ -1,0 +1,153 @@
+"""Grounding: object masks travel with the image through the loader, words find the objects they name,
+and the loss pulls a word's cross-attention onto its object."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import train
+from data.loading import LoadConfig, load_captioned
+from data.shapes import BACKGROUNDS, COLOURS, ShapesConfig, generate_dataset, object_mask, object_words
+from diffusion.grounding import GroundingRecorder, grounding_loss, token_targets
+from tests.tiny import tiny_pipeline, tiny_text_encoder
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grounding") / "set"
+    return generate_dataset(out, ShapesConfig(size=32, seed=3), {"train": 16}, workers=1, progress=False)
+
+
+def object_colour(item, k) -> str:
+    """The palette colour (object or background) nearest the median pixel under object k's mask."""
+    pixels = (item["pixel_values"] + 1) * 127.5  # (3, R, R)
+    median = pixels[:, item["object_masks"][k] >= 0.5].median(dim=1).values
+    palette = {**COLOURS, **BACKGROUNDS}
+    return min(palette, key=lambda name: (median - torch.tensor(palette[name]).float()).norm().item())
+
+
+def test_object_masks_sit_on_their_objects(shapes):
+    ds = load_captioned(shapes / "train", LoadConfig(resolution=32, caption_column="captions", object_masks=True))
+    for i in range(len(ds)):
+        item, row = ds[i], ds.hf[ds.rows[i]]
+        assert item["object_masks"].shape == (len(row["objects"]), 32, 32)
+        for k, obj in enumerate(row["objects"]):
+            assert torch.equal(item["object_masks"][k], torch.from_numpy(object_mask(obj, 32)).float())
+            assert item["object_words"][k] == object_words(obj) >= {obj["colour"], obj["kind"]}
+            assert object_colour(item, k) == obj["colour"]
+
+
+def test_object_masks_follow_resize_and_flip(shapes):
+    cfg = dict(resolution=16, caption_column="captions", object_masks=True)
+    plain = load_captioned(shapes / "train", LoadConfig(**cfg))
+    flipping = load_captioned(shapes / "train", LoadConfig(**cfg, hflip=True))
+    flipped = 0
+    for i in range(len(plain)):
+        torch.manual_seed(i)
+        a = plain[i]
+        torch.manual_seed(i)
+        b = flipping[i]
+        mirrored = torch.equal(b["pixel_values"], a["pixel_values"].flip(-1))
+        flipped += mirrored
+        expected = a["object_masks"].flip(-1) if mirrored else a["object_masks"]
+        assert torch.equal(b["object_masks"], expected)
+        for k, obj in enumerate(plain.hf[plain.rows[i]]["objects"]):  # the half-size mask: the full one, pooled
+            pooled = F.avg_pool2d(torch.from_numpy(object_mask(obj, 32)).float()[None], 2)[0]
+            pooled = pooled.flip(-1) if mirrored else pooled
+            assert (b["object_masks"][k] - pooled).abs().max() < 0.35
+            assert abs(b["object_masks"][k].sum() - pooled.sum()) < 0.15 * pooled.sum()
+    assert 0 < flipped < len(plain)
+
+
+def test_object_masks_need_an_objects_column(tmp_path):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red square"}\n')
+    with pytest.raises(ValueError, match="no 'objects' column"):
+        load_captioned(tmp_path, LoadConfig(object_masks=True))
+
+
+def test_words_find_the_objects_they_name():
+    enc = tiny_text_encoder().encode(["a red circle above two blue squares", ""])
+    masks = torch.zeros(3, 8, 8)
+    masks[0, :2, :2] = 1  # the red circle
+    masks[1, 5:, :2] = 1  # blue square 1
+    masks[2, 5:, 5:] = 1  # blue square 2
+    words = [{"red", "circle", "circles", "small"}, {"blue", "square", "squares", "large"},
+             {"blue", "square", "squares", "small"}]
+    L = enc.context.shape[1]
+    targets, valid = token_targets(enc, [masks, torch.zeros(0, 8, 8)], [words, []], L)
+    assert targets.shape == (2, L, 8, 8) and not valid[1].any()  # the empty (dropped) caption: nothing
+    squares = masks[1:].amax(0)
+    for i, wid in enumerate(enc.word_ids[0]):
+        word = None if wid is None else enc.words[0][wid]
+        expected = {"red": masks[0], "circle": masks[0], "blue": squares, "squares": squares}.get(word)
+        assert bool(valid[0, i]) == (expected is not None), word  # <start>, a, above, two, <end>: free
+        if expected is not None:
+            assert torch.equal(targets[0, i], expected), word
+
+
+def test_loss_is_zero_when_each_word_looks_only_inside_its_object():
+    targets = torch.zeros(1, 3, 4, 4)
+    targets[0, 1, :2, :2] = 1  # token 1 names the top-left quarter
+    valid = torch.tensor([[False, True, False]])
+    inside = torch.zeros(1, 16, 3)
+    inside[0, :, 0] = 1  # every position attends to token 0 …
+    corner = targets[0, 1].flatten().bool()
+    inside[0, corner] = torch.tensor([0.0, 1.0, 0.0])  # … except the corner, which attends to token 1
+    uniform = torch.full((1, 16, 3), 1 / 3)
+    token_in, pixel_in = grounding_loss([((4, 4), inside)], targets, valid)
+    token_uni, pixel_uni = grounding_loss([((4, 4), uniform)], targets, valid)
+    assert token_in.item() == pytest.approx(0, abs=1e-6) and pixel_in.item() < 1e-4
+    assert token_uni.item() == pytest.approx(0.75**2)  # a quarter of the mass inside
+    assert pixel_uni > pixel_in
+    none = grounding_loss([((4, 4), uniform)], targets, torch.zeros_like(valid))
+    assert none[0].item() == none[1].item() == 0
+
+
+def test_gradient_pulls_a_words_attention_onto_its_object(shapes):
+    """Only the grounding loss, a few optimiser steps: the words' maps move onto their objects."""
+    pipe = tiny_pipeline()
+    unet, enc_model = pipe.unet.train(), pipe.text_encoder
+    ds = load_captioned(shapes / "train", LoadConfig(resolution=16, caption_column="text", object_masks=True))
+    items = [ds[i] for i in range(8)]
+    x = torch.stack([it["pixel_values"] for it in items])
+    enc = enc_model.encode([it["caption"] for it in items])
+    targets, valid = token_targets(enc, [it["object_masks"] for it in items], [it["object_words"] for it in items],
+                                   enc.context.shape[1])
+    assert valid.sum() >= 16
+    t = torch.full((8,), 500)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        recorder = GroundingRecorder()
+        with unet.record_attention(recorder):
+            unet(x, t, enc.context, enc.mask)
+        assert len(recorder.maps) == sum(b.kind == "cross" for b in unet.attention_layers.values())
+        token, pixel = grounding_loss(recorder.maps, targets, valid)
+        losses.append(token.item())
+        optimizer.zero_grad()
+        (token + 0.05 * pixel).backward()
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_training_with_grounding_needs_and_uses_object_masks(tmp_path, shapes):
+    tiny_pipeline().save_pretrained(tmp_path / "init")
+    common = ["--init", str(tmp_path / "init"), "--resolution", "16", "--batch-size", "4", "--warmup", "1",
+              "--validate-every", "100", "--mixed-precision", "no", "--grounding-weight", "0.01", "--steps", "2"]
+    train.main([*common, "--data", str(shapes / "train"), "--caption-column", "captions", "--out", str(tmp_path / "r")])
+    state = train.checkpoints(tmp_path / "r" / "checkpoints")[-1][1] / "state.json"
+    assert '"grounding_weight": 0.01' in state.read_text()
+    user = tmp_path / "user"  # a folder of one's own: captions, no object masks
+    user.mkdir()
+    Image.new("RGB", (32, 32), "red").save(user / "a.png")
+    (user / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red square"}\n')
+    with pytest.raises(ValueError, match="grounding"):
+        train.main([*common, "--data", str(user), "--out", str(tmp_path / "bad")])
+
+
+def test_object_words_name_colour_kind_plural_and_size():
+    assert object_words({"kind": "cross", "colour": "red", "size": "small"}) == {"red", "cross", "crosses", "small"}
+    assert np.array_equal(object_mask({"kind": "square", "box": [0, 0, 2, 2]}, 4)[:2, :2], np.ones((2, 2), bool))
