@@ -174,6 +174,7 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
     size = pipe.unet.config.sample_size
     hits: dict[str, list[bool]] = {t: [] for t in TASKS}
     pointing, ious, clip_scores = [], [], []
+    by_layer: dict[str, tuple[list[bool], list[list[float]]]] = {}
     examples = []
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
@@ -189,12 +190,14 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
                 examples.append({"task": prompt.task, "prompt": prompt.text, "correct": ok,
                                  "detected": [f"{d.size} {d.colour} {d.kind}" for d in dets]})
             if prompt.words and len(dets) == 1:
-                maps = result.attention.word_maps(j, normalize="absolute")
-                for word in prompt.words:
-                    if word in maps:
-                        hit, iou = localisation(maps[word], dets[0].mask)
-                        pointing.append(hit)
-                        ious.append(iou)
+                for layer in [None, *result.attention.layers("cross")]:  # all layers' mean, then each layer
+                    maps = result.attention.word_maps(j, layer=layer, normalize="absolute")
+                    for word in prompt.words:
+                        if word in maps:
+                            hit, iou = localisation(maps[word], dets[0].mask)
+                            hits_l, ious_l = (pointing, ious) if layer is None else by_layer.setdefault(layer, ([], []))
+                            hits_l.append(hit)
+                            ious_l.append(iou)
         if progress:
             print(f"[{i + 1}/{len(prompts)}] {prompt.task:<18} {prompt.text!r}: "
                   f"{sum(hits[prompt.task][-images_per_prompt:])}/{images_per_prompt}", flush=True)
@@ -207,7 +210,9 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
     lo, hi = wilson(sum(pointing), len(pointing))
     attention = {"pointing_accuracy": sum(pointing) / max(1, len(pointing)), "pointing_ci95": [lo, hi],
                  "words": len(pointing), "miou_by_tau": dict(zip(map(str, TAUS), miou, strict=True)),
-                 "miou": max(miou)}
+                 "miou": max(miou),
+                 "by_layer": {name: {"pointing_accuracy": sum(h) / len(h), "miou": float(max(np.mean(i, axis=0)))}
+                              for name, (h, i) in by_layer.items()}}
     settings = {"per_task": per_task, "images_per_prompt": images_per_prompt, "steps": steps,
                 "guidance": guidance, "sampler": sampler, "seed": seed, "seconds": time.perf_counter() - t0}
     clip_score = float(np.mean(clip_scores)) if clip_scores else None
@@ -229,6 +234,9 @@ def markdown(report: dict, model: str) -> str:
               f"({a['pointing_ci95'][0]:.2f}–{a['pointing_ci95'][1]:.2f}) |",
               f"| mIoU (best τ) | {a['miou']:.3f} |"]
     lines += [f"| mIoU at τ = {tau} | {v:.3f} |" for tau, v in a["miou_by_tau"].items()]
+    if a.get("by_layer"):
+        lines += ["", "| layer (alone) | pointing | mIoU (best τ) |", "|---|---|---|"]
+        lines += [f"| {name} | {v['pointing_accuracy']:.3f} | {v['miou']:.3f} |" for name, v in a["by_layer"].items()]
     if report.get("clip_score") is not None:
         lines += ["", f"CLIP-score (shipped small CLIP, 100 · max(cos, 0)): {report['clip_score']:.1f}"]
     st = report["settings"]

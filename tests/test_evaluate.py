@@ -61,8 +61,13 @@ class PerfectMaps:
     def __init__(self, prompt, images):
         self.words, self.images = prompt.words, images
 
-    def word_maps(self, image, normalize):
+    def layers(self, kind):
+        return ["down.1.0.cross_attn", "up.1.0.cross_attn"]
+
+    def word_maps(self, image, normalize, layer=None):
         mask = torch.from_numpy(detect(self.images[image])[0].mask).float()
+        if layer == "up.1.0.cross_attn":  # a layer that looks everywhere but at the object
+            mask = 1 - mask
         return {w: mask for w in self.words}
 
 
@@ -90,6 +95,9 @@ def test_a_perfect_model_scores_one_and_a_colour_blind_one_fails_colour_tasks(mo
         assert report["scores"][task]["score"] == 1.0, task
     assert report["scores"]["overall"]["score"] == 1.0
     assert report["attention"]["pointing_accuracy"] == 1.0 and report["attention"]["miou"] == 1.0
+    assert report["attention"]["by_layer"] == {"down.1.0.cross_attn": {"pointing_accuracy": 1.0, "miou": 1.0},
+                                               "up.1.0.cross_attn": {"pointing_accuracy": 0.0, "miou": 0.0}}
+    assert "| up.1.0.cross_attn | 0.000 | 0.000 |" in evaluate.markdown(report, "m")
     assert report["attention"]["words"] == 3 * 2 * (1 + 2) + sum(p.task == "unseen" and not p.relation
                                                                   for p in prompts) * 2 * 2
     wrong = evaluate.evaluate(FakePipe(prompts, wrong_colour=True), per_task=3, images_per_prompt=2, progress=False)
