@@ -156,7 +156,9 @@ class AttentionBlock(nn.Module):
         else:
             out = attend(q, k, v, None, self.scale)  # (B, h, N, d)
         del qkv, q, k, v  # free the projections before the output projection allocates (peak memory)
-        return merge_heads_to_image(out, self.to_out, (H, W)) + x
+        # x first: the sum takes x's NCHW layout. The other order made it channels-last, and the next
+        # GroupNorm ran 10-30x slower on it (1.0 vs 0.035 ms at 8×64×16×16 in bf16, measured).
+        return x + merge_heads_to_image(out, self.to_out, (H, W))
 
 
 class CrossAttentionBlock(nn.Module):
