@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.shapes import object_mask, object_words
+
 log = logging.getLogger(__name__)
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -349,8 +351,8 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def _object_masks(self, objects: list[dict], source_size: tuple[int, int], box, flip: bool):
         """Each object's mask, drawn at the source size and transformed like the image: (K, R, R) in [0, 1]."""
-        from data.shapes import object_mask, object_words
-
+        if source_size[0] != source_size[1]:
+            raise ValueError(f"object masks need square source images (the shapes set's), got {source_size}")
         R = self.config.resolution
         masks = []
         for obj in objects:

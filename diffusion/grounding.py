@@ -26,14 +26,14 @@ class GroundingRecorder(AttentionRecorder):
     """Keeps each cross-attention layer's probabilities, with their gradient, for one forward pass."""
 
     def __init__(self):
-        self.maps: list[tuple[tuple[int, int], torch.Tensor]] = []  # ((h, w), (B, N, L) head mean)
+        self.maps: list[tuple[tuple[int, int], torch.Tensor]] = []  # ((h, w), (B, L, N) head mean)
 
     def wants_self_attention(self, num_queries: int) -> bool:
         return False
 
     def record(self, name: str, kind: str, size: tuple[int, int], probs: torch.Tensor) -> None:
-        if kind == "cross":
-            self.maps.append((tuple(size), probs.float().mean(dim=1)))  # (B, N, L)
+        if kind == "cross":  # key-major, the layout attention_probs computes in: (B, h, L, N) → (B, L, N)
+            self.maps.append((tuple(size), probs.transpose(-1, -2).float().mean(dim=1)))
 
 
 def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list[list[set[str]]],
@@ -74,11 +74,10 @@ def grounding_loss(maps: list[tuple[tuple[int, int], torch.Tensor]], targets: to
         zero = maps[0][1].sum() * 0 if maps else torch.zeros(())
         return zero, zero
     token_terms, pixel_terms = [], []
-    for (h, w), attn in maps:
-        L = attn.shape[-1]
-        m = F.interpolate(targets[:, :L].to(attn.device), size=(h, w), mode="area").flatten(2)  # (B, L, N)
-        a = attn.transpose(1, 2)  # (B, L, N)
-        keep = valid[:, :L].to(attn.device)
+    for (h, w), a in maps:  # a: (B, L, N)
+        L = a.shape[1]
+        m = F.interpolate(targets[:, :L].to(a.device), size=(h, w), mode="area").flatten(2)  # (B, L, N)
+        keep = valid[:, :L].to(a.device)
         inside = (a * m).sum(-1) / a.sum(-1).clamp_min(1e-8)  # (B, L)
         token_terms.append((1 - inside[keep]).square().mean())
         # BCE written out: F.binary_cross_entropy refuses to run under autocast.

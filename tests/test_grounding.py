@@ -97,6 +97,7 @@ def test_loss_is_zero_when_each_word_looks_only_inside_its_object():
     corner = targets[0, 1].flatten().bool()
     inside[0, corner] = torch.tensor([0.0, 1.0, 0.0])  # … except the corner, which attends to token 1
     uniform = torch.full((1, 16, 3), 1 / 3)
+    inside, uniform = inside.transpose(1, 2), uniform.transpose(1, 2)  # maps are key-major: (B, L, N)
     token_in, pixel_in = grounding_loss([((4, 4), inside)], targets, valid)
     token_uni, pixel_uni = grounding_loss([((4, 4), uniform)], targets, valid)
     assert token_in.item() == pytest.approx(0, abs=1e-6) and pixel_in.item() < 1e-4

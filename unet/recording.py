@@ -127,8 +127,9 @@ class AttentionStore(AttentionRecorder):
         """Recorded layers of one kind ("self" or "cross"), in the order the model ran them."""
         return [n for n, info in self.layers.items() if info.kind == kind]
 
-    def _mean(self, sums: dict, name: str, bins: list[int] | None, per: int = 1) -> torch.Tensor:
-        """Sum over `bins` divided by (recorded steps × per); back from key-major to (…, N, L)."""
+    def _mean(self, sums: dict, name: str, bins: list[int] | None, heads_summed: bool = False) -> torch.Tensor:
+        """Sum over `bins` divided by the recorded steps (× heads if the sums add heads up); back from
+        key-major to (…, N, L)."""
         if name not in self.layers:
             raise KeyError(f"no maps recorded for layer {name!r}; recorded layers: {list(self.layers)}")
         bins = list(range(self.num_bins)) if bins is None else bins
@@ -136,6 +137,7 @@ class AttentionStore(AttentionRecorder):
         if not keys:
             raise KeyError(f"layer {name!r} has no maps in bins {bins} (recorded bins: {self.recorded_bins(name)})")
         total = sum(sums[k] for k in keys)
+        per = self.layers[name].heads if heads_summed else 1
         return (total / (per * sum(self._counts[k] for k in keys))).transpose(-1, -2)
 
     def recorded_bins(self, name: str) -> list[int]:
@@ -147,7 +149,7 @@ class AttentionStore(AttentionRecorder):
         Returns (b, N, L) for cross-attention, (b, N, N) for self-attention; rows sum to 1 over the
         kept keys (a cut key axis drops only padding, whose probability is zero under the mask).
         """
-        return self._mean(self._sums, name, bins, per=self.layers[name].heads if name in self.layers else 1)
+        return self._mean(self._sums, name, bins, heads_summed=True)
 
     def head_mean(self, name: str, bins: list[int] | None = None) -> torch.Tensor:
         """Per-head cross-attention (b, h, N, L) averaged over the recorded steps in `bins`."""
