@@ -1,0 +1,71 @@
+"""The benchmark harness's own logic (the timings themselves live in BENCHMARKS.md, not in tests)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import common, endtoend
+
+
+def test_interleaved_medians_runs_every_function_and_returns_medians():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+        return fn
+
+    out = common.interleaved_medians({"a": make("a"), "b": make("b")}, repeats=5, warmup=1)
+    assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+    assert calls == {"a": 6, "b": 6}  # 1 warm-up + 5 timed each, round-robin
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path, monkeypatch):
+    md = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(common, "BENCHMARKS_MD", md)
+    common.write_section("one", "first body", "cmd one")
+    common.write_section("two", "second body", "cmd two")
+    common.write_section("one", "new body", "cmd one")
+    text = md.read_text()
+    assert "new body" in text and "first body" not in text and "second body" in text
+    assert text.count("<!-- begin one -->") == 1 and text.index("begin one") < text.index("begin two")
+
+
+@pytest.fixture
+def fake_pip(monkeypatch):
+    """Record the venv/pip commands space_python would run, and make the venv's python appear."""
+    commands = []
+
+    def run(cmd, check):
+        commands.append([str(c) for c in cmd])
+        if cmd[1:3] == ["-m", "venv"]:
+            python = endtoend.Path(cmd[-1]) / "bin" / "python"
+            python.parent.mkdir(parents=True, exist_ok=True)
+            python.write_text("")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(endtoend.subprocess, "run", run)
+    return commands
+
+
+def test_space_env_is_built_once_and_rebuilt_when_requirements_change(tmp_path, fake_pip, monkeypatch):
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "requirements.txt").write_text("torch==2.13.0\n")
+    monkeypatch.setattr(endtoend, "ROOT", root)
+    venv = tmp_path / "space-env"
+
+    python = endtoend.space_python(venv)
+    assert python == venv / "bin" / "python"
+    assert [c[1:3] for c in fake_pip] == [["-m", "venv"], ["-m", "pip"]]
+    assert fake_pip[0][0] == sys.executable and fake_pip[1][-1] == str(root / "requirements.txt")
+
+    fake_pip.clear()
+    endtoend.space_python(venv)
+    assert fake_pip == []  # same requirements: reused
+
+    (root / "requirements.txt").write_text("torch==2.13.0\ngradio==6.31.0\n")
+    endtoend.space_python(venv)
+    assert [c[1:3] for c in fake_pip] == [["-m", "venv"], ["-m", "pip"]]  # changed: rebuilt
+    assert (venv / "requirements.txt").read_text() == (root / "requirements.txt").read_text()
