@@ -63,12 +63,21 @@ NORMALIZATIONS = [
 ]
 NORMALIZATION_LABELS = {value: label for label, value in NORMALIZATIONS}
 
+# How to read the word maps (measured on the shipped model: weights/default/README.md, "Attention").
+WORDS_NOTE = (
+    "How to read these: the shipped model was trained to point its colour, shape, number and size words at "
+    "their objects (a grounding loss; see the model card). Other words (*a*, *above*, *on*, *background*) "
+    "were not. CLIP's text encoder reads left to right, so a word also carries the words before it: an "
+    "ungrounded word often lights up the object named just before it."
+)
+
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="pink")
 # Browsers smooth upscaled images; tiny samples must stay crisp pixels.
 CSS = """
 .pixelated img, .pixelated canvas { image-rendering: pixelated; }
 #title { margin-bottom: 0; }
 #status { min-height: 2.5em; }
+.small-note { font-size: 0.9em; opacity: 0.85; }
 """
 
 
@@ -454,6 +463,7 @@ def build_demo(pipe: TextToImagePipeline) -> gr.Blocks:
             with gr.Tabs():
                 with gr.Tab("Words"):
                     words = maps_gallery("Where each word looked", 5, elem_id="word-maps")
+                    gr.Markdown(WORDS_NOTE, elem_classes="small-note")
                 with gr.Tab("Heads of one word"):
                     word = gr.Dropdown([], value="", label="Word", allow_custom_value=True,
                                        info="Words change with the prompt, the negative-prompt and start/end toggles")
