@@ -10,6 +10,10 @@ Measured: ms per guided denoising step of 4 images (batch 8) in fp32, bf16 autoc
 weights (the pipeline's inference path on a CPU with fast bf16), and training
 images/s (batch 32, forward + backward + AdamW) in fp32 and bf16 autocast. Target (issue 8): our step
 ≤ 0.6× the peer's time.
+
+A third sampling column runs our U-Net with every attention block skipped (each returns its input):
+the time of the convolutions, norms and activations both networks share. Its ratio to the peer is the
+floor that no attention speed-up can go below.
 """
 
 import argparse
@@ -21,6 +25,8 @@ from diffusers import UNet2DConditionModel
 
 from benchmarks.common import interleaved_medians, write_section
 from unet import UNet, UNetConfig
+
+FLOOR = "ours without attention"
 
 
 def models():
@@ -43,8 +49,16 @@ def models():
     return {"ours": ours, "diffusers": peer}
 
 
+def without_attention(unet: UNet) -> UNet:
+    """A copy of `unet` whose attention blocks all return their input unchanged."""
+    copied = copy.deepcopy(unet)
+    for block in copied.attention_layers.values():
+        block.forward = lambda x, *args, **kwargs: x
+    return copied
+
+
 def call(name, model, x, t, ctx):
-    return model(x, t, ctx) if name == "ours" else model(x, t, ctx).sample
+    return model(x, t, ctx) if isinstance(model, UNet) else model(x, t, ctx).sample
 
 
 def sampling_ms(nets: dict, dtype: torch.dtype | None, repeats: int, cast: bool = False) -> dict[str, float]:
@@ -87,20 +101,22 @@ def main(argv=None) -> None:
     nets = models()
     params = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in nets.items()}
     rows = []
+    timed = {**nets, FLOOR: without_attention(nets["ours"])}  # sampling only: the floor has no attention to train
     for label, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
-        ms = sampling_ms(nets, dtype, repeats)
+        ms = sampling_ms(timed, dtype, repeats)
         ips = training_images_per_s(nets, dtype, max(3, repeats // 3))
         rows.append((label, ms, ips))
         print(label, ms, ips, flush=True)
-    ms = sampling_ms(nets, torch.bfloat16, repeats, cast=True)
+    ms = sampling_ms(timed, torch.bfloat16, repeats, cast=True)
     rows.append(("bf16 weights (inference)", ms, None))
     print(rows[-1], flush=True)
-    lines = ["| precision | ours ms/step | diffusers ms/step | ours ÷ diffusers (time) | ours train img/s "
-             "| diffusers train img/s |", "|---|---|---|---|---|---|"]
+    lines = ["| precision | ours ms/step | diffusers ms/step | ours ÷ diffusers (time) | ours without attention "
+             "ms/step | floor ÷ diffusers | ours train img/s | diffusers train img/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, ms, ips in rows:
         train_cells = f"{ips['ours']:.1f} | {ips['diffusers']:.1f}" if ips else "– | –"
         lines.append(f"| {label} | {ms['ours']:.1f} | {ms['diffusers']:.1f} | **{ms['ours'] / ms['diffusers']:.2f}** "
-                     f"| {train_cells} |")
+                     f"| {ms[FLOOR]:.1f} | {ms[FLOOR] / ms['diffusers']:.2f} | {train_cells} |")
     table = "\n".join(lines)
     print(table)
     if args.quick:
@@ -110,7 +126,9 @@ def main(argv=None) -> None:
         f"Same widths (32/64/128), levels, attention at 16×16 and 8×8, 4 heads. Parameters: ours "
         f"{params['ours']:.2f} M, diffusers {params['diffusers']:.2f} M (its transformer blocks add a "
         "feed-forward layer). Sampling: one guided step of 4 images (batch 8) under inference_mode. "
-        "Training: batch 32, forward + backward + AdamW. Target: ours ≤ 0.6× the peer's step time.\n\n" + table
+        "Training: batch 32, forward + backward + AdamW. Target: ours ≤ 0.6× the peer's step time. \"Without "
+        "attention\": our U-Net with every attention block skipped, the work both networks share; its ratio "
+        "to the peer is the floor for ours.\n\n" + table
     )
     command = "python -m benchmarks.unet " + " ".join(sys.argv[1:] if argv is None else argv)
     write_section("unet", body, command.strip())
