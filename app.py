@@ -63,10 +63,10 @@ NORMALIZATIONS = [
 ]
 NORMALIZATION_LABELS = {value: label for label, value in NORMALIZATIONS}
 
-# How to read the word maps (measured on the shipped model: weights/default/README.md, "Attention").
+# How to read the word maps (the grounding loss: diffusion/grounding.py and weights/default/README.md).
 WORDS_NOTE = (
-    "How to read these: the shipped model was trained to point its colour, shape, number and size words at "
-    "their objects (a grounding loss; see the model card). Other words (*a*, *above*, *on*, *background*) "
+    "How to read these: the shipped model was trained to point its colour, shape and size words at their "
+    "objects (a grounding loss; see the model card). Other words (*a*, *two*, *above*, *on*, *background*) "
     "were not. CLIP's text encoder reads left to right, so a word also carries the words before it: an "
     "ungrounded word often lights up the object named just before it."
 )
