@@ -57,7 +57,7 @@ def without_attention(unet: UNet) -> UNet:
     return copied
 
 
-def call(name, model, x, t, ctx):
+def call(model, x, t, ctx):
     return model(x, t, ctx) if isinstance(model, UNet) else model(x, t, ctx).sample
 
 
@@ -71,7 +71,7 @@ def sampling_ms(nets: dict, dtype: torch.dtype | None, repeats: int, cast: bool 
 
     def step(name):
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None and not cast):
-            return call(name, nets[name].eval(), x, t, ctx)
+            return call(nets[name].eval(), x, t, ctx)
 
     fns = {name: (lambda n=name: step(n)) for name in nets}
     return {k: v * 1e3 for k, v in interleaved_medians(fns, repeats=repeats).items()}
@@ -84,7 +84,7 @@ def training_images_per_s(nets: dict, dtype: torch.dtype | None, repeats: int, b
     def step(name):
         model = nets[name].train()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = call(name, model, x, t, ctx).float().square().mean()
+            loss = call(model, x, t, ctx).float().square().mean()
         loss.backward()
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
