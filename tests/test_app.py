@@ -8,6 +8,7 @@ import io
 import json
 import os
 import socket
+import threading
 import zipfile
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
@@ -250,3 +251,24 @@ def test_live_bad_input_is_an_error_and_the_server_keeps_answering(server):
         client.predict(0, "all", 0, -1, "minmax", False, False, 0.6, "", api_name="/attention")
     _, seed, _ = client.predict("a red circle", "", 1, 4.0, 3, False, "ddim", 1, api_name="/generate")
     assert seed == 3
+
+
+def test_all_torch_work_runs_on_one_thread():
+    # libgomp gives each thread that runs torch its own OpenMP team; two teams on 2 cores made sampling
+    # 60% slower (app.py, "one thread for all torch work").
+    from concurrent.futures import ThreadPoolExecutor
+
+    @app.on_torch_thread
+    def where() -> tuple[str, str]:
+        inner = app.on_torch_thread(lambda: threading.current_thread().name)()  # from the torch thread: no deadlock
+        return threading.current_thread().name, inner
+
+    with ThreadPoolExecutor(3) as callers:  # Gradio calls handlers from several worker threads
+        names = set(callers.map(lambda _: where(), range(6))) | {where()}
+    assert len(names) == 1
+    outer, inner = names.pop()
+    assert outer == inner and outer.startswith("torch-compute")
+    wrapper_code = app.on_torch_thread(lambda: None).__code__
+    for handler in (app.load_pipeline, app.warm_up, app.generate, app.render_attention, app.render_self_attention,
+                    app.export_maps):
+        assert handler.__code__ is wrapper_code, handler.__name__
