@@ -3,8 +3,9 @@
 Trained on denoising alone, this small U-Net reads an object's colour and shape from the prompt's end
 token (CLIP's summary of the whole prompt) and lets the background attend to the words, so the word
 maps are inverted: at step 1,000 of the default run, 0 of 25 colour and shape words peaked inside
-their object in the all-layer map (at most 4 of 25 in any one layer). The shapes set knows every object's mask and the words naming it, so we
-supervise the maps directly, as TokenCompose does with segmentation masks (Wang et al., CVPR 2024):
+their object in the all-layer map (at most 4 of 25 in any one layer). The shapes set knows every
+object's mask and the words naming it, so we supervise the maps directly, as TokenCompose does with
+segmentation masks (Wang et al., CVPR 2024):
 
     token loss  (1 − Σ_inside A / Σ A)²   per grounded token and layer: the map's mass lies on the object;
     pixel loss  BCE(A, M)                 per position: the token is attended inside, not outside.

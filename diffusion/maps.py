@@ -145,6 +145,7 @@ class AttentionMaps:
             "prompts": self.prompts, "negative_prompts": self.negative_prompts, "seed": self.seed,
             "sampler": self.sampler, "steps": self.store.num_steps, "image_size": list(self.image_size),
             "bins": [[r.start, r.stop - 1] for r in self.bins],
+            "self_attention_steps": [self.store.self_attention_steps(b) for b in range(self.store.num_bins)],
             "layers": [{"name": i.name, "kind": i.kind, "size": list(i.size), "heads": i.heads}
                        for i in self.store.layers.values()],
             "tokens": [self.tokens(i) for i in range(self.num_images)],

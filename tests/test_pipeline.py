@@ -201,6 +201,11 @@ class TestMaps:
         assert {"maps.json", "maps.npz", "image0.png", "image0_red.png", "image3_zebra.png"} <= names
         meta = json.loads((tmp_path / "maps.json").read_text())
         assert meta["seed"] == 1 and meta["steps"] == 6 and meta["prompts"][2] == "a small purple zebra"
+        # Self-attention at each bin's middle step (the pipeline's default), cross-attention at every step.
+        assert meta["self_attention_steps"] == [[1], [3], [5]]
+        store = result.attention.store
+        assert {store._counts[(result.attention.layers("self")[0], b)] for b in range(3)} == {1}
+        assert {store._counts[(result.attention.layers("cross")[0], b)] for b in range(3)} == {2}
         assert {layer["name"] for layer in meta["layers"]} >= set(result.attention.layers("cross"))
         arrays = np.load(tmp_path / "maps.npz", allow_pickle=False)
         layer = result.attention.layers("cross")[0]

@@ -80,6 +80,30 @@ def test_self_attention_recorded_only_at_low_resolution(unet):
     assert {store.layers[n].size for n in store.layer_names("cross")} == {(8, 16), (4, 8)}
 
 
+def test_self_attention_at_chosen_steps_of_each_bin(unet):
+    # 10 steps in 4 bins (3, 2, 3, 2 steps): self-attention at each bin's middle step, cross at every step.
+    x, _, ctx = inputs(tokens=5)
+    store = AttentionStore(num_steps=10, num_bins=4, self_attention_per_bin=1)
+    assert [list(store.bin_steps(b)) for b in range(4)] == [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]
+    assert [store.self_attention_steps(b) for b in range(4)] == [[1], [4], [6], [9]]
+    run_steps(unet, store, 10, x, ctx)
+    self_name, cross_name = store.layer_names("self")[0], store.layer_names("cross")[0]
+    assert [store._counts[(self_name, b)] for b in range(4)] == [1, 1, 1, 1]
+    assert [store._counts[(cross_name, b)] for b in range(4)] == [3, 2, 3, 2]
+    # The bin's map is exactly the map of its chosen step.
+    only = AttentionStore(num_steps=10, num_bins=4)
+    with torch.no_grad(), unet.record_attention(only):
+        only.set_step(6)
+        unet(x, torch.full((2,), 999 - 6 * 10), ctx)
+    torch.testing.assert_close(store.mean(self_name, bins=[2]), only.mean(self_name, bins=[2]))
+    # More steps per bin than the bin has: every step; None: every step.
+    assert AttentionStore(num_steps=10, num_bins=4, self_attention_per_bin=3).self_attention_steps(1) == [3, 4]
+    assert AttentionStore(num_steps=10, num_bins=4, self_attention_per_bin=2).self_attention_steps(0) == [0, 2]
+    assert AttentionStore(num_steps=10, num_bins=4).self_attention_steps(0) == [0, 1, 2]
+    with pytest.raises(ValueError, match="self_attention_per_bin"):
+        AttentionStore(num_steps=10, self_attention_per_bin=0)
+
+
 def test_only_chosen_rows_are_recorded(unet):
     # A guided batch: unconditional half first, conditional half second; record the conditional half.
     x, _, ctx = inputs(batch=4, tokens=4)

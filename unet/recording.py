@@ -43,6 +43,10 @@ class AttentionStore(AttentionRecorder):
         self_attention_max_positions: record self-attention only at layers with N ≤ this (16×16 = 256
             by default: an (N, N) map is quadratic, and low resolutions are where maps are semantic).
         per_head: also keep per-head cross-attention sums (b, h, N, L) for the head view.
+        self_attention_per_bin: record self-attention at this many steps of each bin, spread evenly and
+            centred (1 = the bin's middle step); None records it at every step. Its side probabilities
+            are the one real cost of recording (the fused kernel never forms them), and the maps of
+            neighbouring steps differ little. Cross-attention is recorded at every step.
     """
 
     def __init__(
@@ -55,15 +59,20 @@ class AttentionStore(AttentionRecorder):
         num_tokens: int | None = None,
         self_attention_max_positions: int = 256,
         per_head: bool = True,
+        self_attention_per_bin: int | None = None,
     ):
         if num_steps < 1 or num_bins < 1:
             raise ValueError(f"AttentionStore needs num_steps >= 1 and num_bins >= 1, got {num_steps} and {num_bins}.")
+        if self_attention_per_bin is not None and self_attention_per_bin < 1:
+            raise ValueError(f"self_attention_per_bin must be >= 1 or None (every step), got {self_attention_per_bin}.")
         self.num_steps = num_steps
         self.num_bins = min(num_bins, num_steps)
         self.row_slices = {"cross": rows, "self": self_attention_rows if self_attention_rows is not None else rows}
         self.num_tokens = num_tokens
         self.self_attention_max_positions = self_attention_max_positions
         self.per_head = per_head
+        self.self_attention_per_bin = self_attention_per_bin
+        self._self_steps = frozenset(s for b in range(self.num_bins) for s in self._pick(b, self_attention_per_bin))
         self.step: int | None = None
         self.layers: dict[str, LayerInfo] = {}
         # Sums are kept key-major, (b, L, N) and (b, h, L, N): the layout attention_probs computes in, so
@@ -86,8 +95,20 @@ class AttentionStore(AttentionRecorder):
 
     def bin_steps(self, bin_index: int) -> range:
         """The sampling steps summed into bin `bin_index`."""
-        steps = [s for s in range(self.num_steps) if self.bin_of(s) == bin_index]
-        return range(steps[0], steps[-1] + 1)
+        first = -(-bin_index * self.num_steps // self.num_bins)  # the least s with bin_of(s) == bin_index
+        last = -(-(bin_index + 1) * self.num_steps // self.num_bins)
+        return range(first, last)
+
+    def self_attention_steps(self, bin_index: int) -> list[int]:
+        """The steps of bin `bin_index` at which self-attention is recorded."""
+        return sorted(s for s in self.bin_steps(bin_index) if s in self._self_steps)
+
+    def _pick(self, bin_index: int, per_bin: int | None) -> list[int]:
+        steps = self.bin_steps(bin_index)
+        n = len(steps)
+        if per_bin is None or per_bin >= n:
+            return list(steps)
+        return [steps.start + (2 * i + 1) * n // (2 * per_bin) for i in range(per_bin)]  # centred in n/per_bin parts
 
     # -- the block's side (AttentionRecorder) ---------------------------------------------------
     def rows(self, batch_size: int, kind: str) -> slice:
@@ -95,7 +116,9 @@ class AttentionStore(AttentionRecorder):
         return chosen if chosen is not None else slice(0, batch_size)
 
     def wants_self_attention(self, num_queries: int) -> bool:
-        return num_queries <= self.self_attention_max_positions
+        if num_queries > self.self_attention_max_positions:
+            return False
+        return self.step is None or self.step in self._self_steps  # None: record() says set_step was never called
 
     @torch.no_grad()
     def record(self, name: str, kind: str, size: tuple[int, int], probs: torch.Tensor) -> None:
