@@ -383,7 +383,10 @@ def render_self_attention(result: GenerationResult | None, image: float, time_bi
         return target, []
     per_layer = {n: maps.self_attention(image, n, pixel, opts["bins"], normalize="absolute") for n in layers}
     mean = normalize_maps({"mean": torch.stack(list(per_layer.values())).mean(0)}, "minmax")["mean"]
-    items = [("all layers (mean)", mean)] + [
+    bins = opts["bins"] if opts["bins"] is not None else range(maps.store.num_bins)
+    steps = [s + 1 for b in bins for s in maps.store.self_attention_steps(b)]  # 1-based, as the UI counts
+    when = f"step {steps[0]}" if len(steps) == 1 else "steps " + ", ".join(map(str, steps))
+    items = [(f"all layers (mean) · {when}", mean)] + [
         (f"{n} · {'×'.join(map(str, maps.layer_size(n)))}", normalize_maps({n: m}, "minmax")[n])
         for n, m in per_layer.items()]
     gallery = [(mark(overlay(sample, m, alpha, DISPLAY), pixel, (H, W)), label) for label, m in items]

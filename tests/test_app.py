@@ -172,6 +172,9 @@ def test_self_attention_per_layer_and_pixel_clicks(result):
     target, gallery = app.render_self_attention(result, 0, 0, 4, 12, 0.6)
     layers = result.attention.layers("self")
     assert layers and [c for _, c in gallery][1:] == [f"{n} · 8×8" for n in layers]
+    # Self-attention is recorded at chosen steps (one per bin; here 3 bins of one step): the label says which.
+    assert gallery[0][1] == "all layers (mean) · steps 1, 2, 3"
+    assert app.render_self_attention(result, 0, 2, 4, 12, 0.6)[1][0][1] == "all layers (mean) · step 2"
     assert target.size == (256, 256)
     other = app.render_self_attention(result, 0, 0, 12, 2, 0.6)[1]
     assert not np.array_equal(np.asarray(other[1][0]), np.asarray(gallery[1][0]))
