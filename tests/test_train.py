@@ -15,7 +15,7 @@ import train
 from data.loading import batch_indices
 from data.shapes import ShapesConfig, generate_dataset
 from diffusion.pipeline import TextToImagePipeline
-from tests.tiny import tiny_pipeline
+from tests.tiny import randomize_, tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,26 @@ def test_kill_and_resume_matches_an_uninterrupted_run(setup, monkeypatch):
         b = load_file(setup / "resumed" / "checkpoints" / "step_000004" / f"{name}.safetensors")
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_fine_tuning_can_add_context_layers(setup):
+    """--context-layers on an --init U-Net without them: the same function at step 0, then trained and exported."""
+    init = TextToImagePipeline.from_pretrained(setup / "init", dtype="fp32").unet
+    randomize_(init)
+    grown = train.with_context_layers(init, 1)
+    assert grown.config.context_layers == 1 and train.with_context_layers(init, None) is init
+    x, t, ctx = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randn(2, 5, 32)
+    torch.testing.assert_close(grown(x, t, ctx), init(x, t, ctx), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already has 1 context layers"):
+        train.with_context_layers(grown, 2)
+
+    out = setup / "refined"
+    train.main(args(setup, out, "--steps", "2", "--context-layers", "1"))
+    pipe = TextToImagePipeline.from_pretrained(out / "pipeline", dtype="fp32")
+    assert pipe.unet.config.context_layers == 1
+    assert pipe.unet.context_refiner.layers[0]["to_out"].weight.abs().sum() > 0  # trained away from zero
+    train.main(args(setup, out, "--steps", "3", "--context-layers", "1"))  # resumes from the step-2 checkpoint
+    assert [s for s, _ in train.checkpoints(out / "checkpoints")][-1] == 3
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):

@@ -1,13 +1,14 @@
 """The U-Net: structure, shapes, gradients, save/load, errors."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tests.tiny import randomize_
 from unet import UNet, UNetConfig
-from unet.blocks import AttentionBlock, CrossAttentionBlock, ResidualBlock
+from unet.blocks import AttentionBlock, ContextRefiner, CrossAttentionBlock, ResidualBlock
 
 
 @pytest.fixture
@@ -189,3 +190,60 @@ def test_token_weights_of_one_change_nothing_and_others_do(tiny):
     assert not torch.allclose(tiny(x, t, ctx, token_weights=weights), base, atol=1e-4)
     with pytest.raises(ValueError, match="token_weights"):
         tiny(x, t, ctx, token_weights=torch.ones(2, 5))
+
+
+# -- the context refiner: bidirectional text layers before cross-attention ---------------------------
+def refined_twin(unet: UNet, layers: int = 1) -> UNet:
+    """`unet` with a fresh (zero-initialised) context refiner, every other weight copied."""
+    twin = UNet(replace(unet.config, context_layers=layers))
+    missing, unexpected = twin.load_state_dict(unet.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("context_refiner.") for k in missing)
+    return twin
+
+
+def test_fresh_context_refiner_is_the_identity(tiny):
+    randomize_(tiny)
+    twin = refined_twin(tiny)
+    x, t, ctx = inputs(tokens=6)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    torch.testing.assert_close(twin(x, t, ctx, mask), tiny(x, t, ctx, mask), rtol=0, atol=0)
+
+
+def test_context_refiner_lets_early_tokens_see_later_ones_but_never_padding():
+    refiner = randomize_(ContextRefiner(dim=32, num_layers=2, num_heads=2))
+    ctx = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    base = refiner(ctx, mask)
+    later = ctx.clone()
+    # a later real token ("… to the left of …") changes what the first token carries
+    later[:, 3] = torch.randn(2, 32, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(refiner(later, mask)[:, 0], base[:, 0])
+    padded = ctx.clone()
+    padded[0, 4:] = torch.randn(2, 32) * 100  # padding of row 0: no real token of row 0 may change
+    torch.testing.assert_close(refiner(padded, mask)[0, :4], base[0, :4], rtol=0, atol=0)
+    torch.testing.assert_close(refiner(ctx, mask)[0, :4], refiner(ctx[:1, :4])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_context_refiner_trains_and_round_trips(tiny, tmp_path):
+    randomize_(tiny)
+    twin = refined_twin(tiny, layers=2)
+    x, t, ctx = inputs()
+    twin(x, t, ctx).square().mean().backward()
+    assert twin.context_refiner.layers[0]["to_out"].weight.grad.abs().sum() > 0  # zero-init, yet it learns
+    randomize_(twin, seed_value=3)
+    twin.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["context_layers"] == 2
+    loaded = UNet.from_pretrained(tmp_path)
+    assert loaded.config.context_layers == 2
+    torch.testing.assert_close(loaded(x, t, ctx), twin.eval()(x, t, ctx), rtol=0, atol=0)
+
+
+def test_configs_saved_before_the_refiner_load_without_one(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["context_layers"]  # as written by U-Nets saved before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = UNet.from_pretrained(tmp_path)
+    assert loaded.config.context_layers == 0 and loaded.context_refiner is None
+    with pytest.raises(ValueError, match="context_layers"):
+        UNetConfig(context_layers=-1)

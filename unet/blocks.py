@@ -222,6 +222,46 @@ class CrossAttentionBlock(nn.Module):
         return self.to_out(out.transpose(-1, -2).reshape(B, C, H, W)) + x  # (B, h, d, N) → (B, C, H, W)
 
 
+class ContextRefiner(nn.Module):
+    """Bidirectional transformer layers over the text encoder's hidden states, before cross-attention.
+
+    CLIP's text tower is causal: in "a red circle to the left of a blue square" the tokens of the red
+    circle never see the relation that follows them, so the U-Net's cross-attention could read where
+    the first object goes only from the tokens after it. These layers let every token see the whole
+    prompt. Pre-norm (LayerNorm → self-attention → residual, LayerNorm → MLP → residual), output
+    projections zero-initialised: a fresh refiner is the identity, so it can be added to a trained
+    U-Net and fine-tuned from exactly where that U-Net was.
+
+    Args:
+        dim: D, the context width.  num_layers: how many layers.  num_heads: h (D divisible by h).
+    Shapes: context (B, L, D), mask (B, L) bool (True = real token) or None → (B, L, D).
+    Padding positions are computed but never attended to (here or by the cross-attention after).
+    """
+
+    def __init__(self, dim: int, num_layers: int, num_heads: int):
+        super().__init__()
+        check_heads(dim, num_heads, "ContextRefiner")
+        self.num_heads = num_heads
+        self.layers = nn.ModuleList()
+        for _ in range(num_layers):
+            self.layers.append(nn.ModuleDict({
+                "norm1": nn.LayerNorm(dim), "to_qkv": nn.Linear(dim, 3 * dim), "to_out": zero_(nn.Linear(dim, dim)),
+                "norm2": nn.LayerNorm(dim),
+                "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), zero_(nn.Linear(4 * dim, dim))),
+            }))
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, D = context.shape
+        keep = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L): every query sees the real tokens
+        for layer in self.layers:
+            qkv = layer["to_qkv"](layer["norm1"](context))  # (B, L, 3D)
+            q, k, v = qkv.view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 × (B, h, L, d)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, h, L, d)
+            context = context + layer["to_out"](out.transpose(1, 2).reshape(B, L, D))
+            context = context + layer["mlp"](layer["norm2"](context))
+        return context
+
+
 class Downsample(nn.Module):
     """Halve H and W with a stride-2 3×3 conv. (B, C, H, W) → (B, C, H/2, W/2)."""
 

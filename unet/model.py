@@ -31,6 +31,7 @@ from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from unet.attention import AttentionRecorder
 from unet.blocks import (
     AttentionBlock,
+    ContextRefiner,
     CrossAttentionBlock,
     Downsample,
     ResidualBlock,
@@ -50,6 +51,9 @@ class UNetConfig:
         at `sample_size`, is ≤ this. Which levels get attention is fixed at construction, so the
         same weights also run at other (H, W), non-square included.
     context_dim: width D of the text encoder's hidden states (CLIPTextModel hidden_size).
+    context_layers: bidirectional transformer layers run over those hidden states before any
+        cross-attention (`ContextRefiner`; 0 = none). CLIP's text tower is causal, so without them
+        the tokens of a prompt's first object never see the relation that follows them.
     """
 
     in_channels: int = 3
@@ -62,10 +66,13 @@ class UNetConfig:
     num_heads: int = 4
     context_dim: int = 256
     norm_groups: int = 32
+    context_layers: int = 0
 
     def __post_init__(self):
         # JSON turns tuples into lists; keep the config hashable and comparable.
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
+        if self.context_layers < 0:
+            raise ValueError(f"context_layers must be >= 0 (0 = no context refiner), got {self.context_layers}.")
         if not self.channel_mults or self.num_res_blocks < 1:
             raise ValueError("UNetConfig needs at least one level (channel_mults) and num_res_blocks >= 1.")
         if self.sample_size % self.downsample_factor != 0:
@@ -155,6 +162,8 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         self.time_embed = nn.Sequential(
             nn.Linear(c.base_channels, c.time_emb_dim), nn.SiLU(), nn.Linear(c.time_emb_dim, c.time_emb_dim)
         )
+        self.context_refiner = (ContextRefiner(c.context_dim, c.context_layers, c.num_heads)
+                                if c.context_layers else None)
         self.conv_in = nn.Conv2d(c.in_channels, c.base_channels, kernel_size=3, padding=1)
 
         # Encoder: remember the width of every tensor pushed on the skip stack.
@@ -209,6 +218,8 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         token_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = self._check_inputs(x, t, context, context_mask, token_weights)
+        if self.context_refiner is not None:
+            context = self.context_refiner(context, context_mask)  # (B, L, D): every token sees the prompt
         cond = (context, context_mask, token_weights)  # what every ResAttnLayer's cross-attention reads
         t_emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(x.dtype))  # (B, T)
         h = self.conv_in(x)  # (B, C0, H, W)
