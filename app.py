@@ -70,8 +70,9 @@ NORMALIZATION_LABELS = {value: label for label, value in NORMALIZATIONS}
 WORDS_NOTE = (
     "How to read these: the shipped model was trained to point its colour, shape and size words at their "
     "objects (a grounding loss; see the model card). Other words (*a*, *two*, *above*, *on*, *background*) "
-    "were not. CLIP's text encoder reads left to right, so a word also carries the words before it: an "
-    "ungrounded word often lights up the object named just before it."
+    "were not. Each word's vector also carries the rest of the prompt (CLIP reads left to right, and the "
+    "U-Net's context layer mixes the whole prompt), so an ungrounded word often lights up an object named "
+    "near it."
 )
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="pink")
