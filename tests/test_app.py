@@ -240,7 +240,8 @@ def test_live_generate_then_maps_come_back(server):
     assert one_head[1] == "blue" and "mid.0.cross_attn" in one_head[4] and "head 2" in one_head[4]
 
     target, self_maps = client.predict(image=1, pixel_y=8, pixel_x=8, api_name="/self_attention")
-    assert self_maps[0]["caption"] == "all layers (mean)" and len(self_maps) > 1
+    # 2 sampling steps, each in a timestep bin of its own: the mean's label names the steps recorded
+    assert self_maps[0]["caption"] == "all layers (mean) · steps 1, 2" and len(self_maps) > 1
 
     with zipfile.ZipFile(client.predict(api_name="/export_maps")) as z:
         assert {"maps.json", "maps.npz"} <= set(z.namelist())
