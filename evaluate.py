@@ -34,6 +34,8 @@ GENEVAL_TASKS = ("single_object", "colour", "two_objects", "counting", "position
 TASKS = (*GENEVAL_TASKS, "unseen")
 TAUS = (0.2, 0.3, 0.4, 0.5, 0.6)
 RELATION_PHRASES = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
+INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+DIRECTIONS = ("right", "inverted", "neither")
 
 
 @dataclass
@@ -119,6 +121,20 @@ def correct(prompt: Prompt, dets: list[Detection], image_size: int) -> bool:
     return True
 
 
+def relation_direction(prompt: Prompt, dets: list[Detection], image_size: int) -> str | None:
+    """For a relation prompt whose two objects were drawn (and nothing else): "right", "inverted" (the
+    opposite relation holds) or "neither" (same row or column). None when there is no such pair.
+    Right ≈ inverted means the model ignores the relation words."""
+    if prompt.relation is None or len(dets) != len(prompt.objects):
+        return None
+    matches = [find(dets, colour, kind) for colour, kind in prompt.objects]
+    if any(len(m) != 1 for m in matches):
+        return None
+    a, rel, b = prompt.relation
+    found = relations(matches[a][0].center, matches[b][0].center, image_size)
+    return "right" if rel in found else "inverted" if INVERSE[rel] in found else "neither"
+
+
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion (sound at 0 and 1, unlike the normal one)."""
     if n == 0:
@@ -173,6 +189,7 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
     prompts = make_prompts(per_task, seed)
     size = pipe.unet.config.sample_size
     hits: dict[str, list[bool]] = {t: [] for t in TASKS}
+    directions = dict.fromkeys(DIRECTIONS, 0)  # relation prompts with both objects right
     pointing, ious, clip_scores = [], [], []
     by_layer: dict[str, tuple[list[bool], list[list[float]]]] = {}
     examples = []
@@ -186,6 +203,8 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
             dets = detect(image)
             ok = correct(prompt, dets, size)
             hits[prompt.task].append(ok)
+            if (direction := relation_direction(prompt, dets, size)) is not None:
+                directions[direction] += 1
             if len(examples) < 40:
                 examples.append({"task": prompt.task, "prompt": prompt.text, "correct": ok,
                                  "detected": [f"{d.size} {d.colour} {d.kind}" for d in dets]})
@@ -217,7 +236,7 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
                 "guidance": guidance, "sampler": sampler, "seed": seed, "seconds": time.perf_counter() - t0}
     clip_score = float(np.mean(clip_scores)) if clip_scores else None
     return {"scores": scores, "attention": attention, "clip_score": clip_score, "settings": settings,
-            "examples": examples}
+            "relation_directions": directions, "examples": examples}
 
 
 def markdown(report: dict, model: str) -> str:
@@ -228,6 +247,9 @@ def markdown(report: dict, model: str) -> str:
         lines.append(f"| {task.replace('_', ' ')} | {r['score']:.3f} | {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f} | "
                      f"{r['images']} |")
     lines.append(f"| **overall** (mean of the six GenEval tasks) | **{s['overall']['score']:.3f}** | | |")
+    if d := report.get("relation_directions"):
+        lines += ["", f"Relation prompts (position, unseen) with both objects drawn: the relation holds in "
+                      f"{d['right']}, the opposite one in {d['inverted']}, neither in {d['neither']}."]
     a = report["attention"]
     lines += ["", "| attention localisation | value |", "|---|---|",
               f"| pointing accuracy ({a['words']} words) | {a['pointing_accuracy']:.3f} "

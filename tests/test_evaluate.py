@@ -116,6 +116,25 @@ def test_geneval_rule_extra_or_missing_objects_fail():
     assert not evaluate.correct(pos, detect(draw([("red", "circle", (2, 1)), ("blue", "square", (0, 1))])), 32)
 
 
+def test_relation_direction_tells_right_from_inverted():
+    prompt = next(p for p in evaluate.make_prompts(8, 0) if p.task == "position")
+    (ca, ka), (cb, kb) = prompt.named
+    rel = prompt.relation[1]
+    here, there = CELLS[rel]
+    side_by_side = ((1, 0), (1, 2)) if rel in ("above", "below") else ((0, 1), (2, 1))  # the relation's axis ties
+
+    def direction(cell_a, cell_b=None):
+        objects = [(ca, ka, cell_a)] + ([(cb, kb, cell_b)] if cell_b else [])
+        return evaluate.relation_direction(prompt, detect(draw(objects)), 32)
+
+    assert direction(here, there) == "right"
+    assert direction(there, here) == "inverted"
+    assert direction(*side_by_side) == "neither"
+    assert direction(here) is None  # an object missing: not a relation outcome
+    colour = next(p for p in evaluate.make_prompts(1, 0) if p.task == "colour")
+    assert evaluate.relation_direction(colour, [], 32) is None
+
+
 def test_wilson_interval():
     lo, hi = evaluate.wilson(10, 10)
     assert hi == 1.0 and 0.69 < lo < 0.73  # known value: 0.722
