@@ -105,19 +105,25 @@ def find(dets: list[Detection], colour: str | None, kind: str) -> list[Detection
     return [d for d in dets if d.kind == kind and (colour is None or d.colour == colour)]
 
 
+def matched(prompt: Prompt, dets: list[Detection]) -> list[Detection] | None:
+    """The one detection of each prompt object, or None if anything is missing, extra or ambiguous."""
+    if len(dets) != len(prompt.objects):  # nothing missing, nothing extra
+        return None
+    matches = [find(dets, colour, kind) for colour, kind in prompt.objects]
+    return None if any(len(m) != 1 for m in matches) else [m[0] for m in matches]
+
+
 def correct(prompt: Prompt, dets: list[Detection], image_size: int) -> bool:
     """GenEval's rule: every constraint of the prompt holds in the detected objects."""
     if prompt.count is not None:
         kind = prompt.objects[0][1]
         return len(find(dets, None, kind)) == prompt.count and len(dets) == prompt.count
-    if len(dets) != len(prompt.objects):  # nothing missing, nothing extra
-        return False
-    matches = [find(dets, colour, kind) for colour, kind in prompt.objects]
-    if any(len(m) != 1 for m in matches):
+    objects = matched(prompt, dets)
+    if objects is None:
         return False
     if prompt.relation is not None:
         a, rel, b = prompt.relation
-        return rel in relations(matches[a][0].center, matches[b][0].center, image_size)
+        return rel in relations(objects[a].center, objects[b].center, image_size)
     return True
 
 
@@ -125,13 +131,11 @@ def relation_direction(prompt: Prompt, dets: list[Detection], image_size: int) -
     """For a relation prompt whose two objects were drawn (and nothing else): "right", "inverted" (the
     opposite relation holds) or "neither" (same row or column). None when there is no such pair.
     Right ≈ inverted means the model ignores the relation words."""
-    if prompt.relation is None or len(dets) != len(prompt.objects):
-        return None
-    matches = [find(dets, colour, kind) for colour, kind in prompt.objects]
-    if any(len(m) != 1 for m in matches):
+    objects = matched(prompt, dets) if prompt.relation is not None else None
+    if objects is None:
         return None
     a, rel, b = prompt.relation
-    found = relations(matches[a][0].center, matches[b][0].center, image_size)
+    found = relations(objects[a].center, objects[b].center, image_size)
     return "right" if rel in found else "inverted" if INVERSE[rel] in found else "neither"
 
 

@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -195,29 +195,13 @@ def build(cfg: TrainConfig) -> tuple[UNet, TextEncoder, DDPMScheduler]:
                 f"{cfg.init} was trained with prediction_type={noise_scheduler.config.prediction_type}; "
                 f"fine-tune it with --prediction-type {noise_scheduler.config.prediction_type}."
             )
-        return with_context_layers(pipe.unet, cfg.context_layers).train(), pipe.text_encoder, noise_scheduler
+        return pipe.unet.with_context_layers(cfg.context_layers).train(), pipe.text_encoder, noise_scheduler
     text_encoder = TextEncoder.from_pretrained(cfg.text_encoder)
-    extra = {} if cfg.context_layers is None else {"context_layers": cfg.context_layers}
-    unet = UNet(UNetConfig.preset(cfg.preset, context_dim=text_encoder.hidden_size, sample_size=cfg.resolution,
-                                  **extra))
+    config = UNetConfig.preset(cfg.preset, context_dim=text_encoder.hidden_size, sample_size=cfg.resolution)
+    unet = UNet(config).with_context_layers(cfg.context_layers)
     noise_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=cfg.prediction_type,
                                     clip_sample=False)
     return unet, text_encoder, noise_scheduler
-
-
-def with_context_layers(unet: UNet, layers: int | None) -> UNet:
-    """`unet`, or a copy with `layers` context-refiner layers added (zero-initialised: the same function)."""
-    have = unet.config.context_layers
-    if layers is None or layers == have:
-        return unet
-    if have:
-        raise ValueError(f"--init's U-Net already has {have} context layers; --context-layers {layers} would "
-                         "drop or reshape trained weights. Leave --context-layers out to keep them.")
-    grown = UNet(replace(unet.config, context_layers=layers))
-    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("context_refiner.") for k in missing):
-        raise RuntimeError(f"adding context layers changed other weights: {missing[:5]} {unexpected[:5]}")
-    return grown
 
 
 def check_resolution(unet: UNet, resolution: int) -> None:

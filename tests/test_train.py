@@ -97,14 +97,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(setup, monkeypatch):
 
 def test_fine_tuning_can_add_context_layers(setup):
     """--context-layers on an --init U-Net without them: the same function at step 0, then trained and exported."""
-    init = TextToImagePipeline.from_pretrained(setup / "init", dtype="fp32").unet
-    randomize_(init)
-    grown = train.with_context_layers(init, 1)
-    assert grown.config.context_layers == 1 and train.with_context_layers(init, None) is init
+    init = randomize_(TextToImagePipeline.from_pretrained(setup / "init", dtype="fp32").unet)
+    cfg = train.TrainConfig(init=str(setup / "init"), context_layers=1)
+    grown = train.build(cfg)[0]
+    assert grown.config.context_layers == 1 and grown.training
+    grown.load_state_dict({**grown.state_dict(), **init.state_dict()})  # init's weights, the fresh refiner's zeros
     x, t, ctx = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randn(2, 5, 32)
-    torch.testing.assert_close(grown(x, t, ctx), init(x, t, ctx), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="already has 1 context layers"):
-        train.with_context_layers(grown, 2)
+    torch.testing.assert_close(grown.eval()(x, t, ctx), init(x, t, ctx), rtol=0, atol=0)
+    assert train.build(train.TrainConfig(init=str(setup / "init")))[0].config.context_layers == 0
 
     out = setup / "refined"
     train.main(args(setup, out, "--steps", "2", "--context-layers", "1"))

@@ -1,7 +1,6 @@
 """The U-Net: structure, shapes, gradients, save/load, errors."""
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -193,17 +192,13 @@ def test_token_weights_of_one_change_nothing_and_others_do(tiny):
 
 
 # -- the context refiner: bidirectional text layers before cross-attention ---------------------------
-def refined_twin(unet: UNet, layers: int = 1) -> UNet:
-    """`unet` with a fresh (zero-initialised) context refiner, every other weight copied."""
-    twin = UNet(replace(unet.config, context_layers=layers))
-    missing, unexpected = twin.load_state_dict(unet.state_dict(), strict=False)
-    assert unexpected == [] and missing and all(k.startswith("context_refiner.") for k in missing)
-    return twin
-
-
 def test_fresh_context_refiner_is_the_identity(tiny):
     randomize_(tiny)
-    twin = refined_twin(tiny)
+    twin = tiny.with_context_layers(1)
+    assert twin.config.context_layers == 1 and tiny.with_context_layers(None) is tiny
+    assert tiny.with_context_layers(0) is tiny and twin.with_context_layers(1) is twin
+    with pytest.raises(ValueError, match="already has 1 context layers"):
+        twin.with_context_layers(2)  # trained layers are never dropped or reshaped
     x, t, ctx = inputs(tokens=6)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
     torch.testing.assert_close(twin(x, t, ctx, mask), tiny(x, t, ctx, mask), rtol=0, atol=0)
@@ -226,7 +221,7 @@ def test_context_refiner_lets_early_tokens_see_later_ones_but_never_padding():
 
 def test_context_refiner_trains_and_round_trips(tiny, tmp_path):
     randomize_(tiny)
-    twin = refined_twin(tiny, layers=2)
+    twin = tiny.with_context_layers(2)
     x, t, ctx = inputs()
     twin(x, t, ctx).square().mean().backward()
     assert twin.context_refiner.layers[0]["to_out"].weight.grad.abs().sum() > 0  # zero-init, yet it learns

@@ -342,6 +342,24 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
             )
         return model.eval()
 
+    def with_context_layers(self, layers: int | None) -> "UNet":
+        """This U-Net, or a copy with `layers` fresh context layers: zero-initialised, so the same function.
+
+        None or the current count returns self. A U-Net that already has context layers keeps them: a
+        different count would drop or reshape trained weights.
+        """
+        have = self.config.context_layers
+        if layers is None or layers == have:
+            return self
+        if have:
+            raise ValueError(f"this U-Net already has {have} context layers; {layers} would drop or reshape trained "
+                             f"weights. Keep {have} (with train.py --init, leave --context-layers out).")
+        grown = UNet(replace(self.config, context_layers=layers)).to(next(self.parameters()).device)
+        missing, unexpected = grown.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("context_refiner.") for k in missing):
+            raise RuntimeError(f"adding context layers changed other weights: {missing[:5]} {unexpected[:5]}")
+        return grown.train(self.training)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
