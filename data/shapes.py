@@ -18,6 +18,8 @@ Output is Hugging Face `imagefolder` layout, loadable with `datasets.load_datase
     <out>/<split>/metadata.jsonl     file_name, text, captions, background, objects, held_out ("; "-joined)
 
 Run:  python -m data.shapes --out cache/shapes32 --size 32 --n-train 50000
+A mix richer in the hard tasks (more multi-object, counting and relation captions; the shipped model's
+last fine-tune): add --object-count-weights 1 2 3 --same-group-prob 0.5 --relation-captions 2.
 Each image is drawn from its own RNG seeded by (seed, split, index): the output does not depend on the
 number of workers or on the order in which chunks finish.
 """
@@ -52,6 +54,7 @@ BACKGROUNDS = {"white": (255, 255, 255), "light gray": (205, 205, 205), "dark gr
 # Sizes are box sides as fractions of the image side; one cell is 1/3.
 SIZES = {"small": (0.19, 0.21), "large": (0.27, 0.30)}
 RELATIONS = ("above", "below", "left of", "right of")
+CONVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}  # A rel B == B conv A
 SPLITS = ("train", "validation", "test", "heldout")
 POSITION_WORDS = {(0, 0): "in the top left", (0, 1): "at the top", (0, 2): "in the top right",
                   (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
@@ -70,7 +73,9 @@ class ShapesConfig:
     size: int = 32                        # image side in pixels
     seed: int = 0
     max_objects: int = 3
+    object_count_weights: tuple[float, ...] | None = None  # relative odds of 1..max_objects objects; None: even
     same_group_prob: float = 0.3          # chance a multi-object scene repeats one kind+colour (counting)
+    relation_captions: int = 1            # 2: also the converse phrasing ("B to the right of A") of the relation
     background_caption_prob: float = 0.3  # chance a phrasing also names the background
     held_out_pairs: tuple[tuple[str, str], ...] = (
         ("green", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "diamond"),
@@ -82,6 +87,15 @@ class ShapesConfig:
         if self.size < 24:
             raise ValueError(f"size={self.size} px is too small: small objects would be under 5 px. "
                              "Use size >= 24 (32 is the default, 64 also works).")
+        weights = self.object_count_weights
+        if weights is not None and (len(weights) != self.max_objects or min(weights) < 0 or not sum(weights) > 0):
+            raise ValueError(f"object_count_weights={weights} must give {self.max_objects} non-negative odds "
+                             f"(for 1..{self.max_objects} objects), not all zero; or None for even odds.")
+        if not 0 <= self.same_group_prob <= 1:
+            raise ValueError(f"same_group_prob={self.same_group_prob} must be a probability in [0, 1].")
+        if self.relation_captions not in (1, 2):
+            raise ValueError(f"relation_captions={self.relation_captions}: must be 1 (one relation phrasing "
+                             "per scene) or 2 (that phrasing and its converse).")
         if not 1 <= self.max_objects <= 3:
             raise ValueError(f"max_objects={self.max_objects}: must be 1, 2 or 3 (one object per "
                              "grid cell, and captions stay short).")
@@ -243,7 +257,10 @@ def _sample_object(rng: random.Random, config: ShapesConfig, cell: int, kind: st
 
 
 def _sample_unconstrained(rng: random.Random, config: ShapesConfig) -> Scene:
-    n = rng.randint(1, config.max_objects)
+    if config.object_count_weights is None:
+        n = rng.randint(1, config.max_objects)
+    else:
+        n = rng.choices(range(1, config.max_objects + 1), weights=config.object_count_weights)[0]
     cells = rng.sample(range(9), n)  # distinct cells, in random order
     pairs = [(rng.choice(KINDS), rng.choice(tuple(COLOURS))) for _ in range(n)]
     if n >= 2 and rng.random() < config.same_group_prob:
@@ -315,13 +332,15 @@ def captions_for(scene: Scene, rng: random.Random, config: ShapesConfig) -> list
     if len(unique) >= 2:
         a, b = rng.sample(unique, 2)
         rel = rng.choice(relations_between(a, b))
-        rel_words = rel if rel in ("above", "below") else f"to the {rel}"
-        text = f"{_article(_noun(a, with_size))} {rel_words} {_article(_noun(b, with_size))}"
         rest = [o for o in objs if o is not a and o is not b]
-        if rest:
-            text += ", and " + _join([f"{_article(_noun(o, with_size))} {POSITION_WORDS[(o.row, o.col)]}"
-                                      for o in rest])
-        texts.append(text)
+        pairs = [(a, rel, b)] + ([(b, CONVERSE[rel], a)] if config.relation_captions == 2 else [])
+        for first, r, second in pairs:
+            rel_words = r if r in ("above", "below") else f"to the {r}"
+            text = f"{_article(_noun(first, with_size))} {rel_words} {_article(_noun(second, with_size))}"
+            if rest:
+                text += ", and " + _join([f"{_article(_noun(o, with_size))} {POSITION_WORDS[(o.row, o.col)]}"
+                                          for o in rest])
+            texts.append(text)
     if len(objs) == 1:
         o = objs[0]
         texts.append(f"{_article(_noun(o, True))} {POSITION_WORDS[(o.row, o.col)]}")
@@ -371,6 +390,16 @@ def _dataset_card(counts: dict[str, int]) -> str:
             "see shapes_info.json for the generator config and the held-out combinations.\n")
 
 
+def _finished_info(path: Path) -> dict:
+    """A set's shapes_info.json; config fields added after it was written read as their defaults, which
+    draw what the generator drew before they existed (so older caches stay valid)."""
+    info = json.loads(path.read_text())
+    if isinstance(info.get("config"), dict):
+        defaults = json.loads(json.dumps(dataclasses.asdict(ShapesConfig())))
+        info["config"] = {**defaults, **info["config"]}
+    return info
+
+
 def generate_dataset(out_dir: str | Path, config: ShapesConfig = ShapesConfig(),
                      counts: dict[str, int] | None = None, workers: int = 2,
                      progress: bool = True, chunk: int = 500, overwrite: bool = False) -> Path:
@@ -392,7 +421,7 @@ def generate_dataset(out_dir: str | Path, config: ShapesConfig = ShapesConfig(),
             "held_out_relations": [" ".join(r) for r in config.held_out_relations],
             "mask": "object_mask(obj, size) from data.shapes rebuilds each mask from kind + box"}
     info_path = out / "shapes_info.json"
-    if info_path.exists() and json.loads(info_path.read_text()) == json.loads(json.dumps(info)):
+    if info_path.exists() and _finished_info(info_path) == json.loads(json.dumps(info)):
         return out  # written completely before: the info file is the last thing written
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -447,6 +476,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-validation", type=int, default=1000)
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--n-heldout", type=int, default=1000)
+    p.add_argument("--object-count-weights", type=float, nargs="+", default=None, metavar="W",
+                   help="relative odds of 1, 2, 3 objects per image (default: even)")
+    p.add_argument("--same-group-prob", type=float, default=ShapesConfig.same_group_prob,
+                   help="chance a multi-object scene repeats one colour and kind (more: more counting captions)")
+    p.add_argument("--relation-captions", type=int, default=ShapesConfig.relation_captions, choices=(1, 2),
+                   help="2: each relation caption also comes in its converse phrasing")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="replace a different set already in --out")
     args = p.parse_args(argv)
@@ -454,8 +489,11 @@ def main(argv: list[str] | None = None) -> None:
               "heldout": args.n_heldout}
     t0 = time.perf_counter()
     try:
-        out = generate_dataset(args.out, ShapesConfig(size=args.size, seed=args.seed), counts, args.workers,
-                               overwrite=args.overwrite)
+        weights = tuple(args.object_count_weights) if args.object_count_weights else None
+        config = ShapesConfig(size=args.size, seed=args.seed, object_count_weights=weights,
+                              same_group_prob=args.same_group_prob,
+                              relation_captions=args.relation_captions)
+        out = generate_dataset(args.out, config, counts, args.workers, overwrite=args.overwrite)
     except ValueError as e:  # bad size or a folder in the way: the message says what to do
         p.error(str(e))
     print(f"wrote {sum(counts.values())} images to {out} in {time.perf_counter() - t0:.1f} s")

@@ -1,5 +1,6 @@
 """Shapes generator: determinism, captions true to the ground truth, held-out combinations, masks."""
 
+import hashlib
 import json
 import re
 
@@ -9,6 +10,7 @@ import pytest
 from data.shapes import (
     BACKGROUNDS,
     COLOURS,
+    CONVERSE,
     KINDS,
     POSITION_WORDS,
     ShapeObject,
@@ -187,3 +189,80 @@ def test_bad_config_and_split_raise_with_the_fix():
         sample_scene(ShapesConfig(), "training", 0)
     with pytest.raises(ValueError, match="unknown split"):
         generate_dataset("/tmp/never-written", ShapesConfig(), {"dev": 3}, progress=False)
+
+
+def test_default_config_draws_what_it_always_drew():
+    """New generator options default to the old behaviour: the digest was taken before they existed,
+    so caches written then stay valid (and train.py --data shapes keeps its data)."""
+    h = hashlib.sha256()
+    for split in ("train", "test", "heldout"):
+        for i in range(40):
+            img, row = make_example(ShapesConfig(), split, i)
+            h.update(img.tobytes())
+            h.update(json.dumps(row, sort_keys=True).encode())
+    assert h.hexdigest() == "94f31192f84e889db57309ff25a53d71f90bb5b15d384f6b7200383ccc55d7e8"
+
+
+def test_a_cache_written_before_newer_config_fields_is_reused(generated):
+    info_path = generated / "shapes_info.json"
+    info = json.loads(info_path.read_text())
+    before = (generated / "train" / "000000.png").stat().st_mtime_ns
+    try:
+        for field in ("object_count_weights", "relation_captions"):
+            del info["config"][field]
+        info_path.write_text(json.dumps(info))
+        generate_dataset(generated, ShapesConfig(seed=3), COUNTS, workers=1, progress=False)
+        assert (generated / "train" / "000000.png").stat().st_mtime_ns == before
+        with pytest.raises(ValueError, match="not empty"):  # a real difference is still refused
+            generate_dataset(generated, ShapesConfig(seed=3, relation_captions=2), COUNTS, workers=1,
+                             progress=False)
+    finally:
+        generate_dataset(generated, ShapesConfig(seed=3), COUNTS, workers=1, progress=False, overwrite=True)
+
+
+def test_mix_options_shift_counts_and_add_converse_relations():
+    mix = ShapesConfig(object_count_weights=(1, 2, 3), same_group_prob=0.5, relation_captions=2)
+    n_objects = {1: 0, 2: 0, 3: 0}
+    grouped = converses = 0
+    for i in range(300):
+        _, row = make_example(mix, "train", i)
+        n_objects[len(row["objects"])] += 1
+        grouped += bool(re.search(r"\b(two|three) ", row["captions"][0]))
+        relations = [c for c in row["captions"] if re.search(r" (above|below|to the left of|to the right of) ", c)]
+        assert len(relations) in (0, 2), row["captions"]  # a relation always comes with its converse
+        for caption in row["captions"]:
+            _check_caption(caption, row["objects"])
+        if relations:
+            rels = [REL_WORDS[re.search(r" (above|below|to the left of|to the right of) ", c).group(1)]
+                    for c in relations]
+            assert rels[1] == CONVERSE[rels[0]]
+            converses += 1
+    assert n_objects[3] > n_objects[2] > n_objects[1] > 20  # odds 1:2:3
+    assert grouped > 60 and converses > 60
+    plain = [len(make_example(ShapesConfig(), "train", i)[1]["objects"]) for i in range(300)]
+    assert plain.count(3) < n_objects[3]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(object_count_weights=(1, 2)), "3 non-negative odds"),
+    (dict(object_count_weights=(0, 0, 0)), "not all zero"),
+    (dict(same_group_prob=1.5), "probability"),
+    (dict(relation_captions=3), "must be 1"),
+])
+def test_bad_mix_options_say_what_is_allowed(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ShapesConfig(**bad)
+
+
+def test_cli_writes_the_mix_it_is_asked_for(tmp_path, capsys):
+    from data.shapes import main
+
+    main(["--out", str(tmp_path), "--n-train", "12", "--n-validation", "0", "--n-test", "0", "--n-heldout", "0",
+          "--object-count-weights", "0", "0", "1", "--same-group-prob", "1", "--relation-captions", "2",
+          "--workers", "1"])
+    config = json.loads((tmp_path / "shapes_info.json").read_text())["config"]
+    assert config["object_count_weights"] == [0, 0, 1] and config["relation_captions"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert all(len(r["objects"]) == 3 for r in rows)  # odds 0:0:1 → three objects, every one grouped
+    assert all(re.match(r"(a picture of |an image of )?(two|three) ", r["captions"][0]) for r in rows)
+    assert "wrote 12 images" in capsys.readouterr().out
