@@ -60,6 +60,7 @@ class TrainConfig:
     text_encoder: str = "weights/default"  # from scratch: pipeline folder or CLIP checkpoint to condition on
     preset: str = "cpu"                   # U-Net preset when training from scratch
     context_layers: int | None = None     # bidirectional text layers in the U-Net; None: the preset's / --init's
+    position_embedding: bool | None = None  # add one where the U-Net has none (--init too); None: keep as is
     image_column: str = "image"
     caption_column: str = "text"
     resolution: int = 32
@@ -195,10 +196,10 @@ def build(cfg: TrainConfig) -> tuple[UNet, TextEncoder, DDPMScheduler]:
                 f"{cfg.init} was trained with prediction_type={noise_scheduler.config.prediction_type}; "
                 f"fine-tune it with --prediction-type {noise_scheduler.config.prediction_type}."
             )
-        return pipe.unet.with_context_layers(cfg.context_layers).train(), pipe.text_encoder, noise_scheduler
+        return pipe.unet.grow(cfg.context_layers, cfg.position_embedding).train(), pipe.text_encoder, noise_scheduler
     text_encoder = TextEncoder.from_pretrained(cfg.text_encoder)
     config = UNetConfig.preset(cfg.preset, context_dim=text_encoder.hidden_size, sample_size=cfg.resolution)
-    unet = UNet(config).with_context_layers(cfg.context_layers)
+    unet = UNet(config).grow(cfg.context_layers, cfg.position_embedding)
     noise_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=cfg.prediction_type,
                                     clip_sample=False)
     return unet, text_encoder, noise_scheduler
@@ -454,8 +455,8 @@ def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true")
+        if f.type is bool or str(f.type) in ("bool", "bool | None"):
+            parser.add_argument(flag, action="store_true", default=f.default)
         elif f.name == "validation_prompts":
             parser.add_argument(flag, nargs="+", default=f.default)
         else:

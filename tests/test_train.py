@@ -95,23 +95,29 @@ def test_kill_and_resume_matches_an_uninterrupted_run(setup, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_fine_tuning_can_add_context_layers(setup):
-    """--context-layers on an --init U-Net without them: the same function at step 0, then trained and exported."""
+def test_fine_tuning_can_add_context_layers_and_a_position_embedding(setup):
+    """--context-layers, --position-embedding on an --init U-Net without them: the same function at step 0,
+    then trained, exported and resumed."""
     init = randomize_(TextToImagePipeline.from_pretrained(setup / "init", dtype="fp32").unet)
-    cfg = train.TrainConfig(init=str(setup / "init"), context_layers=1)
+    cfg = train.TrainConfig(init=str(setup / "init"), context_layers=1, position_embedding=True)
     grown = train.build(cfg)[0]
-    assert grown.config.context_layers == 1 and grown.training
-    grown.load_state_dict({**grown.state_dict(), **init.state_dict()})  # init's weights, the fresh refiner's zeros
+    assert grown.config.context_layers == 1 and grown.config.position_embedding and grown.training
+    grown.load_state_dict({**grown.state_dict(), **init.state_dict()})  # init's weights, the fresh parts' zeros
     x, t, ctx = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randn(2, 5, 32)
     torch.testing.assert_close(grown.eval()(x, t, ctx), init(x, t, ctx), rtol=0, atol=0)
-    assert train.build(train.TrainConfig(init=str(setup / "init")))[0].config.context_layers == 0
+    kept = train.build(train.TrainConfig(init=str(setup / "init")))[0].config
+    assert kept.context_layers == 0 and not kept.position_embedding
+    assert train.parse_args(["--out", "x"]).position_embedding is None
+    assert train.parse_args(["--out", "x", "--position-embedding"]).position_embedding is True
 
     out = setup / "refined"
-    train.main(args(setup, out, "--steps", "2", "--context-layers", "1"))
+    flags = ("--context-layers", "1", "--position-embedding")
+    train.main(args(setup, out, "--steps", "2", *flags))
     pipe = TextToImagePipeline.from_pretrained(out / "pipeline", dtype="fp32")
-    assert pipe.unet.config.context_layers == 1
+    assert pipe.unet.config.context_layers == 1 and pipe.unet.config.position_embedding
     assert pipe.unet.context_refiner.layers[0]["to_out"].weight.abs().sum() > 0  # trained away from zero
-    train.main(args(setup, out, "--steps", "3", "--context-layers", "1"))  # resumes from the step-2 checkpoint
+    assert pipe.unet.down[1][0].position.proj.weight.abs().sum() > 0
+    train.main(args(setup, out, "--steps", "3", *flags))  # resumes from the step-2 checkpoint
     assert [s for s, _ in train.checkpoints(out / "checkpoints")][-1] == 3
 
 

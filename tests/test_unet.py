@@ -7,7 +7,7 @@ import torch
 
 from tests.tiny import randomize_
 from unet import UNet, UNetConfig
-from unet.blocks import AttentionBlock, ContextRefiner, CrossAttentionBlock, ResidualBlock
+from unet.blocks import AttentionBlock, ContextRefiner, CrossAttentionBlock, PositionEmbedding, ResidualBlock
 
 
 @pytest.fixture
@@ -194,11 +194,11 @@ def test_token_weights_of_one_change_nothing_and_others_do(tiny):
 # -- the context refiner: bidirectional text layers before cross-attention ---------------------------
 def test_fresh_context_refiner_is_the_identity(tiny):
     randomize_(tiny)
-    twin = tiny.with_context_layers(1)
-    assert twin.config.context_layers == 1 and tiny.with_context_layers(None) is tiny
-    assert tiny.with_context_layers(0) is tiny and twin.with_context_layers(1) is twin
+    twin = tiny.grow(context_layers=1)
+    assert twin.config.context_layers == 1 and tiny.grow(context_layers=None) is tiny
+    assert tiny.grow(context_layers=0) is tiny and twin.grow(context_layers=1) is twin
     with pytest.raises(ValueError, match="already has 1 context layers"):
-        twin.with_context_layers(2)  # trained layers are never dropped or reshaped
+        twin.grow(context_layers=2)  # trained layers are never dropped or reshaped
     x, t, ctx = inputs(tokens=6)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
     torch.testing.assert_close(twin(x, t, ctx, mask), tiny(x, t, ctx, mask), rtol=0, atol=0)
@@ -221,7 +221,7 @@ def test_context_refiner_lets_early_tokens_see_later_ones_but_never_padding():
 
 def test_context_refiner_trains_and_round_trips(tiny, tmp_path):
     randomize_(tiny)
-    twin = tiny.with_context_layers(2)
+    twin = tiny.grow(context_layers=2)
     x, t, ctx = inputs()
     twin(x, t, ctx).square().mean().backward()
     assert twin.context_refiner.layers[0]["to_out"].weight.grad.abs().sum() > 0  # zero-init, yet it learns
@@ -236,9 +236,59 @@ def test_context_refiner_trains_and_round_trips(tiny, tmp_path):
 def test_configs_saved_before_the_refiner_load_without_one(tiny, tmp_path):
     tiny.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    del config["context_layers"]  # as written by U-Nets saved before the field existed
+    del config["context_layers"], config["position_embedding"]  # as written before the fields existed
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = UNet.from_pretrained(tmp_path)
     assert loaded.config.context_layers == 0 and loaded.context_refiner is None
+    assert not loaded.config.position_embedding and all(layer.position is None for layer in loaded.down[-1])
     with pytest.raises(ValueError, match="context_layers"):
         UNetConfig(context_layers=-1)
+
+
+# -- the position embedding: where each position is, before attention --------------------------------
+def test_fresh_position_embedding_is_the_identity_and_grows_on_a_trained_unet(tiny):
+    randomize_(tiny)
+    grown = tiny.grow(position_embedding=True)
+    assert grown.config.position_embedding and tiny.grow(position_embedding=False) is tiny
+    assert grown.grow(position_embedding=True) is grown and grown.grow() is grown
+    with pytest.raises(ValueError, match="trained position embedding"):
+        grown.grow(position_embedding=False)
+    both = tiny.grow(context_layers=1, position_embedding=True)
+    assert both.config.context_layers == 1 and both.config.position_embedding
+    x, t, ctx = inputs()
+    for twin in (grown, both):
+        torch.testing.assert_close(twin(x, t, ctx), tiny(x, t, ctx), rtol=0, atol=0)
+    # only layers with attention get one: the 16×16 level of the tiny preset has none
+    assert all(layer.position is None for layer in grown.down[0])
+    assert all(layer.position is not None for layer in grown.down[1])
+
+
+def test_position_features_tell_every_place_apart_at_any_size():
+    pe = PositionEmbedding(channels=8)
+    for H, W in ((8, 8), (16, 8), (5, 7)):
+        f = pe.features(H, W, torch.device("cpu"))
+        assert f.shape == (16, H, W)
+        flat = f.flatten(1).T  # (H·W, 16)
+        assert torch.cdist(flat, flat).add(torch.eye(H * W) * 10).min() > 0.1  # no two positions alike
+    # the same fraction of the image reads the same at every resolution: cos(π·u) is u's first feature
+    small, big = pe.features(4, 4, torch.device("cpu")), pe.features(8, 8, torch.device("cpu"))
+    torch.testing.assert_close(small[4], torch.cos(torch.pi * (torch.arange(4) + 0.5) / 4)[:, None].expand(4, 4))
+    assert big[4, 0, 0] > small[4, 0, 0] > 0  # nearer the top edge at 8 rows: the fraction is smaller
+
+
+def test_position_embedding_trains_and_lets_attention_tell_left_from_right(tiny, tmp_path):
+    """Once trained, the embedding marks left and right differently: the attention after it can tell them apart."""
+    randomize_(tiny)
+    grown = tiny.grow(position_embedding=True)
+    x, t, ctx = inputs()
+    grown(x, t, ctx).square().mean().backward()
+    assert grown.down[1][0].position.proj.weight.grad.abs().sum() > 0  # zero-init, yet it learns
+    randomize_(grown, seed_value=3)
+    layer = grown.down[1][0]
+    feats = torch.zeros(1, layer.position.proj.out_channels, 8, 8)
+    out = layer.position(feats)
+    assert not torch.allclose(out, out.flip(-1))  # left and right now differ
+    grown.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["position_embedding"] is True
+    loaded = UNet.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(x, t, ctx), grown.eval()(x, t, ctx), rtol=0, atol=0)

@@ -262,6 +262,40 @@ class ContextRefiner(nn.Module):
         return context
 
 
+class PositionEmbedding(nn.Module):
+    """Where each position is, added to the image features before attention.
+
+    Without it, attention has no notion of place: queries carry only what the features hold, and a
+    U-Net's convolutions leak position only through their zero padding. Then no word can ask for a
+    place ("in the top left", "to the left of"): measured on the shipped model before this existed,
+    the same seed gave the same layout whatever position words the prompt had.
+
+    Features: sin and cos of π·2^k·u (k < frequencies) for each axis, u the position's centre as a
+    fraction of the image side (so the same weights serve any H, W), through a zero-initialised 1×1
+    conv to C channels: a fresh embedding adds nothing, so a trained U-Net gains it as the identity.
+    Shapes: x (B, C, H, W) → (B, C, H, W).
+    """
+
+    def __init__(self, channels: int, frequencies: int = 4):
+        super().__init__()
+        self.frequencies = frequencies
+        self.proj = zero_(nn.Conv2d(4 * frequencies, channels, kernel_size=1))
+
+    def features(self, H: int, W: int, device: torch.device) -> torch.Tensor:
+        """(4·frequencies, H, W): sin, cos of the row's fraction, then sin, cos of the column's."""
+        freqs = math.pi * 2.0 ** torch.arange(self.frequencies, device=device)  # (F,)
+        fy = ((torch.arange(H, device=device) + 0.5) / H)[:, None] * freqs  # (H, F)
+        fx = ((torch.arange(W, device=device) + 0.5) / W)[:, None] * freqs  # (W, F)
+        rows = torch.cat([fy.sin(), fy.cos()], dim=1).T[:, :, None].expand(-1, H, W)  # (2F, H, W)
+        cols = torch.cat([fx.sin(), fx.cos()], dim=1).T[:, None, :].expand(-1, H, W)  # (2F, H, W)
+        return torch.cat([rows, cols])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, H, W = x.shape
+        pe = self.proj(self.features(H, W, x.device)[None].to(self.proj.weight.dtype))  # (1, C, H, W)
+        return x + pe.to(x.dtype)
+
+
 class Downsample(nn.Module):
     """Halve H and W with a stride-2 3×3 conv. (B, C, H, W) → (B, C, H/2, W/2)."""
 

@@ -34,6 +34,7 @@ from unet.blocks import (
     ContextRefiner,
     CrossAttentionBlock,
     Downsample,
+    PositionEmbedding,
     ResidualBlock,
     Upsample,
     check_group_norm,
@@ -54,6 +55,8 @@ class UNetConfig:
     context_layers: bidirectional transformer layers run over those hidden states before any
         cross-attention (`ContextRefiner`; 0 = none). CLIP's text tower is causal, so without them
         the tokens of a prompt's first object never see the relation that follows them.
+    position_embedding: add where each position is (`PositionEmbedding`) to the features before
+        every attention layer, so that words can ask for a place; False = attention is blind to it.
     """
 
     in_channels: int = 3
@@ -67,6 +70,7 @@ class UNetConfig:
     context_dim: int = 256
     norm_groups: int = 32
     context_layers: int = 0
+    position_embedding: bool = False
 
     def __post_init__(self):
         # JSON turns tuples into lists; keep the config hashable and comparable.
@@ -128,13 +132,17 @@ class ResAttnLayer(nn.Module):
         super().__init__()
         g = config.norm_groups
         self.res = ResidualBlock(in_channels, out_channels, config.time_emb_dim, norm_groups=g)
-        self.self_attn, self.cross_attn = None, None
+        self.self_attn, self.cross_attn, self.position = None, None, None
         if attention:
+            if config.position_embedding:
+                self.position = PositionEmbedding(out_channels)
             self.self_attn = AttentionBlock(out_channels, config.num_heads, norm_groups=g)
             self.cross_attn = CrossAttentionBlock(out_channels, config.context_dim, config.num_heads, norm_groups=g)
 
     def forward(self, x, t_emb, context, mask, token_weights):
         x = self.res(x, t_emb)
+        if self.position is not None:
+            x = self.position(x)
         if self.self_attn is not None:
             x = self.self_attn(x)
             x = self.cross_attn(x, context, mask, token_weights)
@@ -342,22 +350,33 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
             )
         return model.eval()
 
-    def with_context_layers(self, layers: int | None) -> "UNet":
-        """This U-Net, or a copy with `layers` fresh context layers: zero-initialised, so the same function.
+    def grow(self, context_layers: int | None = None, position_embedding: bool | None = None) -> "UNet":
+        """This U-Net, or a copy with fresh parts added: `context_layers` context layers, a position
+        embedding. Added parts start at zero output, so the copy computes the same function.
 
-        None or the current count returns self. A U-Net that already has context layers keeps them: a
-        different count would drop or reshape trained weights.
+        None, or what the U-Net already has, changes nothing (self when nothing changes). Trained parts
+        are never dropped or reshaped: a U-Net with context layers keeps their count, and one with a
+        position embedding keeps it.
         """
-        have = self.config.context_layers
-        if layers is None or layers == have:
+        have = self.config
+        changes = {}
+        if context_layers is not None and context_layers != have.context_layers:
+            if have.context_layers:
+                raise ValueError(f"this U-Net already has {have.context_layers} context layers; {context_layers} "
+                                 f"would drop or reshape trained weights. Keep {have.context_layers} (with "
+                                 "train.py --init, leave --context-layers out).")
+            changes["context_layers"] = context_layers
+        if position_embedding is not None and position_embedding != have.position_embedding:
+            if have.position_embedding:
+                raise ValueError("this U-Net has a trained position embedding; dropping it would change what it "
+                                 "draws. Keep it (with train.py --init, leave --position-embedding out).")
+            changes["position_embedding"] = True
+        if not changes:
             return self
-        if have:
-            raise ValueError(f"this U-Net already has {have} context layers; {layers} would drop or reshape trained "
-                             f"weights. Keep {have} (with train.py --init, leave --context-layers out).")
-        grown = UNet(replace(self.config, context_layers=layers)).to(next(self.parameters()).device)
+        grown = UNet(replace(have, **changes)).to(next(self.parameters()).device)
         missing, unexpected = grown.load_state_dict(self.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("context_refiner.") for k in missing):
-            raise RuntimeError(f"adding context layers changed other weights: {missing[:5]} {unexpected[:5]}")
+        if unexpected or any(not (k.startswith("context_refiner.") or ".position." in k) for k in missing):
+            raise RuntimeError(f"growing the U-Net changed other weights: {missing[:5]} {unexpected[:5]}")
         return grown.train(self.training)
 
     def num_parameters(self) -> int:
