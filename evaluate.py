@@ -9,9 +9,10 @@ GenEval's rule: an image is correct only if every constraint of its prompt holds
 
 Tasks: single object, colour, two objects, counting, position, colour attribution (the six GenEval
 tasks; "overall" is their mean) and unseen combinations (colour–shape pairs and relations held out of
-training). Attention localisation: for each colour and shape word of single-object prompts whose
-object was detected, pointing accuracy (the word's aggregated map peaks inside the object) and the IoU
-of the map thresholded at τ (min-max normalised) with the object's mask, over a τ sweep. CLIP-score:
+training). Placement, a diagnostic: does "in the top left" put the object in that cell? Attention
+localisation: for each colour and shape word of single-object prompts whose object was detected,
+pointing accuracy (the word's aggregated map peaks inside the object) and the IoU of the map
+thresholded at τ (min-max normalised) with the object's mask, over a τ sweep. CLIP-score:
 100 · max(cos(image, prompt), 0) with the shipped small CLIP's towers (weights/default/clip).
 """
 
@@ -27,14 +28,13 @@ import numpy as np
 import torch
 
 from data.detector import Detection, detect, relations
-from data.shapes import COLOURS, KINDS, PLURALS, ShapesConfig
+from data.shapes import COLOURS, CONVERSE, KINDS, PLURALS, POSITION_WORDS, ShapesConfig
 from diffusion.pipeline import TextToImagePipeline
 
 GENEVAL_TASKS = ("single_object", "colour", "two_objects", "counting", "position", "colour_attribution")
 TASKS = (*GENEVAL_TASKS, "unseen")
 TAUS = (0.2, 0.3, 0.4, 0.5, 0.6)
 RELATION_PHRASES = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
-INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 DIRECTIONS = ("right", "inverted", "neither")
 
 
@@ -49,6 +49,7 @@ class Prompt:
     objects: list[tuple[str | None, str]]
     count: int | None = None
     relation: tuple[int, str, int] | None = None  # (index a, "above", index b) into objects
+    cell: tuple[int, int] | None = None  # (row, col) of the 3×3 grid the one object must sit in
     words: list[str] = field(default_factory=list)  # words whose maps are localised
 
 
@@ -101,6 +102,19 @@ def make_prompts(per_task: int, seed: int, shapes: ShapesConfig | None = None) -
     return out
 
 
+def placement_prompts(seed: int, shapes: ShapesConfig | None = None) -> list[Prompt]:
+    """One prompt per grid cell, "a red circle in the top left": does the layout follow position words?
+    A diagnostic beside the GenEval tasks (chance: 1/9); relations need it, but do not show it apart."""
+    shapes = shapes or ShapesConfig()
+    rng = random.Random(f"placement/{seed}")
+    seen = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in set(shapes.held_out_pairs)]
+    out = []
+    for cell, words in POSITION_WORDS.items():
+        c, k = rng.choice(seen)
+        out.append(Prompt("placement", f"{article(f'{c} {k}')} {words}", [(c, k)], [(c, k)], cell=cell))
+    return out
+
+
 def find(dets: list[Detection], colour: str | None, kind: str) -> list[Detection]:
     return [d for d in dets if d.kind == kind and (colour is None or d.colour == colour)]
 
@@ -124,6 +138,9 @@ def correct(prompt: Prompt, dets: list[Detection], image_size: int) -> bool:
     if prompt.relation is not None:
         a, rel, b = prompt.relation
         return rel in relations(objects[a].center, objects[b].center, image_size)
+    if prompt.cell is not None:
+        x, y = objects[0].center
+        return (min(2, int(3 * y / image_size)), min(2, int(3 * x / image_size))) == prompt.cell
     return True
 
 
@@ -136,7 +153,7 @@ def relation_direction(prompt: Prompt, dets: list[Detection], image_size: int) -
         return None
     a, rel, b = prompt.relation
     found = relations(objects[a].center, objects[b].center, image_size)
-    return "right" if rel in found else "inverted" if INVERSE[rel] in found else "neither"
+    return "right" if rel in found else "inverted" if CONVERSE[rel] in found else "neither"
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -190,9 +207,9 @@ class ClipScorer:
 def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: int = 4, steps: int = 20,
              guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0, progress: bool = True,
              clip: "ClipScorer | None" = None) -> dict:
-    prompts = make_prompts(per_task, seed)
+    prompts = make_prompts(per_task, seed) + placement_prompts(seed)
     size = pipe.unet.config.sample_size
-    hits: dict[str, list[bool]] = {t: [] for t in TASKS}
+    hits: dict[str, list[bool]] = {t: [] for t in (*TASKS, "placement")}
     directions = dict.fromkeys(DIRECTIONS, 0)  # relation prompts with both objects right
     pointing, ious, clip_scores = [], [], []
     by_layer: dict[str, tuple[list[bool], list[list[float]]]] = {}
@@ -251,6 +268,10 @@ def markdown(report: dict, model: str) -> str:
         lines.append(f"| {task.replace('_', ' ')} | {r['score']:.3f} | {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f} | "
                      f"{r['images']} |")
     lines.append(f"| **overall** (mean of the six GenEval tasks) | **{s['overall']['score']:.3f}** | | |")
+    if p := s.get("placement"):
+        lines += ["", f"Placement (a diagnostic, not a GenEval task): with a position word (\"a red circle in the "
+                      f"top left\"), the one object sits in the named cell in {p['score']:.3f} of {p['images']} "
+                      f"images ({p['ci95'][0]:.2f}–{p['ci95'][1]:.2f}; chance 0.111)."]
     if d := report.get("relation_directions"):
         lines += ["", f"Relation prompts (position, unseen) with both objects drawn: the relation holds in "
                       f"{d['right']}, the opposite one in {d['inverted']}, neither in {d['neither']}."]

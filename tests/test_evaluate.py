@@ -37,6 +37,8 @@ def perfect_image(prompt: evaluate.Prompt, rng: random.Random, wrong_colour: boo
     if prompt.relation:
         cells = CELLS[prompt.relation[1]]
         return draw([(colours[i], kinds[i], cells[i]) for i in range(2)])
+    if prompt.cell:
+        return draw([(colours[0], kinds[0], prompt.cell)])
     return draw([(colours[i], kinds[i], (i, i)) for i in range(len(kinds))])
 
 
@@ -90,9 +92,12 @@ def test_prompts_use_the_training_grammar_and_hold_out_what_training_never_saw()
 def test_a_perfect_model_scores_one_and_a_colour_blind_one_fails_colour_tasks(monkeypatch):
     prompts = evaluate.make_prompts(3, seed=0)
     monkeypatch.setattr(evaluate, "make_prompts", lambda per_task, seed: prompts)
-    report = evaluate.evaluate(FakePipe(prompts), per_task=3, images_per_prompt=2, progress=False)
-    for task in evaluate.TASKS:
+    everything = prompts + evaluate.placement_prompts(0)
+    report = evaluate.evaluate(FakePipe(everything), per_task=3, images_per_prompt=2, progress=False)
+    for task in (*evaluate.TASKS, "placement"):
         assert report["scores"][task]["score"] == 1.0, task
+    assert report["scores"]["placement"]["images"] == 9 * 2
+    assert "the one object sits in the named cell in 1.000 of 18 images" in evaluate.markdown(report, "m")
     assert report["scores"]["overall"]["score"] == 1.0
     assert report["attention"]["pointing_accuracy"] == 1.0 and report["attention"]["miou"] == 1.0
     assert report["attention"]["by_layer"] == {"down.1.0.cross_attn": {"pointing_accuracy": 1.0, "miou": 1.0},
@@ -100,7 +105,8 @@ def test_a_perfect_model_scores_one_and_a_colour_blind_one_fails_colour_tasks(mo
     assert "| up.1.0.cross_attn | 0.000 | 0.000 |" in evaluate.markdown(report, "m")
     assert report["attention"]["words"] == 3 * 2 * (1 + 2) + sum(p.task == "unseen" and not p.relation
                                                                   for p in prompts) * 2 * 2
-    wrong = evaluate.evaluate(FakePipe(prompts, wrong_colour=True), per_task=3, images_per_prompt=2, progress=False)
+    wrong = evaluate.evaluate(FakePipe(everything, wrong_colour=True), per_task=3, images_per_prompt=2,
+                              progress=False)
     assert wrong["scores"]["colour"]["score"] == 0.0 and wrong["scores"]["colour_attribution"]["score"] == 0.0
     assert wrong["scores"]["single_object"]["score"] == 1.0  # shape only: colour is not a constraint there
 
@@ -114,6 +120,17 @@ def test_geneval_rule_extra_or_missing_objects_fail():
                           [(None, "circle"), (None, "square")], relation=(0, "above", 1))
     assert evaluate.correct(pos, detect(draw([("red", "circle", (0, 1)), ("blue", "square", (2, 1))])), 32)
     assert not evaluate.correct(pos, detect(draw([("red", "circle", (2, 1)), ("blue", "square", (0, 1))])), 32)
+
+
+def test_placement_needs_the_named_cell():
+    prompts = evaluate.placement_prompts(0)
+    assert [p.cell for p in prompts] == [divmod(i, 3) for i in range(9)]
+    assert prompts[0].text.endswith(" in the top left") and prompts[8].text.endswith(" in the bottom right")
+    p = prompts[2]  # the top right
+    (c, k), = p.named
+    assert evaluate.correct(p, detect(draw([(c, k, (0, 2))])), 32)
+    assert not evaluate.correct(p, detect(draw([(c, k, (0, 1))])), 32)  # one cell off
+    assert not evaluate.correct(p, detect(draw([(c, k, (0, 2)), (c, k, (2, 0))])), 32)  # an extra object
 
 
 def test_relation_direction_tells_right_from_inverted():
@@ -161,7 +178,7 @@ def test_quick_run_on_a_real_pipeline_writes_reports(tmp_path):
     report = evaluate.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "eval"), "--quick",
                             "--per-task", "1", "--steps", "2"])
     assert (tmp_path / "eval" / "report.md").read_text().startswith("## Evaluation")
-    assert set(report["scores"]) == {*evaluate.TASKS, "overall"}
+    assert set(report["scores"]) == {*evaluate.TASKS, "placement", "overall"}
     assert 0.0 <= report["attention"]["miou"] <= 1.0
     assert 0.0 <= report["clip_score"] <= 100.0 and "CLIP-score" in (tmp_path / "eval" / "report.md").read_text()
 
