@@ -292,3 +292,21 @@ def test_position_embedding_trains_and_lets_attention_tell_left_from_right(tiny,
     assert json.loads((tmp_path / "config.json").read_text())["position_embedding"] is True
     loaded = UNet.from_pretrained(tmp_path)
     torch.testing.assert_close(loaded(x, t, ctx), grown.eval()(x, t, ctx), rtol=0, atol=0)
+
+
+def test_position_embedding_while_sampling_is_cached_but_follows_weight_changes():
+    pe = randomize_(PositionEmbedding(channels=8))
+    x = torch.randn(2, 8, 4, 6)
+    with torch.no_grad():
+        first = pe(x)
+        assert len(pe._cache) == 1
+        torch.testing.assert_close(pe(x), first, rtol=0, atol=0)
+    torch.testing.assert_close(pe(x), first)  # the training path (autograd, no cache) computes the same
+    with torch.no_grad():
+        pe.proj.weight.mul_(2)  # what an optimizer step or load_state_dict does: an in-place change
+        changed = pe(x)
+        pe.load_state_dict({k: v * 0 for k, v in pe.state_dict().items()})
+        torch.testing.assert_close(pe(x), x, rtol=0, atol=0)
+    assert not torch.allclose(changed, first)
+    with torch.inference_mode():
+        assert pe(torch.randn(1, 8, 5, 5)).shape == (1, 8, 5, 5) and len(pe._cache) == 1  # one size kept
