@@ -268,7 +268,8 @@ class PositionEmbedding(nn.Module):
     Without it, attention has no notion of place: queries carry only what the features hold, and a
     U-Net's convolutions leak position only through their zero padding. Then no word can ask for a
     place ("in the top left", "to the left of"): measured on the shipped model before this existed,
-    the same seed gave the same layout whatever position words the prompt had.
+    the same seed gave the same layout whatever position words the prompt had. (It is needed, not
+    enough: 2,000 fine-tune steps with it did not change that yet; see the model card's stage 3.)
 
     Features: sin and cos of π·2^k·u (k < frequencies) for each axis, u the position's centre as a
     fraction of the image side (so the same weights serve any H, W), through a zero-initialised 1×1
@@ -304,7 +305,7 @@ class PositionEmbedding(nn.Module):
             return x + self.embedding(H, W, x.device).to(x.dtype)
         # Sampling: the embedding depends only on the size and the weights, so it is computed once. The
         # weights' versions are in the key, so any in-place change (an optimizer step, load_state_dict)
-        # recomputes it. Recomputing it per call cost +5% of a guided bf16 step (measured).
+        # recomputes it. Recomputing it at every call cost 5-12% of a guided bf16 step (measured).
         key = (H, W, x.device, x.dtype, self.proj.weight._version, self.proj.bias._version)
         if key not in self._cache:
             self._cache.clear()
