@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.detector import Detection, detect, relations
+from data.detector import Detection, cell, detect, relations
 from data.shapes import COLOURS, CONVERSE, KINDS, PLURALS, POSITION_WORDS, ShapesConfig
 from diffusion.pipeline import TextToImagePipeline
 
@@ -57,12 +57,18 @@ def article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
+def seen_pairs(shapes: ShapesConfig) -> list[tuple[str, str]]:
+    """The (colour, kind) pairs training saw: every pair but the held-out ones, in a fixed order."""
+    held = set(shapes.held_out_pairs)
+    return [(c, k) for c in COLOURS for k in KINDS if (c, k) not in held]
+
+
 def make_prompts(per_task: int, seed: int, shapes: ShapesConfig | None = None) -> list[Prompt]:
     """`per_task` prompts per task; seen tasks avoid held-out pairs, the unseen task uses only them."""
     shapes = shapes or ShapesConfig()  # its held-out pairs and relations are the training set's
     rng = random.Random(seed)
     held = set(shapes.held_out_pairs)
-    seen = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in held]
+    seen = seen_pairs(shapes)
 
     def pair(exclude=()):
         return rng.choice([p for p in seen if p not in exclude and p[1] not in {e[1] for e in exclude}])
@@ -105,13 +111,12 @@ def make_prompts(per_task: int, seed: int, shapes: ShapesConfig | None = None) -
 def placement_prompts(seed: int, shapes: ShapesConfig | None = None) -> list[Prompt]:
     """One prompt per grid cell, "a red circle in the top left": does the layout follow position words?
     A diagnostic beside the GenEval tasks (chance: 1/9); relations need it, but do not show it apart."""
-    shapes = shapes or ShapesConfig()
     rng = random.Random(f"placement/{seed}")
-    seen = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in set(shapes.held_out_pairs)]
+    seen = seen_pairs(shapes or ShapesConfig())
     out = []
-    for cell, words in POSITION_WORDS.items():
+    for where, words in POSITION_WORDS.items():
         c, k = rng.choice(seen)
-        out.append(Prompt("placement", f"{article(f'{c} {k}')} {words}", [(c, k)], [(c, k)], cell=cell))
+        out.append(Prompt("placement", f"{article(f'{c} {k}')} {words}", [(c, k)], [(c, k)], cell=where))
     return out
 
 
@@ -139,8 +144,7 @@ def correct(prompt: Prompt, dets: list[Detection], image_size: int) -> bool:
         a, rel, b = prompt.relation
         return rel in relations(objects[a].center, objects[b].center, image_size)
     if prompt.cell is not None:
-        x, y = objects[0].center
-        return (min(2, int(3 * y / image_size)), min(2, int(3 * x / image_size))) == prompt.cell
+        return cell(objects[0].center, image_size) == prompt.cell
     return True
 
 

@@ -163,6 +163,12 @@ def detect(image: Image.Image | np.ndarray, min_area: float | None = None) -> li
     return sorted(detections, key=lambda d: (d.center[1], d.center[0]))
 
 
+def cell(center: tuple[float, float], image_size: int) -> tuple[int, int]:
+    """The (row, col) of the 3×3 grid cell that a centre (x, y) in pixels lies in."""
+    x, y = center
+    return min(2, int(y * 3 // image_size)), min(2, int(x * 3 // image_size))
+
+
 def relations(a_center: tuple[float, float], b_center: tuple[float, float], image_size: int) -> set[str]:
     """Relations from a to b, from centres: a clear half-cell (1/6 of the side) offset is required."""
     dx, dy = b_center[0] - a_center[0], b_center[1] - a_center[1]
@@ -209,8 +215,7 @@ def validate(n: int = 500, size: int = 32, split: str = "test", seed: int = 0) -
             hits["kind"].append(d is not None and d.kind == o["kind"])
             hits["colour"].append(d is not None and d.colour == o["colour"])
             hits["size"].append(d is not None and d.size == o["size"])
-            cell = None if d is None else (int(d.center[1] * 3 // size), int(d.center[0] * 3 // size))
-            hits["position"].append(cell == (o["row"], o["col"]))
+            hits["position"].append(d is not None and cell(d.center, size) == (o["row"], o["col"]))
             true_mask = object_mask(o, size)
             iou = 0.0 if d is None else (d.mask & true_mask).sum() / (d.mask | true_mask).sum()
             hits["mask_iou"].append(iou)
