@@ -78,6 +78,7 @@ class TrainConfig:
     snr_gamma: float = 5.0                # Min-SNR weighting; 0 turns it off
     grounding_weight: float = 0.0         # token grounding loss on cross-attention (needs object masks: shapes)
     grounding_pixel_weight: float = 0.05  # the pixel (BCE) term, relative to the token term
+    ground_positions: bool = False        # also ground position words ("top", "left" …) in the object placed there
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 1000
@@ -99,6 +100,9 @@ class TrainConfig:
             raise ValueError(f"export_dtype {self.export_dtype!r}: choose {' or '.join(EXPORT_DTYPES)}.")
         if self.grounding_weight < 0 or self.grounding_pixel_weight < 0:
             raise ValueError("grounding_weight and grounding_pixel_weight must be >= 0.")
+        if self.ground_positions and not self.grounding_weight > 0:
+            raise ValueError("ground_positions grounds position words with the grounding loss: "
+                             "also give --grounding-weight (0.01 is the shipped recipe's).")
         if min(self.batch_size, self.grad_accum, self.steps) < 1:
             raise ValueError("batch_size, grad_accum and steps must be at least 1.")
 
@@ -354,8 +358,10 @@ def train(cfg: TrainConfig) -> Path:
                                           enc.mask, cfg, generator)
                 denoise_value = loss.detach()
                 if recorder:
+                    places = [it["object_places"] for it in items] if cfg.ground_positions else None
                     targets, valid = token_targets(enc, [it["object_masks"] for it in items],
-                                                   [it["object_words"] for it in items], enc.context.shape[1])
+                                                   [it["object_words"] for it in items], enc.context.shape[1],
+                                                   places)
                     token, pixel = grounding_loss(recorder.maps, targets, valid)
                     loss = loss + cfg.grounding_weight * (token + cfg.grounding_pixel_weight * pixel)
                     grounding_values = {"grounding_token": token.item(), "grounding_pixel": pixel.item()}

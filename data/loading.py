@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.shapes import object_mask, object_words
+from data.shapes import object_mask, object_words, place_words
 
 log = logging.getLogger(__name__)
 
@@ -346,11 +346,14 @@ class CaptionedImages(torch.utils.data.Dataset):
             caption = swap_left_right(caption)
         item = {"pixel_values": to_tensor(img), "caption": caption, "index": self.rows[i]}
         if cfg.object_masks:
-            item["object_masks"], item["object_words"] = self._object_masks(row["objects"], source_size, box, flip)
+            item["object_masks"], item["object_words"], item["object_places"] = self._object_masks(
+                row["objects"], source_size, box, flip)
         return item
 
     def _object_masks(self, objects: list[dict], source_size: tuple[int, int], box, flip: bool):
-        """Each object's mask, drawn at the source size and transformed like the image: (K, R, R) in [0, 1]."""
+        """Each object's mask, drawn at the source size and transformed like the image: (K, R, R) in [0, 1];
+        the words naming it (data.shapes.object_words) and its place (data.shapes.place_words, mirrored
+        with the image, as the caption's left and right are)."""
         if source_size[0] != source_size[1]:
             raise ValueError(f"object masks need square source images (the shapes set's), got {source_size}")
         R = self.config.resolution
@@ -362,7 +365,8 @@ class CaptionedImages(torch.utils.data.Dataset):
                 m = m.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             masks.append(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255))
         masks = torch.stack(masks) if masks else torch.zeros(0, R, R)
-        return masks, [object_words(obj) for obj in objects]
+        places = [place_words(obj["row"], 2 - obj["col"] if flip else obj["col"]) for obj in objects]
+        return masks, [object_words(obj) for obj in objects], places
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:

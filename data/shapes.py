@@ -60,6 +60,7 @@ POSITION_WORDS = {(0, 0): "in the top left", (0, 1): "at the top", (0, 2): "in t
                   (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
                   (2, 0): "in the bottom left", (2, 1): "at the bottom", (2, 2): "in the bottom right"}
 NUMBER_WORDS = {2: "two", 3: "three"}
+PLACE_WORDS = ("top", "bottom", "left", "right", "center")  # the words of POSITION_WORDS that name a place
 
 GRID = 256      # geometry quantum: 1/256 of the image side (1/8 px at 32 px: exact in float and JSON)
 MARGIN = 4      # in GRID units from each cell edge: 0.5 px at 32 px, so neighbours are >= 1 px apart
@@ -196,6 +197,11 @@ def object_words(obj: dict | ShapeObject) -> set[str]:
     kind, colour, size = (obj["kind"], obj["colour"], obj["size"]) if isinstance(obj, dict) else (
         obj.kind, obj.colour, obj.size)
     return {colour, kind, PLURALS[kind], size}
+
+
+def place_words(row: int, col: int) -> set[str]:
+    """The words naming a cell in its position phrase: (0, 0) 'in the top left' -> {'top', 'left'}."""
+    return set(POSITION_WORDS[(row, col)].split()) & set(PLACE_WORDS)
 
 
 def render(scene: Scene, size: int) -> Image.Image:

@@ -14,13 +14,22 @@ A is the head-mean cross-attention probability of the token at each position of 
 object mask area-averaged to the layer's size (soft at the edges). The maps stay the model's own
 attention, used in its computation; the loss shapes what they learn, it does not draw them.
 
+Position words ("top", "left", "center" …, with `object_places`) are grounded in the object their
+phrase places: "a red circle in the top left" points "top" and "left" at the red circle. Without them
+nothing asks the layout to follow those words, and it does not: the shipped stage 3 put the object in
+the named cell no more often than chance. In "A to the left of B" the word is a relation, not a place,
+and stays free.
+
 Shapes: B images, L tokens, R image side, N = h·w positions of a layer.
 """
 
 import torch
 import torch.nn.functional as F
 
+from data.shapes import KINDS, PLACE_WORDS, PLURALS
 from unet.attention import AttentionRecorder
+
+NOUNS = frozenset(KINDS) | frozenset(PLURALS.values())
 
 
 class GroundingRecorder(AttentionRecorder):
@@ -38,13 +47,16 @@ class GroundingRecorder(AttentionRecorder):
 
 
 def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list[list[set[str]]],
-                  num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  num_tokens: int, object_places: list[list[set[str]]] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the union mask of the objects its word names.
 
     Args:
         encoding: the text encoder's EncodedPrompts for the B captions (word_ids, words).
         object_masks: per image (K, R, R) in [0, 1].  object_words: per image and object, its words.
         num_tokens: L, the context length.
+        object_places: per image and object, its place words (data.shapes.place_words); None leaves
+            position words free.
     Returns:
         targets (B, L, R, R) float and valid (B, L) bool: True where the token's word names an object
         (start/end tokens, "a", "above", background words … are left free).
@@ -55,14 +67,27 @@ def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list
     valid = torch.zeros(B, num_tokens, dtype=torch.bool)
     for b in range(B):
         words = encoding.words[b]
+        named_by = [[k for k, ws in enumerate(object_words[b]) if w in ws] for w in words]
+        if object_places is not None:
+            for wid, w in enumerate(words):
+                if w in PLACE_WORDS:
+                    named_by[wid] = _placed(words, wid, object_words[b], object_places[b])
         for i, wid in enumerate(encoding.word_ids[b]):
-            if wid is None:
-                continue
-            named = [k for k, ws in enumerate(object_words[b]) if words[wid] in ws]
-            if named:
-                targets[b, i] = object_masks[b][named].amax(dim=0)
+            if wid is not None and named_by[wid]:
+                targets[b, i] = object_masks[b][named_by[wid]].amax(dim=0)
                 valid[b, i] = True
     return targets, valid
+
+
+def _placed(words: list[str], wid: int, object_words: list[set[str]], places: list[set[str]]) -> list[int]:
+    """The objects a place word (words[wid]) puts there: those in that place, narrowed to the ones the
+    phrase's noun names ("a red circle in the top left": "top" is the circle's, not another top object's).
+    None for a relation ("to the left of")."""
+    if wid + 1 < len(words) and words[wid + 1] == "of":
+        return []
+    there = [k for k, p in enumerate(places) if words[wid] in p]
+    noun = next((w for w in reversed(words[:wid]) if w in NOUNS), None)
+    return [k for k in there if noun in object_words[k]] or there
 
 
 def grounding_loss(maps: list[tuple[tuple[int, int], torch.Tensor]], targets: torch.Tensor,

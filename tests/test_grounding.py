@@ -1,6 +1,8 @@
 """Grounding: object masks travel with the image through the loader, words find the objects they name,
 and the loss pulls a word's cross-attention onto its object."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ from PIL import Image
 
 import train
 from data.loading import LoadConfig, load_captioned
-from data.shapes import BACKGROUNDS, COLOURS, ShapesConfig, generate_dataset, object_mask, object_words
+from data.shapes import (BACKGROUNDS, COLOURS, POSITION_WORDS, ShapesConfig, generate_dataset, object_mask,
+                         object_words, place_words)
 from diffusion.grounding import GroundingRecorder, grounding_loss, token_targets
 from tests.tiny import tiny_pipeline, tiny_text_encoder
 
@@ -36,6 +39,7 @@ def test_object_masks_sit_on_their_objects(shapes):
         for k, obj in enumerate(row["objects"]):
             assert torch.equal(item["object_masks"][k], torch.from_numpy(object_mask(obj, 32)).float())
             assert item["object_words"][k] == object_words(obj) >= {obj["colour"], obj["kind"]}
+            assert item["object_places"][k] == place_words(obj["row"], obj["col"])
             assert object_colour(item, k) == obj["colour"]
 
 
@@ -53,6 +57,12 @@ def test_object_masks_follow_resize_and_flip(shapes):
         flipped += mirrored
         expected = a["object_masks"].flip(-1) if mirrored else a["object_masks"]
         assert torch.equal(b["object_masks"], expected)
+        mirror = {"left": "right", "right": "left"}
+        assert b["object_places"] == ([{mirror.get(w, w) for w in p} for p in a["object_places"]] if mirrored
+                                      else a["object_places"])
+        for k, (mask, places) in enumerate(zip(b["object_masks"], b["object_places"], strict=True)):
+            x = (mask.sum(0) * torch.arange(16)).sum() / mask.sum()  # the mask's centre column
+            assert ("left" in places) == (x < 16 / 3) and ("right" in places) == (x > 32 / 3), (k, places)
         for k, obj in enumerate(plain.hf[plain.rows[i]]["objects"]):  # the half-size mask: the full one, pooled
             pooled = F.avg_pool2d(torch.from_numpy(object_mask(obj, 32)).float()[None], 2)[0]
             pooled = pooled.flip(-1) if mirrored else pooled
@@ -86,6 +96,41 @@ def test_words_find_the_objects_they_name():
         assert bool(valid[0, i]) == (expected is not None), word  # <start>, a, above, two, <end>: free
         if expected is not None:
             assert torch.equal(targets[0, i], expected), word
+
+
+def test_place_words_name_the_cell_as_its_phrase_does():
+    assert place_words(0, 0) == {"top", "left"} and place_words(1, 1) == {"center"}
+    assert place_words(2, 1) == {"bottom"} and place_words(1, 2) == {"right"}
+    for (row, col), phrase in POSITION_WORDS.items():
+        assert place_words(row, col) <= set(phrase.split())
+        assert ("top" in place_words(row, col)) == (row == 0) and ("left" in place_words(row, col)) == (col == 0)
+
+
+def test_place_words_point_at_the_object_their_phrase_places():
+    caption = "a red circle in the top left , a blue square at the top and a green cross to the left of a red circle"
+    words = caption.split()  # one token per word, as the shipped tokenizer gives these, with start/end tokens
+    enc = SimpleNamespace(words=[words], word_ids=[[None, *range(len(words)), None]])
+    masks = torch.zeros(3, 9, 9)
+    masks[0, :3, :3] = 1  # red circle, top left
+    masks[1, :3, 3:6] = 1  # blue square, top
+    masks[2, 6:, 3:6] = 1  # green cross, bottom (the caption's relation is false; only its words matter)
+    words = [{"red", "circle", "circles", "small"}, {"blue", "square", "squares", "small"},
+             {"green", "cross", "crosses", "small"}]
+    places = [{"top", "left"}, {"top"}, {"bottom"}]
+    L = len(enc.word_ids[0])
+    plain, plain_valid = token_targets(enc, [masks], [words], L)
+    targets, valid = token_targets(enc, [masks], [words], L, [places])
+    seen = []
+    for i, wid in enumerate(enc.word_ids[0]):
+        word = None if wid is None else enc.words[0][wid]
+        if word in ("top", "left"):
+            assert not plain_valid[0, i]  # without places, position words stay free
+            seen.append((word, bool(valid[0, i]), None if not valid[0, i] else
+                         next(k for k in range(3) if torch.equal(targets[0, i], masks[k]))))
+        elif word is not None:
+            assert bool(valid[0, i]) == bool(plain_valid[0, i]) and torch.equal(targets[0, i], plain[0, i]), word
+    # "top" of the circle, "left" of the circle, "top" of the square; "left" of "to the left of": free
+    assert seen == [("top", True, 0), ("left", True, 0), ("top", True, 1), ("left", False, None)]
 
 
 def test_loss_is_zero_when_each_word_looks_only_inside_its_object():
@@ -141,6 +186,12 @@ def test_training_with_grounding_needs_and_uses_object_masks(tmp_path, shapes):
     train.main([*common, "--data", str(shapes / "train"), "--caption-column", "captions", "--out", str(tmp_path / "r")])
     state = train.checkpoints(tmp_path / "r" / "checkpoints")[-1][1] / "state.json"
     assert '"grounding_weight": 0.01' in state.read_text()
+    train.main([*common, "--data", str(shapes / "train"), "--caption-column", "captions", "--ground-positions",
+                "--out", str(tmp_path / "p")])
+    assert '"ground_positions": true' in (train.checkpoints(tmp_path / "p" / "checkpoints")[-1][1]
+                                          / "state.json").read_text()
+    with pytest.raises(ValueError, match="grounding-weight"):
+        train.TrainConfig(ground_positions=True)
     user = tmp_path / "user"  # a folder of one's own: captions, no object masks
     user.mkdir()
     Image.new("RGB", (32, 32), "red").save(user / "a.png")
