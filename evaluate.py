@@ -9,7 +9,8 @@ GenEval's rule: an image is correct only if every constraint of its prompt holds
 
 Tasks: single object, colour, two objects, counting, position, colour attribution (the six GenEval
 tasks; "overall" is their mean) and unseen combinations (colour–shape pairs and relations held out of
-training). Placement, a diagnostic: does "in the top left" put the object in that cell? Attention
+training). Placement, a diagnostic: does "in the top left" put the object in that cell, and do the
+maps of "top" and "left" peak there? Attention
 localisation: for each colour and shape word of single-object prompts whose object was detected,
 pointing accuracy (the word's aggregated map peaks inside the object) and the IoU of the map
 thresholded at τ (min-max normalised) with the object's mask, over a τ sweep. CLIP-score:
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from data.detector import Detection, cell, detect, relations
-from data.shapes import COLOURS, CONVERSE, KINDS, PLURALS, POSITION_WORDS, ShapesConfig
+from data.shapes import COLOURS, CONVERSE, KINDS, PLURALS, POSITION_WORDS, ShapesConfig, place_words
 from diffusion.pipeline import TextToImagePipeline
 
 GENEVAL_TASKS = ("single_object", "colour", "two_objects", "counting", "position", "colour_attribution")
@@ -51,6 +52,7 @@ class Prompt:
     relation: tuple[int, str, int] | None = None  # (index a, "above", index b) into objects
     cell: tuple[int, int] | None = None  # (row, col) of the 3×3 grid the one object must sit in
     words: list[str] = field(default_factory=list)  # words whose maps are localised
+    places: list[str] = field(default_factory=list)  # position words whose maps should peak in `cell`
 
 
 def article(phrase: str) -> str:
@@ -116,7 +118,8 @@ def placement_prompts(seed: int, shapes: ShapesConfig | None = None) -> list[Pro
     out = []
     for where, words in POSITION_WORDS.items():
         c, k = rng.choice(seen)
-        out.append(Prompt("placement", f"{article(f'{c} {k}')} {words}", [(c, k)], [(c, k)], cell=where))
+        out.append(Prompt("placement", f"{article(f'{c} {k}')} {words}", [(c, k)], [(c, k)], cell=where,
+                          places=sorted(place_words(*where))))
     return out
 
 
@@ -216,12 +219,14 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
     hits: dict[str, list[bool]] = {t: [] for t in (*TASKS, "placement")}
     directions = dict.fromkeys(DIRECTIONS, 0)  # relation prompts with both objects right
     pointing, ious, clip_scores = [], [], []
+    place_hits: list[bool] = []  # placement prompts: a position word's map peaks in the named cell
     by_layer: dict[str, tuple[list[bool], list[list[float]]]] = {}
     examples = []
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         result = pipe(prompt.text, num_images=images_per_prompt, steps=steps, guidance_scale=guidance,
-                      sampler=sampler, seed=seed + 1000 * i, record_attention=bool(prompt.words))
+                      sampler=sampler, seed=seed + 1000 * i,
+                      record_attention=bool(prompt.words or prompt.places))
         if clip is not None:
             clip_scores += clip(result.images, [prompt.text] * len(result.images))
         for j, image in enumerate(result.images):
@@ -233,6 +238,12 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
             if len(examples) < 40:
                 examples.append({"task": prompt.task, "prompt": prompt.text, "correct": ok,
                                  "detected": [f"{d.size} {d.colour} {d.kind}" for d in dets]})
+            if prompt.places:
+                maps = result.attention.word_maps(j, normalize="absolute")
+                for word in prompt.places:
+                    if word in maps:
+                        y, x = np.unravel_index(int(maps[word].float().argmax()), maps[word].shape)
+                        place_hits.append(cell((x + 0.5, y + 0.5), maps[word].shape[-1]) == prompt.cell)
             if prompt.words and len(dets) == 1:
                 for layer in [None, *result.attention.layers("cross")]:  # all layers' mean, then each layer
                     maps = result.attention.word_maps(j, layer=layer, normalize="absolute")
@@ -255,6 +266,7 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
     attention = {"pointing_accuracy": sum(pointing) / max(1, len(pointing)), "pointing_ci95": [lo, hi],
                  "words": len(pointing), "miou_by_tau": dict(zip(map(str, TAUS), miou, strict=True)),
                  "miou": max(miou),
+                 "place_pointing": sum(place_hits) / max(1, len(place_hits)), "place_words": len(place_hits),
                  "by_layer": {name: {"pointing_accuracy": sum(h) / len(h), "miou": float(max(np.mean(i, axis=0)))}
                               for name, (h, i) in by_layer.items()}}
     settings = {"per_task": per_task, "images_per_prompt": images_per_prompt, "steps": steps,
@@ -284,6 +296,9 @@ def markdown(report: dict, model: str) -> str:
               f"| pointing accuracy ({a['words']} words) | {a['pointing_accuracy']:.3f} "
               f"({a['pointing_ci95'][0]:.2f}–{a['pointing_ci95'][1]:.2f}) |",
               f"| mIoU (best τ) | {a['miou']:.3f} |"]
+    if a.get("place_words"):
+        lines.append(f"| position words peaking in the named cell ({a['place_words']} words; chance 0.111) "
+                     f"| {a['place_pointing']:.3f} |")
     lines += [f"| mIoU at τ = {tau} | {v:.3f} |" for tau, v in a["miou_by_tau"].items()]
     if a.get("by_layer"):
         lines += ["", "| layer (alone) | pointing | mIoU (best τ) |", "|---|---|---|"]

@@ -61,7 +61,7 @@ class PerfectMaps:
     """Attention that looks exactly at the object: every word's map is the object's mask."""
 
     def __init__(self, prompt, images):
-        self.words, self.images = prompt.words, images
+        self.words, self.images = prompt.words + prompt.places, images
 
     def layers(self, kind):
         return ["down.1.0.cross_attn", "up.1.0.cross_attn"]
@@ -103,10 +103,18 @@ def test_a_perfect_model_scores_one_and_a_colour_blind_one_fails_colour_tasks(mo
     assert report["attention"]["by_layer"] == {"down.1.0.cross_attn": {"pointing_accuracy": 1.0, "miou": 1.0},
                                                "up.1.0.cross_attn": {"pointing_accuracy": 0.0, "miou": 0.0}}
     assert "| up.1.0.cross_attn | 0.000 | 0.000 |" in evaluate.markdown(report, "m")
+    # "top" and "left" of each placement prompt peak on the object, in the named cell: 13 words × 2 images
+    assert report["attention"]["place_pointing"] == 1.0 and report["attention"]["place_words"] == 13 * 2
+    assert "| position words peaking in the named cell (26 words; chance 0.111) | 1.000 |" in evaluate.markdown(
+        report, "m")
     assert report["attention"]["words"] == 3 * 2 * (1 + 2) + sum(p.task == "unseen" and not p.relation
                                                                   for p in prompts) * 2 * 2
     wrong = evaluate.evaluate(FakePipe(everything, wrong_colour=True), per_task=3, images_per_prompt=2,
                               progress=False)
+    monkeypatch.setattr(PerfectMaps, "word_maps", lambda self, image, normalize, layer=None: {  # turned 180°
+        w: torch.from_numpy(detect(self.images[image])[0].mask).float().flip(0, 1) for w in self.words})
+    turned = evaluate.evaluate(FakePipe(everything), per_task=3, images_per_prompt=2, progress=False)
+    assert turned["attention"]["place_pointing"] == pytest.approx(2 / 26)  # only "center" still hits
     assert wrong["scores"]["colour"]["score"] == 0.0 and wrong["scores"]["colour_attribution"]["score"] == 0.0
     assert wrong["scores"]["single_object"]["score"] == 1.0  # shape only: colour is not a constraint there
 
@@ -131,6 +139,7 @@ def test_placement_needs_the_named_cell():
     assert evaluate.correct(p, detect(draw([(c, k, (0, 2))])), 32)
     assert not evaluate.correct(p, detect(draw([(c, k, (0, 1))])), 32)  # one cell off
     assert not evaluate.correct(p, detect(draw([(c, k, (0, 2)), (c, k, (2, 0))])), 32)  # an extra object
+    assert [p.places for p in prompts[:3]] == [["left", "top"], ["top"], ["right", "top"]]
 
 
 def test_relation_direction_tells_right_from_inverted():
