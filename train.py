@@ -76,6 +76,7 @@ class TrainConfig:
     caption_dropout: float = 0.1          # empty prompts, for classifier-free guidance
     prediction_type: str = "v_prediction"  # or "epsilon"
     snr_gamma: float = 5.0                # Min-SNR weighting; 0 turns it off
+    snr_floor: float = 0.0                # least Min-SNR weight of a noisy step (v-prediction gives the noisiest ~0)
     grounding_weight: float = 0.0         # token grounding loss on cross-attention (needs object masks: shapes)
     grounding_pixel_weight: float = 0.05  # the pixel (BCE) term, relative to the token term
     ground_positions: bool = False        # also ground position words ("top", "left" …) in the object placed there
@@ -100,6 +101,9 @@ class TrainConfig:
             raise ValueError(f"export_dtype {self.export_dtype!r}: choose {' or '.join(EXPORT_DTYPES)}.")
         if self.grounding_weight < 0 or self.grounding_pixel_weight < 0:
             raise ValueError("grounding_weight and grounding_pixel_weight must be >= 0.")
+        if not 0 <= self.snr_floor <= 0.5:
+            raise ValueError(f"snr_floor={self.snr_floor}: must be a loss weight in [0, 0.5] (0: plain Min-SNR; "
+                             "0.5 is v-prediction's weight at SNR 1, where the floor starts).")
         if self.ground_positions and not self.grounding_weight > 0:
             raise ValueError("ground_positions grounds position words with the grounding loss: "
                              "also give --grounding-weight (0.01 is the shipped recipe's).")
@@ -138,11 +142,20 @@ def diffusion_loss(unet, noise_scheduler: DDPMScheduler, x0, context, mask, cfg:
     target = noise if cfg.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
     pred = unet(x_t, t, context, mask)
     mse = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))  # (B,)
-    if cfg.snr_gamma > 0:  # Min-SNR-γ (Hang et al. 2023): cap the weight of easy, low-noise steps
-        snr = compute_snr(noise_scheduler, t)
-        base = snr if cfg.prediction_type == "epsilon" else snr + 1
-        mse = mse * torch.clamp(snr, max=cfg.snr_gamma) / base
+    if cfg.snr_gamma > 0:
+        mse = mse * snr_weights(noise_scheduler, t, cfg)
     return mse.mean()
+
+
+def snr_weights(noise_scheduler: DDPMScheduler, t: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), which cap the weight of easy, low-noise steps:
+    min(SNR, γ)/SNR for epsilon, min(SNR, γ)/(SNR + 1) for v. The latter falls to ~0 at the noisiest
+    steps, the ones that decide the layout; cfg.snr_floor is the least weight of a noisy step (SNR < 1,
+    where v's weight is under 0.5), so they stay trained. Easy steps keep their cap."""
+    snr = compute_snr(noise_scheduler, t)
+    base = snr if cfg.prediction_type == "epsilon" else snr + 1
+    weights = torch.clamp(snr, max=cfg.snr_gamma) / base
+    return torch.where(snr < 1, weights.clamp_min(cfg.snr_floor), weights)
 
 
 # -- checkpoints: step-named, atomic, safetensors only ----------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 import train
@@ -140,6 +141,21 @@ def test_lr_schedule():
     assert train.get_lr(9, cfg) == pytest.approx(1e-3)
     assert train.get_lr(110, cfg) == pytest.approx(1e-4)
     assert train.get_lr(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.45))
+
+
+def test_snr_floor_keeps_the_noisiest_steps_trained():
+    cfg = train.TrainConfig()
+    scheduler = DDPMScheduler.from_pretrained("weights/default", subfolder="scheduler")  # the shipped schedule
+    t = torch.tensor([0, 250, 500, 900, 999])
+    plain = train.snr_weights(scheduler, t, cfg)
+    floored = train.snr_weights(scheduler, t, train.TrainConfig(snr_floor=0.3))
+    assert plain[-1] < 0.01 and plain[-2] < 0.1  # v-prediction's Min-SNR: the noisiest steps weigh ~nothing
+    assert torch.equal(floored[2:], plain[2:].clamp_min(0.3)) and floored[-1] == 0.3
+    assert plain[0] < 0.01 and torch.equal(floored[:2], plain[:2])  # easy steps keep their cap, however low
+    eps = train.snr_weights(scheduler, t, train.TrainConfig(prediction_type="epsilon"))
+    assert torch.allclose(eps[-2:], torch.ones(2))  # epsilon: hard steps weigh 1 already
+    with pytest.raises(ValueError, match="snr_floor"):
+        train.TrainConfig(snr_floor=2)
 
 
 def test_batches_cover_the_data_and_differ_by_rank():
