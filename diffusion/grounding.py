@@ -82,7 +82,7 @@ def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list
 def _placed(words: list[str], wid: int, object_words: list[set[str]], places: list[set[str]]) -> list[int]:
     """The objects a place word (words[wid]) puts there: those in that place, narrowed to the ones the
     phrase's noun names ("a red circle in the top left": "top" is the circle's, not another top object's).
-    None for a relation ("to the left of")."""
+    No object for a relation ("to the left of")."""
     if wid + 1 < len(words) and words[wid + 1] == "of":
         return []
     there = [k for k, p in enumerate(places) if words[wid] in p]
