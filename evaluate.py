@@ -10,10 +10,10 @@ GenEval's rule: an image is correct only if every constraint of its prompt holds
 Tasks: single object, colour, two objects, counting, position, colour attribution (the six GenEval
 tasks; "overall" is their mean) and unseen combinations (colour–shape pairs and relations held out of
 training). Placement, a diagnostic: does "in the top left" put the object in that cell, and do the
-maps of "top" and "left" peak there? Attention
-localisation: for each colour and shape word of single-object prompts whose object was detected,
-pointing accuracy (the word's aggregated map peaks inside the object) and the IoU of the map
-thresholded at τ (min-max normalised) with the object's mask, over a τ sweep. CLIP-score:
+maps of "top" and "left" peak there? Attention localisation: for each colour and shape word of
+single-object prompts whose object was detected, pointing accuracy (the word's aggregated map peaks
+inside the object) and the IoU of the map thresholded at τ (min-max normalised) with the object's
+mask, over a τ sweep. CLIP-score:
 100 · max(cos(image, prompt), 0) with the shipped small CLIP's towers (weights/default/clip).
 """
 
