@@ -80,6 +80,7 @@ class TrainConfig:
     grounding_weight: float = 0.0         # token grounding loss on cross-attention (needs object masks: shapes)
     grounding_pixel_weight: float = 0.05  # the pixel (BCE) term, relative to the token term
     ground_positions: bool = False        # also ground position words ("top", "left" …) in the object placed there
+    ground_relations: bool = False        # also ground relation words ("above", "left of") in the object they place
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 1000
@@ -104,9 +105,9 @@ class TrainConfig:
         if not 0 <= self.snr_floor <= 0.5:
             raise ValueError(f"snr_floor={self.snr_floor}: must be a loss weight in [0, 0.5] (0: plain Min-SNR; "
                              "0.5 is v-prediction's weight at SNR 1, where the floor starts).")
-        if self.ground_positions and not self.grounding_weight > 0:
-            raise ValueError("ground_positions grounds position words with the grounding loss: "
-                             "also give --grounding-weight (0.01 is the shipped recipe's).")
+        if (self.ground_positions or self.ground_relations) and not self.grounding_weight > 0:
+            raise ValueError("--ground-positions and --ground-relations ground words with the grounding loss: "
+                             "also give --grounding-weight (0.05 is the shipped model's last stage's).")
         if min(self.batch_size, self.grad_accum, self.steps) < 1:
             raise ValueError("batch_size, grad_accum and steps must be at least 1.")
 
@@ -374,7 +375,7 @@ def train(cfg: TrainConfig) -> Path:
                     places = [it["object_places"] for it in items] if cfg.ground_positions else None
                     targets, valid = token_targets(enc, [it["object_masks"] for it in items],
                                                    [it["object_words"] for it in items], enc.context.shape[1],
-                                                   places)
+                                                   places, relations=cfg.ground_relations)
                     token, pixel = grounding_loss(recorder.maps, targets, valid)
                     loss = loss + cfg.grounding_weight * (token + cfg.grounding_pixel_weight * pixel)
                     grounding_values = {"grounding_token": token.item(), "grounding_pixel": pixel.item()}

@@ -17,8 +17,8 @@ attention, used in its computation; the loss shapes what they learn, it does not
 Position words ("top", "left", "center" …, with `object_places`) are grounded in the object their
 phrase places: "a red circle in the top left" points "top" and "left" at the red circle. Without them
 nothing asks the layout to follow those words, and it does not: the shipped stage 3 put the object in
-the named cell no more often than chance. In "A to the left of B" the word is a relation, not a place,
-and stays free.
+the named cell no more often than chance. In "A to the left of B" the word is a relation, not a place:
+it stays free, or with `relations` points at A, the object it places.
 
 Shapes: B images, L tokens, R image side, N = h·w positions of a layer.
 """
@@ -26,7 +26,7 @@ Shapes: B images, L tokens, R image side, N = h·w positions of a layer.
 import torch
 import torch.nn.functional as F
 
-from data.shapes import KINDS, PLACE_WORDS, PLURALS
+from data.shapes import COLOURS, KINDS, PLACE_WORDS, PLURALS
 from unet.attention import AttentionRecorder
 
 NOUNS = frozenset(KINDS) | frozenset(PLURALS.values())
@@ -47,8 +47,8 @@ class GroundingRecorder(AttentionRecorder):
 
 
 def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list[list[set[str]]],
-                  num_tokens: int, object_places: list[list[set[str]]] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  num_tokens: int, object_places: list[list[set[str]]] | None = None,
+                  relations: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the union mask of the objects its word names.
 
     Args:
@@ -57,6 +57,8 @@ def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list
         num_tokens: L, the context length.
         object_places: per image and object, its place words (data.shapes.place_words); None leaves
             position words free.
+        relations: also point each relation word ("above", the "left" of "to the left of") at the
+            object it places, the phrase before it (A in "A above B"); False leaves them free.
     Returns:
         targets (B, L, R, R) float and valid (B, L) bool: True where the token's word names an object
         (start/end tokens, "a", "above", background words … are left free).
@@ -68,10 +70,13 @@ def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list
     for b in range(B):
         words = encoding.words[b]
         named_by = [[k for k, ws in enumerate(object_words[b]) if w in ws] for w in words]
-        if object_places is not None:
-            for wid, w in enumerate(words):
-                if w in PLACE_WORDS:
-                    named_by[wid] = _placed(words, wid, object_words[b], object_places[b])
+        for wid, w in enumerate(words):
+            if w in ("above", "below") or (w in ("left", "right") and words[wid + 1:wid + 2] == ["of"]):
+                named_by[wid] = _subject(words, wid, object_words[b]) if relations else []
+            elif w in PLACE_WORDS and object_places is not None:
+                there = [k for k, p in enumerate(object_places[b]) if w in p]
+                own = set(_subject(words, wid, object_words[b]))
+                named_by[wid] = [k for k in there if k in own] or there  # this phrase's object, if it is there
         for i, wid in enumerate(encoding.word_ids[b]):
             if wid is not None and named_by[wid]:
                 targets[b, i] = object_masks[b][named_by[wid]].amax(dim=0)
@@ -79,15 +84,14 @@ def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list
     return targets, valid
 
 
-def _placed(words: list[str], wid: int, object_words: list[set[str]], places: list[set[str]]) -> list[int]:
-    """The objects a place word (words[wid]) puts there: those in that place, narrowed to the ones the
-    phrase's noun names ("a red circle in the top left": "top" is the circle's, not another top object's).
-    No object for a relation ("to the left of")."""
-    if wid + 1 < len(words) and words[wid + 1] == "of":
+def _subject(words: list[str], wid: int, object_words: list[set[str]]) -> list[int]:
+    """The objects named by the noun phrase before words[wid]: its kind and, if given, its colour
+    ("a red circle" in "a red circle in the top left" or "a red circle to the left of …")."""
+    j = next((j for j in range(wid - 1, -1, -1) if words[j] in NOUNS), None)
+    if j is None:
         return []
-    there = [k for k, p in enumerate(places) if words[wid] in p]
-    noun = next((w for w in reversed(words[:wid]) if w in NOUNS), None)
-    return [k for k in there if noun in object_words[k]] or there
+    phrase = {words[j]} | ({words[j - 1]} if j > 0 and words[j - 1] in COLOURS else set())
+    return [k for k, ws in enumerate(object_words) if phrase <= ws]
 
 
 def grounding_loss(maps: list[tuple[tuple[int, int], torch.Tensor]], targets: torch.Tensor,

@@ -131,6 +131,29 @@ def test_place_words_point_at_the_object_their_phrase_places():
             assert bool(valid[0, i]) == bool(plain_valid[0, i]) and torch.equal(targets[0, i], plain[0, i]), word
     # "top" of the circle, "left" of the circle, "top" of the square; "left" of "to the left of": free
     assert seen == [("top", True, 0), ("left", True, 0), ("top", True, 1), ("left", False, None)]
+    # with relations, the "left" of "to the left of" points at the green cross, the object it places
+    with_relations, rel_valid = token_targets(enc, [masks], [words], L, [places], relations=True)
+    relation = [i for i, wid in enumerate(enc.word_ids[0]) if wid is not None and enc.words[0][wid] == "left"][-1]
+    assert rel_valid[0, relation] and torch.equal(with_relations[0, relation], masks[2])
+    assert torch.equal(rel_valid[0, :relation], valid[0, :relation])
+
+
+def test_relation_words_point_at_the_object_they_place():
+    words = "a blue square above a red circle and a red cross below a blue square".split()
+    enc = SimpleNamespace(words=[words], word_ids=[[None, *range(len(words)), None]])
+    masks = torch.eye(3)[:, :, None].expand(3, 3, 3).clone()  # object k: row k of a 3×3 image
+    objects = [{"blue", "square", "squares", "small"}, {"red", "circle", "circles", "small"},
+               {"red", "cross", "crosses", "large"}]
+    L = len(enc.word_ids[0])
+    free, free_valid = token_targets(enc, [masks], [objects], L)
+    targets, valid = token_targets(enc, [masks], [objects], L, relations=True)
+    for i, wid in enumerate(enc.word_ids[0]):
+        word = None if wid is None else words[wid]
+        if word in ("above", "below"):
+            assert not free_valid[0, i] and valid[0, i]
+            assert torch.equal(targets[0, i], masks[0] if word == "above" else masks[2]), word  # the phrase before
+        else:
+            assert bool(valid[0, i]) == bool(free_valid[0, i]) and torch.equal(targets[0, i], free[0, i]), word
 
 
 def test_loss_is_zero_when_each_word_looks_only_inside_its_object():
@@ -187,11 +210,12 @@ def test_training_with_grounding_needs_and_uses_object_masks(tmp_path, shapes):
     state = train.checkpoints(tmp_path / "r" / "checkpoints")[-1][1] / "state.json"
     assert '"grounding_weight": 0.01' in state.read_text()
     train.main([*common, "--data", str(shapes / "train"), "--caption-column", "captions", "--ground-positions",
-                "--out", str(tmp_path / "p")])
-    assert '"ground_positions": true' in (train.checkpoints(tmp_path / "p" / "checkpoints")[-1][1]
-                                          / "state.json").read_text()
-    with pytest.raises(ValueError, match="grounding-weight"):
-        train.TrainConfig(ground_positions=True)
+                "--ground-relations", "--out", str(tmp_path / "p")])
+    state = (train.checkpoints(tmp_path / "p" / "checkpoints")[-1][1] / "state.json").read_text()
+    assert '"ground_positions": true' in state and '"ground_relations": true' in state
+    for flag in ("ground_positions", "ground_relations"):
+        with pytest.raises(ValueError, match="grounding-weight"):
+            train.TrainConfig(**{flag: True})
     user = tmp_path / "user"  # a folder of one's own: captions, no object masks
     user.mkdir()
     Image.new("RGB", (32, 32), "red").save(user / "a.png")
