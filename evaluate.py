@@ -13,8 +13,8 @@ training). Placement, a diagnostic: does "in the top left" put the object in tha
 maps of "top" and "left" peak there? Attention localisation: for each colour and shape word of
 single-object prompts whose object was detected, pointing accuracy (the word's aggregated map peaks
 inside the object) and the IoU of the map thresholded at τ (min-max normalised) with the object's
-mask, over a τ sweep. CLIP-score:
-100 · max(cos(image, prompt), 0) with the shipped small CLIP's towers (weights/default/clip).
+mask, over a τ sweep. CLIP-score: 100 · max(cos(image, prompt), 0) with the shipped small CLIP's
+towers (weights/default/clip).
 """
 
 import argparse

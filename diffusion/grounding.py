@@ -26,10 +26,11 @@ Shapes: B images, L tokens, R image side, N = h·w positions of a layer.
 import torch
 import torch.nn.functional as F
 
-from data.shapes import COLOURS, KINDS, PLACE_WORDS, PLURALS
+from data.shapes import COLOURS, KINDS, PLACE_WORDS, PLURALS, RELATIONS
 from unet.attention import AttentionRecorder
 
 NOUNS = frozenset(KINDS) | frozenset(PLURALS.values())
+RELATION_HEADS = {r.split()[0]: r.split()[1:] for r in RELATIONS}  # "left of" -> "left", then ["of"]
 
 
 class GroundingRecorder(AttentionRecorder):
@@ -71,7 +72,8 @@ def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list
         words = encoding.words[b]
         named_by = [[k for k, ws in enumerate(object_words[b]) if w in ws] for w in words]
         for wid, w in enumerate(words):
-            if w in ("above", "below") or (w in ("left", "right") and words[wid + 1:wid + 2] == ["of"]):
+            rest = RELATION_HEADS.get(w)
+            if rest is not None and words[wid + 1:wid + 1 + len(rest)] == rest:
                 named_by[wid] = _subject(words, wid, object_words[b]) if relations else []
             elif w in PLACE_WORDS and object_places is not None:
                 there = [k for k, p in enumerate(object_places[b]) if w in p]
