@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -312,8 +313,12 @@ def export_checkpoint(cfg: TrainConfig) -> Path:
 
 
 # -- the loop -------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) training; returns the exported pipeline folder."""
+def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """Run (or resume) training; returns the exported pipeline folder.
+
+    on_step(done, logs) is called after every optimizer step with what is logged (loss, lr,
+    images_per_s, the grounding terms): `benchmarks.devices` reads train.py's own throughput from it.
+    """
     precision = resolve_precision(cfg)
     out = Path(cfg.out)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
@@ -402,6 +407,8 @@ def train(cfg: TrainConfig) -> Path:
                               if k != "lr"})
         done = step + 1
         accelerator.log(logs, step=done)
+        if on_step is not None:
+            on_step(done, logs)
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             opt_tensors, opt_meta = optimizer_tensors(optimizer)
             ema_state = ema.state_dict()

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import common, endtoend
 
@@ -69,3 +70,28 @@ def test_space_env_is_built_once_and_rebuilt_when_requirements_change(tmp_path, 
     endtoend.space_python(venv)
     assert [c[1:3] for c in fake_pip] == [["-m", "venv"], ["-m", "pip"]]  # changed: rebuilt
     assert (venv / "requirements.txt").read_text() == (root / "requirements.txt").read_text()
+
+
+def test_devices_benchmark_measures_train_py_and_the_pipeline_on_the_cpu(tmp_path):
+    from benchmarks import devices
+    from data.shapes import ShapesConfig, generate_dataset
+    from tests.tiny import tiny_pipeline
+
+    data = generate_dataset(tmp_path / "data", ShapesConfig(size=32, seed=0), counts={"train": 8}, workers=1,
+                            progress=False)
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    rate, precision = devices.training_rate("cpu", str(tmp_path / "model"), str(data), batch_size=4, steps=2,
+                                            warmup=1, resolution=16, mixed_precision="no")
+    assert rate > 0 and precision == "no"
+    latency, dtype = devices.sampling_latency("cpu", str(tmp_path / "model"), repeats=1)
+    assert set(latency) == {"off", "on", "on, every step"} and all(v > 0 for v in latency.values())
+    assert dtype in (torch.float32, torch.bfloat16)
+
+
+def test_devices_benchmark_says_when_there_is_no_gpu(monkeypatch):
+    from benchmarks import devices
+
+    monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: False)
+    assert devices.devices_present() == ["cpu"]
+    with pytest.raises(SystemExit, match="torch sees no GPU"):
+        devices.main(["--device", "cuda", "--quick"])

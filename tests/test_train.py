@@ -203,3 +203,10 @@ def test_shapes_data_is_generated_once_into_cache(tmp_path, monkeypatch):
     assert train.resolve_data(cfg) == "cache/shapes_32px_seed0_12"
     assert calls[0][1]["train"] == 12 and calls[0][0].size == 32
     assert train.resolve_data(train.TrainConfig(data="my_folder")) == "my_folder"
+
+
+def test_on_step_hears_every_step_with_its_logs(setup):
+    heard = []
+    cfg = train.parse_args(args(setup, setup / "on_step", "--steps", "2"))
+    train.train(cfg, on_step=lambda done, logs: heard.append((done, sorted(logs))))
+    assert heard == [(1, ["images_per_s", "loss", "lr"]), (2, ["images_per_s", "loss", "lr"])]
