@@ -80,6 +80,7 @@ def main(argv=None) -> str:
             # A GPU step is milliseconds: more steps for a stable median, still seconds in all.
             n, w = (steps, warmup) if device == "cpu" else (steps * 4, warmup * 5)
             rate, precision = training_rate(device, args.model, args.data, batch, n, w)
+            precision = {"no": "fp32"}.get(precision, precision)  # accelerate's name for none
             lines.append(f"| {device_name(device)} | {batch} | {precision} | **{rate:.0f}** | {latency['off']:.2f} s "
                          f"| **{latency['on']:.2f} s** | {str(dtype).removeprefix('torch.')} |")
             print(lines[-1], flush=True)
