@@ -17,7 +17,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
