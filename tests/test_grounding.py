@@ -11,8 +11,16 @@ from PIL import Image
 
 import train
 from data.loading import LoadConfig, load_captioned
-from data.shapes import (BACKGROUNDS, COLOURS, POSITION_WORDS, ShapesConfig, generate_dataset, object_mask,
-                         object_words, place_words)
+from data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITION_WORDS,
+    ShapesConfig,
+    generate_dataset,
+    object_mask,
+    object_words,
+    place_words,
+)
 from diffusion.grounding import GroundingRecorder, grounding_loss, token_targets
 from tests.tiny import tiny_pipeline, tiny_text_encoder
 
