@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from conditioning.text_encoder import TextEncoder
 from data.loading import LoadConfig, batch_indices, load_captioned
-from diffusion.grounding import GroundingRecorder, grounding_loss, token_targets
+from diffusion.grounding import GroundingRecorder, grounding_loss, relation_loss, relation_pairs, token_targets
 from diffusion.pipeline import TextToImagePipeline
 from diffusion.precision import DTYPES, cpu_has_fast_bf16, cpu_name
 from unet import UNet, UNetConfig
@@ -82,6 +82,7 @@ class TrainConfig:
     grounding_pixel_weight: float = 0.05  # the pixel (BCE) term, relative to the token term
     ground_positions: bool = False        # also ground position words ("top", "left" …) in the object placed there
     ground_relations: bool = False        # also ground relation words ("above", "left of") in the object they place
+    relation_weight: float = 0.0          # pair loss: in "A above B", A's word maps sit above B's (captions only)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 1000
@@ -101,8 +102,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: choose auto, no, bf16 or fp16.")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ValueError(f"export_dtype {self.export_dtype!r}: choose {' or '.join(EXPORT_DTYPES)}.")
-        if self.grounding_weight < 0 or self.grounding_pixel_weight < 0:
-            raise ValueError("grounding_weight and grounding_pixel_weight must be >= 0.")
+        if min(self.grounding_weight, self.grounding_pixel_weight, self.relation_weight) < 0:
+            raise ValueError("grounding_weight, grounding_pixel_weight and relation_weight must be >= 0.")
         if not 0 <= self.snr_floor <= 0.5:
             raise ValueError(f"snr_floor={self.snr_floor}: must be a loss weight in [0, 0.5] (0: plain Min-SNR; "
                              "0.5 is v-prediction's weight at SNR 1, where the floor starts).")
@@ -368,7 +369,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
             captions = ["" if d else c for d, c in zip(drop.tolist(), captions, strict=True)]
             enc = text_encoder.encode(captions)
-            recorder = GroundingRecorder() if cfg.grounding_weight > 0 else None
+            recorder = GroundingRecorder() if cfg.grounding_weight > 0 or cfg.relation_weight > 0 else None
             recording = (accelerator.unwrap_model(unet).record_attention(recorder) if recorder
                          else contextlib.nullcontext())
             with accelerator.accumulate(unet), accelerator.autocast():
@@ -376,14 +377,19 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
                     loss = diffusion_loss(unet, noise_scheduler, x0.to(accelerator.device), enc.context,
                                           enc.mask, cfg, generator)
                 denoise_value = loss.detach()
-                if recorder:
+                attention_values = {}
+                if cfg.grounding_weight > 0:
                     places = [it["object_places"] for it in items] if cfg.ground_positions else None
                     targets, valid = token_targets(enc, [it["object_masks"] for it in items],
                                                    [it["object_words"] for it in items], enc.context.shape[1],
                                                    places, relations=cfg.ground_relations)
                     token, pixel = grounding_loss(recorder.maps, targets, valid)
                     loss = loss + cfg.grounding_weight * (token + cfg.grounding_pixel_weight * pixel)
-                    grounding_values = {"grounding_token": token.item(), "grounding_pixel": pixel.item()}
+                    attention_values.update(grounding_token=token.item(), grounding_pixel=pixel.item())
+                if cfg.relation_weight > 0:
+                    relation = relation_loss(recorder.maps, relation_pairs(enc, enc.context.shape[1]))
+                    loss = loss + cfg.relation_weight * relation
+                    attention_values["relation"] = relation.item()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -400,9 +406,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             )
         ema.step(params)
         images_per_s = cfg.batch_size * cfg.grad_accum * world / (time.perf_counter() - t0)
-        logs = {"loss": loss_value, "lr": get_lr(step, cfg), "images_per_s": images_per_s}
-        if cfg.grounding_weight > 0:
-            logs.update(grounding_values)
+        logs = {"loss": loss_value, "lr": get_lr(step, cfg), "images_per_s": images_per_s, **attention_values}
         progress.set_postfix({k: f"{v:.1f}" if k == "images_per_s" else f"{v:.4f}" for k, v in logs.items()
                               if k != "lr"})
         done = step + 1

@@ -20,17 +20,32 @@ nothing asks the layout to follow those words, and it does not: the shipped stag
 the named cell no more often than chance. In "A to the left of B" the word is a relation, not a place:
 it stays free, or with `relations` points at A, the object it places.
 
-Shapes: B images, L tokens, R image side, N = h·w positions of a layer.
+A relation word grounded in A still says nothing of where B goes, and "A above B" holds wherever
+the pair sits. The relation loss asks for the pair: in "A above B" the centre of mass of A's word
+maps (its colour, kind and size tokens) must lie at least `RELATION_MARGIN` of the side above B's,
+
+    relation loss  relu(margin − s·(c_B − c_A))   per relation and layer, c the map's centre on the
+                                                  relation's axis, s = +1 for above / left of, −1 for
+                                                  below / right of.
+
+It reads only the caption, no mask, so it asks the same at every noise level: at t near 999, where
+the image cannot say where A is, the token loss can only ask for a guess, but the pair's order is
+known from the words alone.
+
+Shapes: B images, L tokens, R image side, N = h·w positions of a layer, P relations in a batch.
 """
 
 import torch
 import torch.nn.functional as F
 
-from data.shapes import COLOURS, KINDS, PLACE_WORDS, PLURALS, RELATIONS
+from data.shapes import COLOURS, KINDS, PLACE_WORDS, PLURALS, RELATIONS, SIZES
 from unet.attention import AttentionRecorder
 
 NOUNS = frozenset(KINDS) | frozenset(PLURALS.values())
 RELATION_HEADS = {r.split()[0]: r.split()[1:] for r in RELATIONS}  # "left of" -> "left", then ["of"]
+# The relation's axis (0 rows, 1 columns) and +1 where A's coordinate is the smaller (image y grows down).
+RELATION_AXES = {"above": (0, 1.0), "below": (0, -1.0), "left": (1, 1.0), "right": (1, -1.0)}
+RELATION_MARGIN = 1 / 6  # half a grid cell, the offset evaluation's detector asks of a relation
 
 
 class GroundingRecorder(AttentionRecorder):
@@ -94,6 +109,72 @@ def _subject(words: list[str], wid: int, object_words: list[set[str]]) -> list[i
         return []
     phrase = {words[j]} | ({words[j - 1]} if j > 0 and words[j - 1] in COLOURS else set())
     return [k for k, ws in enumerate(object_words) if phrase <= ws]
+
+
+def _phrase(words: list[str], noun: int) -> list[int]:
+    """The word ids of the noun phrase ending at words[noun]: its size and colour words, then the kind."""
+    start = noun
+    while start > 0 and (words[start - 1] in COLOURS or words[start - 1] in SIZES):
+        start -= 1
+    return list(range(start, noun + 1))
+
+
+def relation_pairs(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor]:
+    """Every "A <relation> B" in the B captions, as the tokens of A's and B's noun phrases.
+
+    Returns:
+        a_tokens, b_tokens (P, L) float, 1 on the tokens of A's (B's) phrase; prompt (P,) long, the
+        caption each relation is in; axis (P,) long, 0 for above/below and 1 for left/right of;
+        sign (P,) float, +1 where A's coordinate is the smaller ("above", "left of").
+    """
+    a_tokens, b_tokens, prompt, axis, sign = [], [], [], [], []
+    for b, words in enumerate(encoding.words):
+        for wid, w in enumerate(words):
+            rest = RELATION_HEADS.get(w)
+            if rest is None or words[wid + 1:wid + 1 + len(rest)] != rest:
+                continue
+            before = next((j for j in range(wid - 1, -1, -1) if words[j] in NOUNS), None)
+            after = next((j for j in range(wid + 1 + len(rest), len(words)) if words[j] in NOUNS), None)
+            if before is None or after is None:
+                continue
+            for phrase, rows in ((_phrase(words, before), a_tokens), (_phrase(words, after), b_tokens)):
+                row = torch.zeros(num_tokens)
+                row[[i for i, wi in enumerate(encoding.word_ids[b]) if wi in phrase]] = 1
+                rows.append(row)
+            prompt.append(b)
+            axis.append(RELATION_AXES[w][0])
+            sign.append(RELATION_AXES[w][1])
+    none = torch.zeros(0, num_tokens)
+    return (torch.stack(a_tokens) if prompt else none, torch.stack(b_tokens) if prompt else none,
+            torch.tensor(prompt, dtype=torch.long), torch.tensor(axis, dtype=torch.long),
+            torch.tensor(sign, dtype=torch.float))
+
+
+def relation_loss(maps: list[tuple[tuple[int, int], torch.Tensor]], pairs, margin: float = RELATION_MARGIN
+                  ) -> torch.Tensor:
+    """Hinge on the order of A's and B's map centres, averaged over layers and relations; zero if none.
+
+    maps: GroundingRecorder.maps.  pairs: relation_pairs(...).
+    """
+    a_tokens, b_tokens, prompt, axis, sign = pairs
+    if not maps or len(prompt) == 0:
+        return maps[0][1].sum() * 0 if maps else torch.zeros(())
+    terms = []
+    for (h, w), a in maps:  # a: (B, L, N)
+        L, device = a.shape[1], a.device
+        ys, xs = torch.meshgrid((torch.arange(h, device=device) + 0.5) / h,
+                                (torch.arange(w, device=device) + 0.5) / w, indexing="ij")
+        coords = torch.stack([ys.flatten(), xs.flatten()], dim=-1)  # (N, 2), fractions of the side
+        per_prompt = a[prompt.to(device)]  # (P, L, N)
+        centres = []
+        for tokens in (a_tokens, b_tokens):
+            m = torch.einsum("pl,pln->pn", tokens[:, :L].to(device), per_prompt)  # (P, N)
+            m = m / m.sum(-1, keepdim=True).clamp_min(1e-8)
+            centres.append((m @ coords).gather(1, axis.to(device)[:, None])[:, 0])  # (P,)
+        gap = sign.to(device) * (centres[1] - centres[0])
+        terms.append(F.relu(margin - gap).mean())
+    return torch.stack(terms).mean()
 
 
 def grounding_loss(maps: list[tuple[tuple[int, int], torch.Tensor]], targets: torch.Tensor,

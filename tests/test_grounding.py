@@ -21,7 +21,14 @@ from data.shapes import (
     object_words,
     place_words,
 )
-from diffusion.grounding import GroundingRecorder, grounding_loss, token_targets
+from diffusion.grounding import (
+    RELATION_MARGIN,
+    GroundingRecorder,
+    grounding_loss,
+    relation_loss,
+    relation_pairs,
+    token_targets,
+)
 from tests.tiny import tiny_pipeline, tiny_text_encoder
 
 
@@ -183,6 +190,56 @@ def test_loss_is_zero_when_each_word_looks_only_inside_its_object():
     assert none[0].item() == none[1].item() == 0
 
 
+def word_encoding(*captions: str) -> SimpleNamespace:
+    """One token per word, with start/end tokens, as the shipped tokenizer gives the shapes captions."""
+    words = [c.split() for c in captions]
+    return SimpleNamespace(words=words, word_ids=[[None, *range(len(w)), None] for w in words])
+
+
+def test_relation_pairs_name_both_phrases_and_the_axis():
+    enc = word_encoding("a picture of a small red circle to the left of a blue square , and a green cross at the top",
+                        "two red circles", "a blue square below a large yellow triangle")
+    L = max(len(ids) for ids in enc.word_ids) + 2  # padded context
+    a_tokens, b_tokens, prompt, axis, sign = relation_pairs(enc, L)
+    assert prompt.tolist() == [0, 2] and axis.tolist() == [1, 0] and sign.tolist() == [1.0, -1.0]
+
+    def named(row, b):
+        return [enc.words[b][enc.word_ids[b][i]] for i in row.nonzero()[:, 0].tolist()]
+
+    assert named(a_tokens[0], 0) == ["small", "red", "circle"] and named(b_tokens[0], 0) == ["blue", "square"]
+    assert named(a_tokens[1], 2) == ["blue", "square"] and named(b_tokens[1], 2) == ["large", "yellow", "triangle"]
+    assert a_tokens.shape == b_tokens.shape == (2, L)
+    none = relation_pairs(word_encoding("a red circle in the top left", ""), L)  # a place, not a relation
+    assert none[0].shape == (0, L) and len(none[2]) == 0
+
+
+def test_relation_loss_asks_for_the_pair_in_the_named_order():
+    enc = word_encoding("a red circle above a blue square", "a red circle to the right of a blue square")
+    pairs = relation_pairs(enc, 12)
+    a_tokens, b_tokens, prompt = pairs[:3]
+
+    def maps(red_cell, blue_cell):
+        """(B, L, 6·6) maps: the red circle's tokens look at one cell of a 3×3 grid, the blue square's at another."""
+        a = torch.full((2, 12, 6, 6), 1e-3)
+        for p, b in enumerate(prompt.tolist()):
+            for tokens, (row, col) in ((a_tokens[p], red_cell), (b_tokens[p], blue_cell)):
+                for tok in tokens.nonzero()[:, 0].tolist():
+                    a[b, tok, 2 * row:2 * row + 2, 2 * col:2 * col + 2] = 1
+        return [((6, 6), a.flatten(2))]
+
+    # caption 0 wants red above blue, caption 1 red right of blue
+    right = relation_loss(maps((0, 2), (2, 0)), pairs)  # red top right, blue bottom left: both hold
+    wrong = relation_loss(maps((2, 0), (0, 2)), pairs)  # both inverted, by two cells (2/3 of the side)
+    assert right.item() == pytest.approx(0, abs=1e-6)
+    assert wrong.item() == pytest.approx(RELATION_MARGIN + 2 / 3, abs=0.01)
+    same = relation_loss(maps((1, 1), (1, 1)), pairs)  # the pair in one place: exactly the margin short
+    assert same.item() == pytest.approx(RELATION_MARGIN, abs=1e-4)
+    a = maps((1, 1), (1, 1))[0][1].requires_grad_()
+    relation_loss([((6, 6), a)], pairs).backward()
+    assert a.grad.abs().sum() > 0
+    assert relation_loss(maps((2, 0), (0, 2)), relation_pairs(word_encoding("a red circle", "x"), 12)).item() == 0
+
+
 def test_gradient_pulls_a_words_attention_onto_its_object(shapes):
     """Only the grounding loss, a few optimiser steps: the words' maps move onto their objects."""
     pipe = tiny_pipeline()
@@ -221,6 +278,13 @@ def test_training_with_grounding_needs_and_uses_object_masks(tmp_path, shapes):
                 "--ground-relations", "--out", str(tmp_path / "p")])
     state = (train.checkpoints(tmp_path / "p" / "checkpoints")[-1][1] / "state.json").read_text()
     assert '"ground_positions": true' in state and '"ground_relations": true' in state
+    logs = []
+    train.train(train.parse_args([*common, "--data", str(shapes / "train"), "--caption-column", "captions",
+                                  "--relation-weight", "0.1", "--out", str(tmp_path / "q")]),
+                on_step=lambda done, step_logs: logs.append(step_logs))
+    assert [set(step) >= {"relation", "grounding_token"} and step["relation"] >= 0 for step in logs] == [True, True]
+    assert '"relation_weight": 0.1' in (train.checkpoints(tmp_path / "q" / "checkpoints")[-1][1]
+                                         / "state.json").read_text()
     for flag in ("ground_positions", "ground_relations"):
         with pytest.raises(ValueError, match="grounding-weight"):
             train.TrainConfig(**{flag: True})
