@@ -104,11 +104,16 @@ def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list
 def _subject(words: list[str], wid: int, object_words: list[set[str]]) -> list[int]:
     """The objects named by the noun phrase before words[wid]: its kind and, if given, its colour
     ("a red circle" in "a red circle in the top left" or "a red circle to the left of …")."""
-    j = next((j for j in range(wid - 1, -1, -1) if words[j] in NOUNS), None)
+    j = _noun_before(words, wid)
     if j is None:
         return []
     phrase = {words[j]} | ({words[j - 1]} if j > 0 and words[j - 1] in COLOURS else set())
     return [k for k, ws in enumerate(object_words) if phrase <= ws]
+
+
+def _noun_before(words: list[str], wid: int) -> int | None:
+    """The index of the last kind word (singular or plural) before words[wid], or None."""
+    return next((j for j in range(wid - 1, -1, -1) if words[j] in NOUNS), None)
 
 
 def _phrase(words: list[str], noun: int) -> list[int]:
@@ -134,7 +139,7 @@ def relation_pairs(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tenso
             rest = RELATION_HEADS.get(w)
             if rest is None or words[wid + 1:wid + 1 + len(rest)] != rest:
                 continue
-            before = next((j for j in range(wid - 1, -1, -1) if words[j] in NOUNS), None)
+            before = _noun_before(words, wid)
             after = next((j for j in range(wid + 1 + len(rest), len(words)) if words[j] in NOUNS), None)
             if before is None or after is None:
                 continue
