@@ -87,8 +87,7 @@ def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list
         words = encoding.words[b]
         named_by = [[k for k, ws in enumerate(object_words[b]) if w in ws] for w in words]
         for wid, w in enumerate(words):
-            rest = RELATION_HEADS.get(w)
-            if rest is not None and words[wid + 1:wid + 1 + len(rest)] == rest:
+            if _relation_length(words, wid):
                 named_by[wid] = _subject(words, wid, object_words[b]) if relations else []
             elif w in PLACE_WORDS and object_places is not None:
                 there = [k for k, p in enumerate(object_places[b]) if w in p]
@@ -109,6 +108,13 @@ def _subject(words: list[str], wid: int, object_words: list[set[str]]) -> list[i
         return []
     phrase = {words[j]} | ({words[j - 1]} if j > 0 and words[j - 1] in COLOURS else set())
     return [k for k, ws in enumerate(object_words) if phrase <= ws]
+
+
+def _relation_length(words: list[str], wid: int) -> int:
+    """How many words the relation starting at words[wid] has ("above" 1, "left of" 2); 0 if none does.
+    The "left" of "in the top left" is a place, not a relation: no "of" follows it."""
+    rest = RELATION_HEADS.get(words[wid])
+    return 1 + len(rest) if rest is not None and words[wid + 1:wid + 1 + len(rest)] == rest else 0
 
 
 def _noun_before(words: list[str], wid: int) -> int | None:
@@ -136,11 +142,11 @@ def relation_pairs(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tenso
     a_tokens, b_tokens, prompt, axis, sign = [], [], [], [], []
     for b, words in enumerate(encoding.words):
         for wid, w in enumerate(words):
-            rest = RELATION_HEADS.get(w)
-            if rest is None or words[wid + 1:wid + 1 + len(rest)] != rest:
+            length = _relation_length(words, wid)
+            if not length:
                 continue
             before = _noun_before(words, wid)
-            after = next((j for j in range(wid + 1 + len(rest), len(words)) if words[j] in NOUNS), None)
+            after = next((j for j in range(wid + length, len(words)) if words[j] in NOUNS), None)
             if before is None or after is None:
                 continue
             for phrase, rows in ((_phrase(words, before), a_tokens), (_phrase(words, after), b_tokens)):

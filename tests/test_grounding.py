@@ -93,6 +93,12 @@ def test_object_masks_need_an_objects_column(tmp_path):
         load_captioned(tmp_path, LoadConfig(object_masks=True))
 
 
+def word_encoding(*captions: str) -> SimpleNamespace:
+    """One token per word, with start/end tokens, as the shipped tokenizer gives the shapes captions."""
+    words = [c.split() for c in captions]
+    return SimpleNamespace(words=words, word_ids=[[None, *range(len(w)), None] for w in words])
+
+
 def test_words_find_the_objects_they_name():
     enc = tiny_text_encoder().encode(["a red circle above two blue squares", ""])
     masks = torch.zeros(3, 8, 8)
@@ -123,8 +129,7 @@ def test_place_words_name_the_cell_as_its_phrase_does():
 
 def test_place_words_point_at_the_object_their_phrase_places():
     caption = "a red circle in the top left , a blue square at the top and a green cross to the left of a red circle"
-    words = caption.split()  # one token per word, as the shipped tokenizer gives these, with start/end tokens
-    enc = SimpleNamespace(words=[words], word_ids=[[None, *range(len(words)), None]])
+    enc = word_encoding(caption)
     masks = torch.zeros(3, 9, 9)
     masks[0, :3, :3] = 1  # red circle, top left
     masks[1, :3, 3:6] = 1  # blue square, top
@@ -154,8 +159,8 @@ def test_place_words_point_at_the_object_their_phrase_places():
 
 
 def test_relation_words_point_at_the_object_they_place():
-    words = "a blue square above a red circle and a red cross below a blue square".split()
-    enc = SimpleNamespace(words=[words], word_ids=[[None, *range(len(words)), None]])
+    enc = word_encoding("a blue square above a red circle and a red cross below a blue square")
+    words = enc.words[0]
     masks = torch.eye(3)[:, :, None].expand(3, 3, 3).clone()  # object k: row k of a 3×3 image
     objects = [{"blue", "square", "squares", "small"}, {"red", "circle", "circles", "small"},
                {"red", "cross", "crosses", "large"}]
@@ -188,12 +193,6 @@ def test_loss_is_zero_when_each_word_looks_only_inside_its_object():
     assert pixel_uni > pixel_in
     none = grounding_loss([((4, 4), uniform)], targets, torch.zeros_like(valid))
     assert none[0].item() == none[1].item() == 0
-
-
-def word_encoding(*captions: str) -> SimpleNamespace:
-    """One token per word, with start/end tokens, as the shipped tokenizer gives the shapes captions."""
-    words = [c.split() for c in captions]
-    return SimpleNamespace(words=words, word_ids=[[None, *range(len(w)), None] for w in words])
 
 
 def test_relation_pairs_name_both_phrases_and_the_axis():
