@@ -14,7 +14,8 @@
     samples/step_000500.png    validation prompts sampled with the EMA weights
     logs/                      TensorBoard (loss, lr, images/s, validation grids) when tensorboard is installed
     pipeline/                  the final export (EMA weights, U-Net stored in fp16), loadable by TextToImagePipeline
-`--export-only` writes pipeline/ from the newest checkpoint instead (e.g. while a run is still going).
+`--export-only` writes pipeline/ from the newest checkpoint instead (e.g. while a run is still going);
+`--export-only --export-step 500` writes pipeline_step_000500/ from that step's checkpoint.
 --push-to-hub OWNER/NAME uploads the export to the Hugging Face Hub (needs network and a token).
 Re-running the same command resumes from the newest checkpoint, exactly: every random draw of step
 s (batch order, caption choice and dropout, noise, timesteps) is seeded from (seed, s, rank).
@@ -93,6 +94,7 @@ class TrainConfig:
     push_to_hub: str | None = None        # OWNER/NAME on the Hugging Face Hub
     export_dtype: str = "fp16"            # precision the exported U-Net weights are stored in: fp16 | fp32
     export_only: bool = False             # write OUT/pipeline from the newest checkpoint's EMA weights, no training
+    export_step: int | None = None        # with export_only: that step's checkpoint instead, to OUT/pipeline_step_N
 
     def __post_init__(self):
         self.validation_prompts = tuple(self.validation_prompts)
@@ -112,6 +114,8 @@ class TrainConfig:
                              "also give --grounding-weight (0.05 is the shipped model's last stage's).")
         if min(self.batch_size, self.grad_accum, self.steps) < 1:
             raise ValueError("batch_size, grad_accum and steps must be at least 1.")
+        if self.export_step is not None and not self.export_only:
+            raise ValueError("--export-step names the checkpoint --export-only writes: give --export-only too.")
 
 
 # -- small pure pieces ------------------------------------------------------------------------------
@@ -285,9 +289,9 @@ def hardware(device: torch.device) -> str:
 
 
 def export(unet: UNet, text_encoder: TextEncoder, noise_scheduler: DDPMScheduler, cfg: TrainConfig, step: int,
-           seconds: float, precision: str, hardware_name: str, loss: float) -> Path:
-    """Write OUT/pipeline: the given (EMA) U-Net, the text encoder, the noise schedule and a model card."""
-    dest = Path(cfg.out) / "pipeline"
+           seconds: float, precision: str, hardware_name: str, loss: float, name: str = "pipeline") -> Path:
+    """Write OUT/<name>: the given (EMA) U-Net, the text encoder, the noise schedule and a model card."""
+    dest = Path(cfg.out) / name
     card = model_card(cfg, unet, step, seconds, precision, hardware_name, loss)
     pipe = TextToImagePipeline(unet.eval(), text_encoder, dict(noise_scheduler.config), card)
     pipe.save_pretrained(dest, unet_dtype=DTYPES[cfg.export_dtype])
@@ -296,13 +300,23 @@ def export(unet: UNet, text_encoder: TextEncoder, noise_scheduler: DDPMScheduler
 
 
 def export_checkpoint(cfg: TrainConfig) -> Path:
-    """Export the newest checkpoint under cfg.out (its EMA weights), e.g. of a run that is still going."""
-    found = checkpoints(Path(cfg.out) / "checkpoints")
+    """Export a checkpoint under cfg.out (its EMA weights): the newest to OUT/pipeline (e.g. of a run that is
+    still going), or the one at cfg.export_step to OUT/pipeline_step_N (to evaluate a run's checkpoints)."""
+    root = Path(cfg.out) / "checkpoints"
+    found = checkpoints(root)
     if not found:
-        raise FileNotFoundError(f"no finished checkpoint under {Path(cfg.out) / 'checkpoints'}: nothing to export.")
-    step, path = found[-1]
+        raise FileNotFoundError(f"no finished checkpoint under {root}: nothing to export.")
+    if cfg.export_step is None:
+        (step, path), name = found[-1], "pipeline"
+    else:
+        by_step = dict(found)
+        if cfg.export_step not in by_step:
+            raise FileNotFoundError(f"no finished checkpoint at step {cfg.export_step} under {root}; it has steps "
+                                    f"{', '.join(str(s) for s in by_step)} (--keep-checkpoints keeps the newest K).")
+        step, path, name = cfg.export_step, by_step[cfg.export_step], f"pipeline_step_{cfg.export_step:06d}"
     state = json.loads((path / "state.json").read_text())
-    run = TrainConfig(**{**state["config"], "out": cfg.out, "export_dtype": cfg.export_dtype, "export_only": False})
+    run = TrainConfig(**{**state["config"], "out": cfg.out, "export_dtype": cfg.export_dtype, "export_only": False,
+                         "export_step": None})
     unet, text_encoder, noise_scheduler = build(run)
     params = [p for p in unet.parameters() if p.requires_grad]
     shadow = load_file(path / "ema.safetensors")
@@ -310,7 +324,7 @@ def export_checkpoint(cfg: TrainConfig) -> Path:
         for i, p in enumerate(params):
             p.copy_(shadow[str(i)])
     return export(unet, text_encoder, noise_scheduler, run, step, state["seconds"], resolve_precision(run),
-                  state.get("hardware", "unknown hardware"), state["loss"])
+                  state.get("hardware", "unknown hardware"), state["loss"], name)
 
 
 # -- the loop -------------------------------------------------------------------------------------------

@@ -53,21 +53,38 @@ def test_cli_trains_checkpoints_and_exports_a_pipeline(setup):
     assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())  # …loaded back as fp32
 
 
+def ema_equal(pipe: TextToImagePipeline, checkpoint: Path) -> bool:
+    ema = load_file(checkpoint / "ema.safetensors")
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    return all(torch.equal(p, ema[str(i)]) for i, p in enumerate(params))
+
+
 def test_export_only_writes_the_newest_checkpoints_ema_weights(setup):
     out = setup / "export"
     with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
         train.main(["--out", str(out), "--export-only"])
-    train.main(args(setup, out, "--steps", "2"))
-    ema = load_file(out / "checkpoints" / "step_000002" / "ema.safetensors")
+    train.main(args(setup, out, "--steps", "3"))
     (out / "pipeline").rename(out / "final")
     train.main(["--out", str(out), "--export-only", "--export-dtype", "fp32"])
     pipe = TextToImagePipeline.from_pretrained(out / "pipeline", dtype="fp32")
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
-    assert all(torch.equal(p, ema[str(i)]) for i, p in enumerate(params))
+    assert ema_equal(pipe, out / "checkpoints" / "step_000003")
     final = TextToImagePipeline.from_pretrained(out / "final", dtype="fp32")  # the run's export: same weights, fp16
     pairs = zip(pipe.unet.parameters(), final.unet.parameters(), strict=True)
     assert all(torch.equal(a.half().float(), b) for a, b in pairs)
-    assert "2 steps" in (out / "pipeline" / "README.md").read_text()
+    assert "3 steps" in (out / "pipeline" / "README.md").read_text()
+
+    # --export-step: an older checkpoint, beside the newest's export (to evaluate a run along the way)
+    train.main(["--out", str(out), "--export-only", "--export-step", "2", "--export-dtype", "fp32"])
+    older = TextToImagePipeline.from_pretrained(out / "pipeline_step_000002", dtype="fp32")
+    assert ema_equal(older, out / "checkpoints" / "step_000002")
+    assert not ema_equal(older, out / "checkpoints" / "step_000003")
+    assert "2 steps" in (out / "pipeline_step_000002" / "README.md").read_text()
+    assert ema_equal(TextToImagePipeline.from_pretrained(out / "pipeline", dtype="fp32"),
+                     out / "checkpoints" / "step_000003")  # the newest's export is left as it was
+    with pytest.raises(FileNotFoundError, match=r"no finished checkpoint at step 1 .* it has steps 2, 3"):
+        train.main(["--out", str(out), "--export-only", "--export-step", "1"])
+    with pytest.raises(ValueError, match="give --export-only too"):
+        train.main(["--out", str(out), "--export-step", "2"])
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(setup, monkeypatch):
