@@ -34,6 +34,7 @@ from diffusion.pipeline import TextToImagePipeline
 
 GENEVAL_TASKS = ("single_object", "colour", "two_objects", "counting", "position", "colour_attribution")
 TASKS = (*GENEVAL_TASKS, "unseen")
+UNSEEN_PARTS = ("unseen_pairs", "unseen_relations")  # the unseen task split: a held-out pair, a held-out relation
 TAUS = (0.2, 0.3, 0.4, 0.5, 0.6)
 RELATION_PHRASES = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
 DIRECTIONS = ("right", "inverted", "neither")
@@ -216,7 +217,7 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
              clip: "ClipScorer | None" = None) -> dict:
     prompts = make_prompts(per_task, seed) + placement_prompts(seed)
     size = pipe.unet.config.sample_size
-    hits: dict[str, list[bool]] = {t: [] for t in (*TASKS, "placement")}
+    hits: dict[str, list[bool]] = {t: [] for t in (*TASKS, *UNSEEN_PARTS, "placement")}
     directions = dict.fromkeys(DIRECTIONS, 0)  # relation prompts with both objects right
     pointing, ious, clip_scores = [], [], []
     place_hits: list[bool] = []  # placement prompts: a position word's map peaks in the named cell
@@ -233,6 +234,8 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
             dets = detect(image)
             ok = correct(prompt, dets, size)
             hits[prompt.task].append(ok)
+            if prompt.task == "unseen":
+                hits[UNSEEN_PARTS[prompt.relation is not None]].append(ok)
             if (direction := relation_direction(prompt, dets, size)) is not None:
                 directions[direction] += 1
             if len(examples) < 40:
@@ -284,6 +287,11 @@ def markdown(report: dict, model: str) -> str:
         lines.append(f"| {task.replace('_', ' ')} | {r['score']:.3f} | {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f} | "
                      f"{r['images']} |")
     lines.append(f"| **overall** (mean of the six GenEval tasks) | **{s['overall']['score']:.3f}** | | |")
+    if all(s.get(part, {}).get("images") for part in UNSEEN_PARTS):
+        pairs, rels = s["unseen_pairs"], s["unseen_relations"]
+        lines += ["", f"Unseen, split: held-out colour–shape pairs {pairs['score']:.3f} of {pairs['images']} images "
+                      f"({pairs['ci95'][0]:.2f}–{pairs['ci95'][1]:.2f}), held-out relations {rels['score']:.3f} of "
+                      f"{rels['images']} ({rels['ci95'][0]:.2f}–{rels['ci95'][1]:.2f})."]
     if p := s.get("placement"):
         lines += ["", f"Placement (a diagnostic, not a GenEval task): with a position word (\"a red circle in the "
                       f"top left\"), the one object sits in the named cell in {p['score']:.3f} of {p['images']} "

@@ -94,8 +94,14 @@ def test_a_perfect_model_scores_one_and_a_colour_blind_one_fails_colour_tasks(mo
     monkeypatch.setattr(evaluate, "make_prompts", lambda per_task, seed: prompts)
     everything = prompts + evaluate.placement_prompts(0)
     report = evaluate.evaluate(FakePipe(everything), per_task=3, images_per_prompt=2, progress=False)
-    for task in (*evaluate.TASKS, "placement"):
+    for task in (*evaluate.TASKS, *evaluate.UNSEEN_PARTS, "placement"):
         assert report["scores"][task]["score"] == 1.0, task
+    # the unseen task split into its held-out pairs and held-out relations
+    n_pairs = sum(p.task == "unseen" and not p.relation for p in prompts)
+    assert 0 < n_pairs < 3
+    assert report["scores"]["unseen_pairs"]["images"] == n_pairs * 2
+    assert report["scores"]["unseen_relations"]["images"] == (3 - n_pairs) * 2
+    assert (f"held-out colour–shape pairs 1.000 of {n_pairs * 2} images (" in evaluate.markdown(report, "m"))
     assert report["scores"]["placement"]["images"] == 9 * 2
     assert "the one object sits in the named cell in 1.000 of 18 images" in evaluate.markdown(report, "m")
     assert report["scores"]["overall"]["score"] == 1.0
@@ -117,6 +123,7 @@ def test_a_perfect_model_scores_one_and_a_colour_blind_one_fails_colour_tasks(mo
     assert turned["attention"]["place_pointing"] == pytest.approx(2 / 26)  # only "center" still hits
     assert wrong["scores"]["colour"]["score"] == 0.0 and wrong["scores"]["colour_attribution"]["score"] == 0.0
     assert wrong["scores"]["single_object"]["score"] == 1.0  # shape only: colour is not a constraint there
+    assert wrong["scores"]["unseen_pairs"]["score"] == 0.0  # a held-out pair is a colour on a kind
 
 
 def test_geneval_rule_extra_or_missing_objects_fail():
@@ -187,7 +194,7 @@ def test_quick_run_on_a_real_pipeline_writes_reports(tmp_path):
     report = evaluate.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "eval"), "--quick",
                             "--per-task", "1", "--steps", "2"])
     assert (tmp_path / "eval" / "report.md").read_text().startswith("## Evaluation")
-    assert set(report["scores"]) == {*evaluate.TASKS, "placement", "overall"}
+    assert set(report["scores"]) == {*evaluate.TASKS, *evaluate.UNSEEN_PARTS, "placement", "overall"}
     assert 0.0 <= report["attention"]["miou"] <= 1.0
     assert 0.0 <= report["clip_score"] <= 100.0 and "CLIP-score" in (tmp_path / "eval" / "report.md").read_text()
 
