@@ -313,7 +313,8 @@ def export_checkpoint(cfg: TrainConfig) -> Path:
         if cfg.export_step not in by_step:
             raise FileNotFoundError(f"no finished checkpoint at step {cfg.export_step} under {root}; it has steps "
                                     f"{', '.join(str(s) for s in by_step)} (--keep-checkpoints keeps the newest K).")
-        step, path, name = cfg.export_step, by_step[cfg.export_step], f"pipeline_step_{cfg.export_step:06d}"
+        step, path = cfg.export_step, by_step[cfg.export_step]
+        name = f"pipeline_{path.name}"  # pipeline_step_000500: the checkpoint folder's own name
     state = json.loads((path / "state.json").read_text())
     run = TrainConfig(**{**state["config"], "out": cfg.out, "export_dtype": cfg.export_dtype, "export_only": False,
                          "export_step": None})
