@@ -20,6 +20,7 @@ Output is Hugging Face `imagefolder` layout, loadable with `datasets.load_datase
 Run:  python -m data.shapes --out cache/shapes32 --size 32 --n-train 50000
 A mix richer in the hard tasks (more multi-object, counting and relation captions; the shipped model's
 last fine-tune): add --object-count-weights 1 2 3 --same-group-prob 0.5 --relation-captions 2.
+--relation-pairs all relates every pair of uniquely named objects, not one pair a scene.
 Each image is drawn from its own RNG seeded by (seed, split, index): the output does not depend on the
 number of workers or on the order in which chunks finish.
 """
@@ -77,6 +78,7 @@ class ShapesConfig:
     object_count_weights: tuple[float, ...] | None = None  # relative odds of 1..max_objects objects; None: even
     same_group_prob: float = 0.3          # chance a multi-object scene repeats one kind+colour (counting)
     relation_captions: int = 1            # 2: also the converse phrasing ("B to the right of A") of the relation
+    relation_pairs: str = "one"           # "all": a relation caption for every pair of uniquely named objects
     background_caption_prob: float = 0.3  # chance a phrasing also names the background
     held_out_pairs: tuple[tuple[str, str], ...] = (
         ("green", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "diamond"),
@@ -97,6 +99,9 @@ class ShapesConfig:
         if self.relation_captions not in (1, 2):
             raise ValueError(f"relation_captions={self.relation_captions}: must be 1 (one relation phrasing "
                              "per scene) or 2 (that phrasing and its converse).")
+        if self.relation_pairs not in ("one", "all"):
+            raise ValueError(f"relation_pairs={self.relation_pairs!r}: must be 'one' (one related pair per "
+                             "scene) or 'all' (every pair of uniquely named objects).")
         if not 1 <= self.max_objects <= 3:
             raise ValueError(f"max_objects={self.max_objects}: must be 1, 2 or 3 (one object per "
                              "grid cell, and captions stay short).")
@@ -337,10 +342,17 @@ def captions_for(scene: Scene, rng: random.Random, config: ShapesConfig) -> list
     unique = [o for o in objs if sum((p.colour, p.kind) == (o.colour, o.kind) for p in objs) == 1]
     if len(unique) >= 2:
         a, b = rng.sample(unique, 2)
-        rel = rng.choice(relations_between(a, b))
-        rest = [o for o in objs if o is not a and o is not b]
-        pairs = [(a, rel, b)] + ([(b, CONVERSE[rel], a)] if config.relation_captions == 2 else [])
+        related = [(a, b)]
+        if config.relation_pairs == "all":  # after the first draw, so "one" draws what it always drew
+            others = [(p, q) for i, p in enumerate(unique) for q in unique[i + 1:]
+                      if {id(p), id(q)} != {id(a), id(b)}]
+            related += [(p, q) if rng.random() < 0.5 else (q, p) for p, q in others]
+        pairs = []
+        for a, b in related:
+            rel = rng.choice(relations_between(a, b))
+            pairs += [(a, rel, b)] + ([(b, CONVERSE[rel], a)] if config.relation_captions == 2 else [])
         for first, r, second in pairs:
+            rest = [o for o in objs if o is not first and o is not second]
             rel_words = r if r in ("above", "below") else f"to the {r}"
             text = f"{_article(_noun(first, with_size))} {rel_words} {_article(_noun(second, with_size))}"
             if rest:
@@ -488,6 +500,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="chance a multi-object scene repeats one colour and kind (more: more counting captions)")
     p.add_argument("--relation-captions", type=int, default=ShapesConfig.relation_captions, choices=(1, 2),
                    help="2: each relation caption also comes in its converse phrasing")
+    p.add_argument("--relation-pairs", default=ShapesConfig.relation_pairs, choices=("one", "all"),
+                   help="all: a relation caption for every pair of uniquely named objects, not one pair a scene "
+                        "(more relation captions)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="replace a different set already in --out")
     args = p.parse_args(argv)
@@ -498,7 +513,8 @@ def main(argv: list[str] | None = None) -> None:
         weights = tuple(args.object_count_weights) if args.object_count_weights else None
         config = ShapesConfig(size=args.size, seed=args.seed, object_count_weights=weights,
                               same_group_prob=args.same_group_prob,
-                              relation_captions=args.relation_captions)
+                              relation_captions=args.relation_captions,
+                              relation_pairs=args.relation_pairs)
         out = generate_dataset(args.out, config, counts, args.workers, overwrite=args.overwrite)
     except ValueError as e:  # bad size or a folder in the way: the message says what to do
         p.error(str(e))

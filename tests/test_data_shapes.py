@@ -208,7 +208,7 @@ def test_a_cache_written_before_newer_config_fields_is_reused(generated):
     info = json.loads(info_path.read_text())
     before = (generated / "train" / "000000.png").stat().st_mtime_ns
     try:
-        for field in ("object_count_weights", "relation_captions"):
+        for field in ("object_count_weights", "relation_captions", "relation_pairs"):
             del info["config"][field]
         info_path.write_text(json.dumps(info))
         generate_dataset(generated, ShapesConfig(seed=3), COUNTS, workers=1, progress=False)
@@ -243,11 +243,34 @@ def test_mix_options_shift_counts_and_add_converse_relations():
     assert plain.count(3) < n_objects[3]
 
 
+def test_relation_pairs_all_relates_every_uniquely_named_pair():
+    one = ShapesConfig(object_count_weights=(0, 0, 1), same_group_prob=0.0, relation_captions=2)
+    every = ShapesConfig(object_count_weights=(0, 0, 1), same_group_prob=0.0, relation_captions=2,
+                         relation_pairs="all")
+    n_rel = {"one": 0, "all": 0}
+    for i in range(100):
+        _, row_one = make_example(one, "train", i)
+        _, row = make_example(every, "train", i)
+        assert row["objects"] == row_one["objects"]  # same scenes: only the captions change
+        for caption in row["captions"]:
+            _check_caption(caption, row["objects"])
+        noun = r"(?:a|an) (?:(?:small|large) )?(\w+ \w+)"
+        pattern = rf"\b{noun} (?:above|below|to the left of|to the right of) {noun}"
+        related = [(m.group(1), m.group(2)) for c in row["captions"] if (m := re.search(pattern, c))]
+        names = {f"{o['colour']} {o['kind']}" for o in row["objects"]}
+        if len(names) == 3:  # three uniquely named objects: all three pairs, each phrased both ways
+            assert sorted(related) == sorted((a, b) for a in names for b in names if a != b), row["captions"]
+        n_rel["all"] += len(related)
+        n_rel["one"] += sum(bool(re.search(pattern, c)) for c in row_one["captions"])
+    assert n_rel["all"] > 2 * n_rel["one"] > 0
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(object_count_weights=(1, 2)), "3 non-negative odds"),
     (dict(object_count_weights=(0, 0, 0)), "not all zero"),
     (dict(same_group_prob=1.5), "probability"),
     (dict(relation_captions=3), "must be 1"),
+    (dict(relation_pairs="some"), "must be 'one'"),
 ])
 def test_bad_mix_options_say_what_is_allowed(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -259,9 +282,10 @@ def test_cli_writes_the_mix_it_is_asked_for(tmp_path, capsys):
 
     main(["--out", str(tmp_path), "--n-train", "12", "--n-validation", "0", "--n-test", "0", "--n-heldout", "0",
           "--object-count-weights", "0", "0", "1", "--same-group-prob", "1", "--relation-captions", "2",
-          "--workers", "1"])
+          "--relation-pairs", "all", "--workers", "1"])
     config = json.loads((tmp_path / "shapes_info.json").read_text())["config"]
     assert config["object_count_weights"] == [0, 0, 1] and config["relation_captions"] == 2
+    assert config["relation_pairs"] == "all"
     rows = [json.loads(line) for line in (tmp_path / "train" / "metadata.jsonl").read_text().splitlines()]
     assert all(len(r["objects"]) == 3 for r in rows)  # odds 0:0:1 → three objects, every one grouped
     assert all(re.match(r"(a picture of |an image of )?(two|three) ", r["captions"][0]) for r in rows)
