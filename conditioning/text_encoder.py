@@ -49,6 +49,11 @@ class EncodedPrompts:
     truncated: list[bool]
     unknown_words: list[list[str]]
 
+    def rows(self, rows: slice) -> "EncodedPrompts":
+        """The encoding of prompts[rows] alone (e.g. the prompt half of a guided batch)."""
+        return EncodedPrompts(self.context[rows], self.mask[rows], self.tokens[rows], self.word_ids[rows],
+                              self.words[rows], self.truncated[rows], self.unknown_words[rows])
+
 
 class TextEncoder:
     """A frozen `CLIPTextModel` with its `CLIPTokenizer` (the fast, `tokenizers`-backed one).

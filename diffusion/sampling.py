@@ -69,17 +69,21 @@ def sample(
     noise: torch.Tensor,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
+    guide: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run `scheduler` from `noise` (unit Gaussian, (B, C, H, W)) to images.
 
     `scheduler.set_timesteps` must have been called. callback(step, timestep) runs before each model
     call: progress bars use it, and so does the attention recorder (the step index it sets is the key
-    maps are filed under).
+    maps are filed under). guide(step, t, x) → x, if given, may move x before the model sees it
+    (relation guidance, diffusion/layout.py).
     """
     x = noise * scheduler.init_noise_sigma  # Euler's sigma-space starts at sigma_max, the others at 1
     for step, t in enumerate(scheduler.timesteps):
         if callback is not None:
             callback(step, int(t))
+        if guide is not None:
+            x = guide(step, t, x)
         out = model(scheduler.scale_model_input(x, t), t)
         x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x

@@ -300,15 +300,18 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         >>> with unet.record_attention(store):
         ...     for step, t in enumerate(timesteps):
         ...         store.set_step(step); unet(x, t, context)
-        The blocks always detach again, even if the body raises.
+        The blocks always get their previous recorder back (None outside any `with`), even if the body
+        raises; so a recorder attached inside another's `with` (relation guidance inside a recorded
+        sampling run) takes over only for its own block.
         """
+        previous = {name: block.recorder for name, block in self.attention_layers.items()}
         for block in self.attention_layers.values():
             block.recorder = recorder
         try:
             yield recorder
         finally:
-            for block in self.attention_layers.values():
-                block.recorder = None
+            for name, block in self.attention_layers.items():
+                block.recorder = previous[name]
 
     # -- save / load: safetensors only, strict keys --------------------------------------------------
     @classmethod
