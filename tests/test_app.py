@@ -4,6 +4,7 @@ A tiny random pipeline (16 px noise images) and 2–3 sampling steps keep every 
 tested is the wiring: limits, seeds, the maps that come back, errors that leave the server up.
 """
 
+import functools
 import io
 import json
 import os
@@ -71,6 +72,8 @@ def form(**overrides):
     ({"seed": -1}, "seed must be a whole number from 0 to 2147483647"),
     ({"seed": 2**31}, "seed must be a whole number from 0 to 2147483647"),
     ({"sampler": "plms"}, "unknown sampler 'plms'"),
+    ({"relation_guidance": -5}, "relation guidance must be between 0 \\(off\\) and 200"),
+    ({"relation_guidance": 250}, "relation guidance must be between 0 \\(off\\) and 200"),
 ])
 def test_limits_raise_errors_that_name_the_limit(bad, message):
     app.check_request(**form())  # the valid form passes
@@ -103,6 +106,18 @@ def test_generate_is_seeded_upscaled_and_records_maps(pipe):
     shown = app.upscale(res.images[0])
     assert shown.size == (256, 256)  # 16 px samples shown at 256 px, nearest: the pixels stay exact
     assert np.array_equal(np.asarray(shown.resize((16, 16), Image.NEAREST)), np.asarray(res.images[0]))
+
+
+def test_relation_guidance_is_on_by_default_and_said_in_the_status(pipe):
+    run = functools.partial(app.generate, pipe, negative_prompt="", steps=3, guidance=4.0, seed=2,
+                            randomize_seed=False, sampler="ddim", num_images=1, progress=NoProgress())
+    _, _, status, guided = run(prompt=PROMPT)
+    assert guided.relation_guided and f"relation guidance {app.RELATION_GUIDANCE:g}" in status
+    _, _, status, off = run(prompt=PROMPT, relation_guidance=0)
+    assert not off.relation_guided and "relation guidance" not in status
+    assert not np.array_equal(np.asarray(guided.images[0]), np.asarray(off.images[0]))
+    _, _, status, plain = run(prompt="a red circle")  # nothing to guide: not said
+    assert not plain.relation_guided and "relation guidance" not in status
 
 
 def test_randomized_seed_is_reported_and_in_range(pipe):
@@ -229,8 +244,11 @@ def test_live_generate_then_maps_come_back(server):
     client = Client(server, verbose=False)  # keyword calls, as in the README snippet
     gallery, seed, status = client.predict(prompt=PROMPT, steps=2, seed=5, randomize_seed=False, sampler="ddim",
                                            num_images=2, api_name="/generate")
-    assert seed == 5 and "Seed 5" in status
+    assert seed == 5 and "Seed 5" in status and "relation guidance 50" in status  # on by default
     assert [Image.open(item["image"]).size for item in gallery] == [(256, 256)] * 2
+    off = client.predict(prompt=PROMPT, steps=2, seed=5, randomize_seed=False, sampler="ddim", num_images=2,
+                         relation_guidance=0, api_name="/generate")[2]
+    assert "Seed 5" in off and "relation guidance" not in off
 
     words, word, heads, grid, summary = client.predict(image=1, layer="all", time_bin=0, api_name="/attention")
     assert [w["caption"] for w in words] == ["a", "red", "circle", "above", "a #2", "blue", "square"]
@@ -251,6 +269,8 @@ def test_live_bad_input_is_an_error_and_the_server_keeps_answering(server):
     client = Client(server, verbose=False)
     with pytest.raises(AppError, match="limit is 300"):
         client.predict("x" * 400, "", 2, 4.0, 5, False, "ddim", 1, api_name="/generate")
+    with pytest.raises(AppError, match="less than minimum value 0"):  # the slider's own bound, named by Gradio
+        client.predict(PROMPT, "", 2, 4.0, 5, False, "ddim", 1, -1, api_name="/generate")
     with pytest.raises(AppError, match="generate images first"):
         client.predict(0, "all", 0, -1, "minmax", False, False, 0.6, "", api_name="/attention")
     _, seed, _ = client.predict("a red circle", "", 1, 4.0, 3, False, "ddim", 1, api_name="/generate")
