@@ -15,6 +15,10 @@ single-object prompts whose object was detected, pointing accuracy (the word's a
 inside the object) and the IoU of the map thresholded at τ (min-max normalised) with the object's
 mask, over a τ sweep. CLIP-score: 100 · max(cos(image, prompt), 0) with the shipped small CLIP's
 towers (weights/default/clip).
+
+Images are sampled as the app samples them, relation guidance included (diffusion/layout.py: in prompts
+with a relation, the first steps' noise is nudged so the pair's word maps are ordered);
+`--relation-guidance 0` measures the model without it. Prompts without a relation are the same either way.
 """
 
 import argparse
@@ -30,6 +34,7 @@ import torch
 
 from data.detector import Detection, cell, detect, relations
 from data.shapes import COLOURS, CONVERSE, KINDS, PLURALS, POSITION_WORDS, ShapesConfig, place_words
+from diffusion.layout import RELATION_GUIDANCE
 from diffusion.pipeline import TextToImagePipeline
 
 GENEVAL_TASKS = ("single_object", "colour", "two_objects", "counting", "position", "colour_attribution")
@@ -214,7 +219,7 @@ class ClipScorer:
 
 def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: int = 4, steps: int = 20,
              guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0, progress: bool = True,
-             clip: "ClipScorer | None" = None) -> dict:
+             clip: "ClipScorer | None" = None, relation_guidance: float = 0.0) -> dict:
     prompts = make_prompts(per_task, seed) + placement_prompts(seed)
     size = pipe.unet.config.sample_size
     hits: dict[str, list[bool]] = {t: [] for t in (*TASKS, *UNSEEN_PARTS, "placement")}
@@ -226,7 +231,7 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         result = pipe(prompt.text, num_images=images_per_prompt, steps=steps, guidance_scale=guidance,
-                      sampler=sampler, seed=seed + 1000 * i,
+                      sampler=sampler, seed=seed + 1000 * i, relation_guidance=relation_guidance,
                       record_attention=bool(prompt.words or prompt.places))
         if clip is not None:
             clip_scores += clip(result.images, [prompt.text] * len(result.images))
@@ -273,7 +278,8 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
                  "by_layer": {name: {"pointing_accuracy": sum(h) / len(h), "miou": float(max(np.mean(i, axis=0)))}
                               for name, (h, i) in by_layer.items()}}
     settings = {"per_task": per_task, "images_per_prompt": images_per_prompt, "steps": steps,
-                "guidance": guidance, "sampler": sampler, "seed": seed, "seconds": time.perf_counter() - t0}
+                "guidance": guidance, "sampler": sampler, "seed": seed, "relation_guidance": relation_guidance,
+                "seconds": time.perf_counter() - t0}
     clip_score = float(np.mean(clip_scores)) if clip_scores else None
     return {"scores": scores, "attention": attention, "clip_score": clip_score, "settings": settings,
             "relation_directions": directions, "examples": examples}
@@ -315,8 +321,9 @@ def markdown(report: dict, model: str) -> str:
         lines += ["", f"CLIP-score (shipped small CLIP, 100 · max(cos, 0)): {report['clip_score']:.1f}"]
     st = report["settings"]
     lines += ["", f"{st['per_task']} prompts per task × {st['images_per_prompt']} images, {st['steps']} "
-              f"{st['sampler']} steps, guidance {st['guidance']}, seed {st['seed']}, "
-              f"U-Net in {st.get('dtype', 'float32')}; {st['seconds']:.0f} s."]
+              f"{st['sampler']} steps, guidance {st['guidance']}, relation guidance "
+              f"{st.get('relation_guidance', 0):g}, seed {st['seed']}, U-Net in {st.get('dtype', 'float32')}; "
+              f"{st['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -330,6 +337,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--sampler", default="dpm++")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--relation-guidance", type=float, default=RELATION_GUIDANCE,
+                        help="η of relation guidance (diffusion/layout.py), as the app samples; 0 measures the model "
+                             "without it")
     parser.add_argument("--clip", default="weights/default/clip", help="CLIP for the CLIP-score ('' to skip)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="U-Net compute type")
     parser.add_argument("--quick", action="store_true", help="2 prompts per task, 2 images each, 10 steps")
@@ -340,7 +350,7 @@ def main(argv=None) -> dict:
     pipe = TextToImagePipeline.from_pretrained(args.model, dtype=args.dtype)
     clip = ClipScorer(args.clip) if args.clip else None
     report = evaluate(pipe, args.per_task, args.images_per_prompt, args.steps, args.guidance, args.sampler, args.seed,
-                      clip=clip)
+                      clip=clip, relation_guidance=args.relation_guidance)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report["model"] = args.model
