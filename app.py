@@ -481,7 +481,7 @@ def build_demo(pipe: TextToImagePipeline) -> gr.Blocks:
                         num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
                     relation_guidance = gr.Slider(
                         0, MAX_RELATION_GUIDANCE, value=RELATION_GUIDANCE, step=5, label="Relation guidance",
-                        info="In 'A above B' or 'A to the left of B', nudge the first steps' noise until A's words "
+                        info="In 'A above B' or 'A to the left of B', nudge the first steps' noise so that A's words "
                              "look above (left of) B's; 0 turns it off. Other prompts are not touched.")
                 with gr.Accordion("What this model knows", open=False):
                     gr.Markdown(vocabulary_note(pipe))
