@@ -49,8 +49,8 @@ def relation_guide(unet: UNet, encoding, context: torch.Tensor, mask: torch.Tens
     Returns:
         guide(step, t, x (B, C, H, W)) → the nudged x, or x itself outside the window.
     """
-    if strength < 0:
-        raise ValueError(f"relation guidance must be >= 0 (0 turns it off), got {strength}.")
+    if not strength >= 0:  # NaN too
+        raise ValueError(f"relation_guidance must be >= 0 (0 turns it off), got {strength}.")
     # Inputs of a call under inference_mode are inference tensors: autograd needs ordinary ones.
     with torch.inference_mode(False):
         pairs = relation_pairs(encoding, context.shape[1])

@@ -174,8 +174,6 @@ class TextToImagePipeline:
                 raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}.")
             if num_images < 1:
                 raise ValueError(f"num_images must be at least 1, got {num_images}.")
-            if not relation_guidance >= 0:
-                raise ValueError(f"relation_guidance must be >= 0 (0 turns it off), got {relation_guidance}.")
             parsed = [parse_emphasis(p) for p in prompts]
             plain = [text for text, _ in parsed for _ in range(num_images)]  # B = len(prompts) · num_images
             emphasis = [weights for _, weights in parsed for _ in range(num_images)]
