@@ -219,7 +219,7 @@ class ClipScorer:
 
 def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: int = 4, steps: int = 20,
              guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0, progress: bool = True,
-             clip: "ClipScorer | None" = None, relation_guidance: float = 0.0) -> dict:
+             clip: "ClipScorer | None" = None, relation_guidance: float = RELATION_GUIDANCE) -> dict:
     prompts = make_prompts(per_task, seed) + placement_prompts(seed)
     size = pipe.unet.config.sample_size
     hits: dict[str, list[bool]] = {t: [] for t in (*TASKS, *UNSEEN_PARTS, "placement")}

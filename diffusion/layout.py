@@ -51,13 +51,15 @@ def relation_guide(unet: UNet, encoding, context: torch.Tensor, mask: torch.Tens
     """
     if not strength >= 0:  # NaN too
         raise ValueError(f"relation_guidance must be >= 0 (0 turns it off), got {strength}.")
+    if strength == 0:
+        return None
     # Inputs of a call under inference_mode are inference tensors: autograd needs ordinary ones.
     with torch.inference_mode(False):
         pairs = relation_pairs(encoding, context.shape[1])
+        if len(pairs[2]) == 0:
+            return None
         context, mask = context.clone(), mask.clone()
         token_weights = None if token_weights is None else token_weights.clone()
-    if strength == 0 or len(pairs[2]) == 0:
-        return None
     timesteps = [int(t) for t in scheduler.timesteps]
     stride = num_train_timesteps / REFERENCE_STEPS
     scales = {i: strength * (t - (timesteps[i + 1] if i + 1 < len(timesteps) else 0)) / stride
