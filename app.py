@@ -31,7 +31,7 @@ import gradio as gr
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from diffusion.layout import RELATION_GUIDANCE
+from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from diffusion.maps import AttentionMaps, display_size, normalize_maps, overlay
 from diffusion.pipeline import GenerationResult, TextToImagePipeline
 from diffusion.prompts import MAX_WEIGHT
@@ -45,6 +45,7 @@ MAX_STEPS = 100
 MAX_IMAGES = 8
 MAX_GUIDANCE = 20.0
 MAX_RELATION_GUIDANCE = 200.0  # beyond ~100 the pair is ordered but drawn less often (diffusion/layout.py)
+MAX_OBJECT_GUIDANCE = 100.0  # beyond ~40 it draws two objects less often again (diffusion/layout.py)
 MAX_SEED = 2**31 - 1
 
 DISPLAY = 256  # samples are 16–32 px: shown nearest-upscaled to this many pixels on the longer side
@@ -112,7 +113,8 @@ def on_torch_thread(fn):
 
 # -- requests: checks that name the limit -------------------------------------------------------
 def check_request(prompt: str, negative_prompt: str | None, steps: float, guidance: float, seed: float,
-                  num_images: float, sampler: str, relation_guidance: float = 0.0) -> None:
+                  num_images: float, sampler: str, relation_guidance: float = 0.0,
+                  object_guidance: float = 0.0) -> None:
     """Raise gr.Error (shown as a toast, and as AppError to API clients) for a request out of bounds."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise gr.Error("The prompt is empty: describe the image, e.g. 'a red circle'.")
@@ -125,18 +127,20 @@ def check_request(prompt: str, negative_prompt: str | None, steps: float, guidan
             raise gr.Error(f"{name} must be a whole number from {low} to {high}, got {value}.")
     if guidance is None or not 0 <= guidance <= MAX_GUIDANCE:
         raise gr.Error(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}.")
-    if relation_guidance is None or not 0 <= relation_guidance <= MAX_RELATION_GUIDANCE:
-        raise gr.Error(f"relation guidance must be between 0 (off) and {MAX_RELATION_GUIDANCE:g}, "
-                       f"got {relation_guidance}.")
+    for name, value, high in [("relation guidance", relation_guidance, MAX_RELATION_GUIDANCE),
+                              ("object guidance", object_guidance, MAX_OBJECT_GUIDANCE)]:
+        if value is None or not 0 <= value <= high:
+            raise gr.Error(f"{name} must be between 0 (off) and {high:g}, got {value}.")
     if sampler not in SAMPLERS:
         raise gr.Error(f"unknown sampler {sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}.")
 
 
 def check_inputs(prompt: str, negative_prompt: str, steps: float, guidance: float, seed: float,
-                 randomize_seed: bool, sampler: str, num_images: float, relation_guidance: float) -> None:
+                 randomize_seed: bool, sampler: str, num_images: float, relation_guidance: float,
+                 object_guidance: float) -> None:
     """check_request for the generate form (a seed about to be randomised needs no check)."""
     check_request(prompt, negative_prompt, steps, guidance, 0 if randomize_seed else seed, num_images, sampler,
-                  relation_guidance)
+                  relation_guidance, object_guidance)
 
 
 def upscale(image: Image.Image, size: int = DISPLAY) -> Image.Image:
@@ -186,12 +190,13 @@ def model_card_text(pipe: TextToImagePipeline) -> str:
 @on_torch_thread
 def generate(pipe: TextToImagePipeline, prompt: str, negative_prompt: str, steps: float, guidance: float,
              seed: float, randomize_seed: bool, sampler: str, num_images: float,
-             progress: gr.Progress, relation_guidance: float = RELATION_GUIDANCE
-             ) -> tuple[list, int, str, GenerationResult]:
+             progress: gr.Progress, relation_guidance: float = RELATION_GUIDANCE,
+             object_guidance: float = OBJECT_GUIDANCE) -> tuple[list, int, str, GenerationResult]:
     """Sample with attention recording on. Returns gallery items, the seed used, a status line, the result."""
     if randomize_seed:
         seed = int.from_bytes(os.urandom(4), "little") % (MAX_SEED + 1 - MAX_IMAGES)
-    check_request(prompt, negative_prompt, steps, guidance, seed, num_images, sampler, relation_guidance)
+    check_request(prompt, negative_prompt, steps, guidance, seed, num_images, sampler, relation_guidance,
+                  object_guidance)
     steps, seed, num_images = int(steps), int(seed), int(num_images)
 
     def on_step(step: int, timestep: int, total: int) -> None:
@@ -202,7 +207,8 @@ def generate(pipe: TextToImagePipeline, prompt: str, negative_prompt: str, steps
     try:
         result = pipe(prompt, negative_prompt=negative_prompt or None, num_images=num_images, steps=steps,
                       guidance_scale=float(guidance), seed=seed, sampler=sampler, record_attention=True,
-                      callback=on_step, relation_guidance=float(relation_guidance))
+                      callback=on_step, relation_guidance=float(relation_guidance),
+                      object_guidance=float(object_guidance))
     except (ValueError, FloatingPointError) as e:  # bad emphasis weights, a broken model: tell the user
         raise gr.Error(str(e)) from e
     seconds = time.perf_counter() - start
@@ -212,15 +218,16 @@ def generate(pipe: TextToImagePipeline, prompt: str, negative_prompt: str, steps
         gr.Warning(warning)
     gallery = [(upscale(im), f"seed {s}") for im, s in zip(result.images, result.seeds, strict=True)]
     status = (f"**Seed {result.seed}** (image *i* uses seed {result.seed} + *i* − 1) · {steps} {sampler} steps · "
-              f"guidance {float(guidance):g}{relation_note(result, relation_guidance)} · {seconds:.1f} s. "
+              f"guidance {float(guidance):g}{layout_note(result, relation_guidance, object_guidance)} · {seconds:.1f} s. "
               "Click a sample to explore it below.")
     status += "".join(f"\n\n⚠️ {w}" for w in warnings)
     return gallery, result.seed, status, result
 
 
-def relation_note(result: GenerationResult, relation_guidance: float) -> str:
-    """' · relation guidance 50' for the status line, when a relation in the prompt was guided."""
-    return f" · relation guidance {float(relation_guidance):g}" if result.relation_guided else ""
+def layout_note(result: GenerationResult, relation_guidance: float, object_guidance: float) -> str:
+    """' · relation guidance 50 · object guidance 20' for the status line: the terms that nudged this call."""
+    return ((f" · relation guidance {float(relation_guidance):g}" if result.relation_guided else "")
+            + (f" · object guidance {float(object_guidance):g}" if result.object_guided else ""))
 
 
 def unknown_words(pipe: TextToImagePipeline, result: GenerationResult) -> list[str]:
@@ -483,6 +490,11 @@ def build_demo(pipe: TextToImagePipeline) -> gr.Blocks:
                         0, MAX_RELATION_GUIDANCE, value=RELATION_GUIDANCE, step=5, label="Relation guidance",
                         info="In 'A above B' or 'A to the left of B', nudge the first steps' noise so that A's words "
                              "look above (left of) B's; 0 turns it off. Other prompts are not touched.")
+                    object_guidance = gr.Slider(
+                        0, MAX_OBJECT_GUIDANCE, value=OBJECT_GUIDANCE, step=5, label="Object guidance",
+                        info="In prompts naming two objects or more, nudge the first steps' noise so that every "
+                             "object's words are looked at somewhere (Attend-and-Excite), so none is left out; "
+                             "0 turns it off. Prompts naming one object are not touched.")
                 with gr.Accordion("What this model knows", open=False):
                     gr.Markdown(vocabulary_note(pipe))
                 with gr.Accordion("Model card", open=False):
@@ -542,16 +554,18 @@ def build_demo(pipe: TextToImagePipeline) -> gr.Blocks:
                     export = gr.Button("Export maps (zip)")
                     download = gr.File(label="Download")
 
-        gen_inputs = [prompt, negative_prompt, steps, guidance, seed, randomize, sampler, num_images, relation_guidance]
+        gen_inputs = [prompt, negative_prompt, steps, guidance, seed, randomize, sampler, num_images, relation_guidance,
+                      object_guidance]
         attention_inputs = [result, image, layer, time_bin, head, normalization, special, negative, alpha, word]
         attention_outputs = [words, word, heads, grid, note]
         self_inputs = [result, image, time_bin, pixel_y, pixel_x, alpha]
 
         # Named parameters: they are the API's parameter names. Gradio injects progress via the default.
         def on_generate(prompt, negative_prompt, steps, guidance, seed, randomize_seed, sampler, num_images,
-                        relation_guidance, progress=gr.Progress()):  # noqa: B008
+                        relation_guidance, object_guidance, progress=gr.Progress()):  # noqa: B008
             return generate(pipe, prompt, negative_prompt, steps, guidance, seed, randomize_seed, sampler,
-                            num_images, progress=progress, relation_guidance=relation_guidance)
+                            num_images, progress=progress, relation_guidance=relation_guidance,
+                            object_guidance=object_guidance)
 
         def center_pixel(res: GenerationResult) -> tuple[int, int]:
             H, W = res.attention.image_size

@@ -16,9 +16,10 @@ inside the object) and the IoU of the map thresholded at τ (min-max normalised)
 mask, over a τ sweep. CLIP-score: 100 · max(cos(image, prompt), 0) with the shipped small CLIP's
 towers (weights/default/clip).
 
-Images are sampled as the app samples them, relation guidance included (diffusion/layout.py: in prompts
-with a relation, the first steps' noise is nudged so the pair's word maps are ordered);
-`--relation-guidance 0` measures the model without it. Prompts without a relation are the same either way.
+Images are sampled as the app samples them, layout guidance included (diffusion/layout.py: the first
+steps' noise is nudged so a relation's word maps are ordered and every object named is attended);
+`--relation-guidance 0 --object-guidance 0` measures the model without it. Prompts naming one object
+without a relation are the same either way.
 """
 
 import argparse
@@ -34,7 +35,7 @@ import torch
 
 from data.detector import Detection, cell, detect, relations
 from data.shapes import COLOURS, CONVERSE, KINDS, PLURALS, POSITION_WORDS, ShapesConfig, place_words
-from diffusion.layout import RELATION_GUIDANCE
+from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from diffusion.pipeline import TextToImagePipeline
 
 GENEVAL_TASKS = ("single_object", "colour", "two_objects", "counting", "position", "colour_attribution")
@@ -219,7 +220,8 @@ class ClipScorer:
 
 def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: int = 4, steps: int = 20,
              guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0, progress: bool = True,
-             clip: "ClipScorer | None" = None, relation_guidance: float = RELATION_GUIDANCE) -> dict:
+             clip: "ClipScorer | None" = None, relation_guidance: float = RELATION_GUIDANCE,
+             object_guidance: float = OBJECT_GUIDANCE) -> dict:
     prompts = make_prompts(per_task, seed) + placement_prompts(seed)
     size = pipe.unet.config.sample_size
     hits: dict[str, list[bool]] = {t: [] for t in (*TASKS, *UNSEEN_PARTS, "placement")}
@@ -232,6 +234,7 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
     for i, prompt in enumerate(prompts):
         result = pipe(prompt.text, num_images=images_per_prompt, steps=steps, guidance_scale=guidance,
                       sampler=sampler, seed=seed + 1000 * i, relation_guidance=relation_guidance,
+                      object_guidance=object_guidance,
                       record_attention=bool(prompt.words or prompt.places))
         if clip is not None:
             clip_scores += clip(result.images, [prompt.text] * len(result.images))
@@ -279,6 +282,7 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
                               for name, (h, i) in by_layer.items()}}
     settings = {"per_task": per_task, "images_per_prompt": images_per_prompt, "steps": steps,
                 "guidance": guidance, "sampler": sampler, "seed": seed, "relation_guidance": relation_guidance,
+                "object_guidance": object_guidance,
                 "seconds": time.perf_counter() - t0}
     clip_score = float(np.mean(clip_scores)) if clip_scores else None
     return {"scores": scores, "attention": attention, "clip_score": clip_score, "settings": settings,
@@ -322,7 +326,7 @@ def markdown(report: dict, model: str) -> str:
     st = report["settings"]
     lines += ["", f"{st['per_task']} prompts per task × {st['images_per_prompt']} images, {st['steps']} "
               f"{st['sampler']} steps, guidance {st['guidance']}, relation guidance "
-              f"{st.get('relation_guidance', 0):g}, seed {st['seed']}, U-Net in {st.get('dtype', 'float32')}; "
+              f"{st.get('relation_guidance', 0):g}, object guidance {st.get('object_guidance', 0):g}, seed {st['seed']}, U-Net in {st.get('dtype', 'float32')}; "
               f"{st['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -340,6 +344,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--relation-guidance", type=float, default=RELATION_GUIDANCE,
                         help="η of relation guidance (diffusion/layout.py), as the app samples; 0 measures the model "
                              "without it")
+    parser.add_argument("--object-guidance", type=float, default=OBJECT_GUIDANCE,
+                        help="η of object guidance (diffusion/layout.py), as the app samples; 0 measures the model "
+                             "without it")
     parser.add_argument("--clip", default="weights/default/clip", help="CLIP for the CLIP-score ('' to skip)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="U-Net compute type")
     parser.add_argument("--quick", action="store_true", help="2 prompts per task, 2 images each, 10 steps")
@@ -350,7 +357,7 @@ def main(argv=None) -> dict:
     pipe = TextToImagePipeline.from_pretrained(args.model, dtype=args.dtype)
     clip = ClipScorer(args.clip) if args.clip else None
     report = evaluate(pipe, args.per_task, args.images_per_prompt, args.steps, args.guidance, args.sampler, args.seed,
-                      clip=clip, relation_guidance=args.relation_guidance)
+                      clip=clip, relation_guidance=args.relation_guidance, object_guidance=args.object_guidance)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report["model"] = args.model

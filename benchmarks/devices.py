@@ -71,7 +71,7 @@ def main(argv=None) -> str:
     steps, warmup, repeats = (3, 1, 2) if args.quick else (8, 2, 5)
 
     lines = ["| device | training batch | precision | training images/s | 4 images × 20 steps, maps off "
-             "| maps on | maps on + relation guidance | U-Net dtype |", "|---|---|---|---|---|---|---|---|"]
+             "| maps on | maps on + layout guidance | U-Net dtype |", "|---|---|---|---|---|---|---|---|"]
     for device in devices:
         batches = [64] if device == "cpu" else [64, 512]
         latency, dtype = sampling_latency(device, args.model, repeats)
@@ -81,7 +81,7 @@ def main(argv=None) -> str:
             rate, precision = training_rate(device, args.model, args.data, batch, n, w)
             precision = {"no": "fp32"}.get(precision, precision)  # accelerate's name for none
             lines.append(f"| {device_name(device)} | {batch} | {precision} | **{rate:.0f}** | {latency['off']:.2f} s "
-                         f"| **{latency['on']:.2f} s** | {latency['on, relation guidance']:.2f} s "
+                         f"| **{latency['on']:.2f} s** | {latency['on, layout guidance']:.2f} s "
                          f"| {str(dtype).removeprefix('torch.')} |")
             print(lines[-1], flush=True)
     if not torch.cuda.is_available():

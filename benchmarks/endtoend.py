@@ -6,8 +6,9 @@
 1. End-to-end sampling through TextToImagePipeline: 4 images, 20 DPM++ steps, guidance 4, with maps off
    and on (maps on = recording during sampling + every image's word maps afterwards), in fp32 and in the
    dtype the app picks ("auto": bf16 where this CPU runs it fast). Targets: ≤ 1.5 s with maps; recording
-   overhead ≤ 15%. The prompt has a relation, so the app's default relation guidance applies to it: its
-   cost is measured too (maps on, relation guidance on, as the app serves it).
+   overhead ≤ 15%. The prompt has a relation between two objects, so the app's default layout guidance
+   (relation and object terms) applies to it: its cost is measured too (maps on, guidance on, as the app
+   serves it).
 2. Cold start: `python app.py` as a fresh process → the first /generate answer (4 images, 20 steps,
    through gradio_client) → the first /attention answer, median of 3 starts. Target: ≤ 10 s to the
    first image. Measured twice: with this interpreter, and in a Space's environment, a virtual
@@ -36,7 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import interleaved_medians, write_section
-from diffusion.layout import RELATION_GUIDANCE
+from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from diffusion.pipeline import TextToImagePipeline
 
 PROMPT = "a red circle above a blue square"
@@ -45,18 +46,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def end_to_end(pipe: TextToImagePipeline, repeats: int) -> dict[str, float]:
     """Median seconds per call: 4 images × 20 steps, maps off / on (the app's setting: self-attention at
-    one step per timestep bin) / on with self-attention at every step / on with relation guidance."""
+    one step per timestep bin) / on with self-attention at every step / on with layout guidance (the app's
+    relation and object guidance)."""
 
-    def run(maps: bool, self_attention_per_bin: int | None = 1, relation_guidance: float = 0.0):
+    def run(maps: bool, self_attention_per_bin: int | None = 1, layout: bool = False):
         result = pipe(PROMPT, num_images=4, steps=20, guidance_scale=4.0, seed=0, record_attention=maps,
-                      self_attention_per_bin=self_attention_per_bin, relation_guidance=relation_guidance)
+                      self_attention_per_bin=self_attention_per_bin,
+                      relation_guidance=RELATION_GUIDANCE if layout else 0.0,
+                      object_guidance=OBJECT_GUIDANCE if layout else 0.0)
         if maps:
             for i in range(4):
                 result.attention.word_maps(i)
 
     return interleaved_medians({"off": lambda: run(False), "on": lambda: run(True),
                                 "on, every step": lambda: run(True, None),
-                                "on, relation guidance": lambda: run(True, 1, RELATION_GUIDANCE)},
+                                "on, layout guidance": lambda: run(True, 1, True)},
                                repeats=repeats, warmup=1, budget_s=120)
 
 
@@ -193,18 +197,19 @@ def main(argv=None) -> None:
     lines = ["### 1. Four images, 20 steps, guidance 4 (TextToImagePipeline)", "",
              "Maps on: cross-attention recorded at every step, self-attention at the middle step of each of the "
              "4 timestep bins (the app's setting), then every image's word maps. \"Self-attention every step\" "
-             "records it at every step instead. \"Relation guidance\" is maps on plus the app's default relation "
-             f"guidance (η = {RELATION_GUIDANCE:g}: one more forward and backward pass of the prompt half at each of "
-             "the first 3 steps; prompts without a relation skip it).", "",
+             "records it at every step instead. \"Layout guidance\" is maps on plus the app's default relation and "
+             f"object guidance (η = {RELATION_GUIDANCE:g} and {OBJECT_GUIDANCE:g}: one more forward and backward pass "
+             "of the prompt half at each of the first 3 steps, shared by the two terms; prompts naming one object "
+             "without a relation skip it).", "",
              "| U-Net dtype | maps off, s | maps on, s | recording overhead | self-attention every step, s "
-             "| its overhead | maps on + relation guidance, s | guidance cost |", "|---|---|---|---|---|---|---|---|"]
+             "| its overhead | maps on + layout guidance, s | guidance cost |", "|---|---|---|---|---|---|---|---|"]
     e2e = {}
     for label in ("fp32", "auto"):
         pipe = TextToImagePipeline.from_pretrained(args.model, dtype=label)
         r = end_to_end(pipe, repeats)
         name = f"{label} ({str(pipe.dtype).removeprefix('torch.')})"
         e2e[name] = r
-        every, guided = r["on, every step"], r["on, relation guidance"]
+        every, guided = r["on, every step"], r["on, layout guidance"]
         lines.append(f"| {name} | {r['off']:.2f} | **{r['on']:.2f}** | {(r['on'] / r['off'] - 1) * 100:+.0f}% "
                      f"| {every:.2f} | {(every / r['off'] - 1) * 100:+.0f}% | {guided:.2f} "
                      f"| {(guided / r['on'] - 1) * 100:+.0f}% |")
@@ -213,7 +218,7 @@ def main(argv=None) -> None:
 
     if not args.skip_cold_start:
         runs = 1 if args.quick else 3
-        lines += ["", f"### 2. Cold start of `python app.py` (dtype auto, the app's defaults, relation guidance "
+        lines += ["", f"### 2. Cold start of `python app.py` (dtype auto, the app's defaults, layout guidance "
                       f"included; median of {runs} starts)", "",
                   "| environment | listening | first 4 images served | first maps served |", "|---|---|---|---|"]
         envs = {"this machine's Python, with everything installed on it": sys.executable}

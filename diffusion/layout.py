@@ -1,82 +1,168 @@
-"""Relation guidance: nudge the noise so the prompt's relations hold, while sampling.
+"""Layout guidance: nudge the noise so the prompt's objects all appear and its relations hold, while sampling.
 
 The shipped model draws the objects of "a red circle above a blue square" and looks at them with the
-right words, but the pair's order is decided in the first, noisiest steps, where the image cannot say
+right words, but where they go is decided in the first, noisiest steps, where the image cannot say
 where anything is yet, and there it follows the starting noise about as often as the words (stage 7:
-right 89, inverted 43). The relation loss of training (`diffusion.grounding.relation_loss`: A's word
-maps must lie half a cell above B's) can be asked of the sampler instead, as Attend-and-Excite
-(Chefer et al., SIGGRAPH 2023) asks its attention loss: at each of the first steps (t ≥ `WINDOW` · T)
-take one gradient step on the noisy image,
+right 89, inverted 43); and now and then one of "a red circle and a blue square" is not drawn at all
+(two objects 0.875). Both can be asked of the sampler as Attend-and-Excite (Chefer et al., SIGGRAPH
+2023) asks its attention loss: at each of the first steps (t ≥ `WINDOW` · T) take one gradient step on
+the noisy image,
 
-    x ← x − η · (Δt / T₂₀) · ∇ₓ Σ_images relation_loss(maps of the prompt half at x),
+    x ← x − (Δt / T₂₀) · ∇ₓ Σ_images [η_rel · relation loss + η_obj · object loss](maps of the prompt half at x),
 
 Δt the step's stride and T₂₀ a 20-step stride, so the push does not grow with the number of steps.
-It reads only the caption. Prompts without a relation ("a red circle", "two blue squares") are not
-touched, and cost nothing. The nudge is taken in the model's input space (after the sampler's
-`scale_model_input`), so η means the same for every sampler.
+
+    relation loss  training's (`diffusion.grounding.relation_loss`): in "A above B", A's word maps must
+                   lie half a cell above B's. Prompts with a relation.
+    object loss    Attend-and-Excite's: 1 − the peak, over the finest map's positions, of the weakest noun
+                   phrase's share of the word attention ("a red circle and a blue square": the share of
+                   "red circle" and of "blue square" among the words' attention, start and end tokens
+                   left out). A phrase nothing attends to is an object not drawn yet. Prompts naming two
+                   objects or more without a relation (with a relation, it made relations hold less often).
+
+Both read only the caption. Prompts with neither ("a red circle", "two blue squares") are not touched
+and cost nothing. The nudge is taken in the model's input space (after the sampler's
+`scale_model_input`), so η means the same for every sampler. Each guided step costs one more forward and
+backward pass over the prompt half.
 
 The maps the app shows are still the model's own: the nudge changes the image it denoises, not how
-it attends. Measured on the shipped model (evaluate.py's relation prompts of seed 7, 104 images, fp32):
-relation held 46 → 102 at η = 50 over the first 3 of 20 steps; 101 at η = 25; η = 200 drew both objects
-less often (88). Each guided step costs one more forward and backward pass over the prompt half.
+it attends. Tuned on the shipped model with evaluate.py's prompts at seeds 7, 3, 5 and 9 (no evaluation
+seed; fp32): the relation held in 46 → 102 of 104 images at η_rel = 50 over the first 3 of 20 steps (101
+at 25; η = 200 drew both objects less often, 88). Two-object prompts: 217 → 240 of 256 at η_obj = 20
+(every seed better; 40 gave 114 of 128 where 20 gave 117, 80 gave 110). With the object term on
+relation prompts too, the relation held in 224 instead of 234 of 256, so those prompts get only theirs.
 
-Shapes: B images, C channels, H, W, L tokens, D text width.
+Shapes: B images, C channels, H, W, L tokens, D text width, Q noun phrases in a batch.
 """
-
-from collections.abc import Callable
 
 import torch
 
-from diffusion.grounding import GroundingRecorder, relation_loss, relation_pairs
+from diffusion.grounding import NOUNS, GroundingRecorder, _phrase, _relation_length, relation_loss, relation_pairs
 from unet import UNet
 
-RELATION_GUIDANCE = 50.0  # η, the app's and evaluate.py's default: the step size at 20 sampler steps
+RELATION_GUIDANCE = 50.0  # η_rel, the app's and evaluate.py's default: the step size at 20 sampler steps
+OBJECT_GUIDANCE = 20.0  # η_obj, the same for the object term
 WINDOW = 0.85  # guide the steps whose timestep is at least this fraction of the training schedule
 REFERENCE_STEPS = 20  # η is the step size at this many sampler steps; other counts scale it by their stride
 
 
-def relation_guide(unet: UNet, encoding, context: torch.Tensor, mask: torch.Tensor,
-                   token_weights: torch.Tensor | None, scheduler, strength: float,
-                   num_train_timesteps: int) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The sampling loop's guide for B prompts, or None when none of them has a relation (or strength is 0).
+def object_phrases(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every noun phrase of the captions that name two objects or more without a relation ("a red circle
+    and a blue square"; not "two red circles", one phrase, nor "a red circle above a blue square", which is
+    the relation term's: with both terms, relations held less often, 234 → 224 of 256 probe images).
 
-    Args:
-        unet: the denoiser, called as unet(x, t, context, mask, token_weights) with grad enabled.
-        encoding: the text encoder's EncodedPrompts of the B prompts (words and word ids find the relations).
-        context: (B, L, D), mask (B, L), token_weights (B, L) or None: the prompt half of the guided batch.
-        scheduler: the sampling scheduler, after set_timesteps (its timesteps, its input scaling).
-        strength: η ≥ 0.  num_train_timesteps: T of the training schedule.
     Returns:
-        guide(step, t, x (B, C, H, W)) → the nudged x, or x itself outside the window.
+        tokens (Q, L) float, 1 on the phrase's tokens (its size, colour and kind words); prompt (Q,) long,
+        the caption each phrase is in.
     """
-    if not strength >= 0:  # NaN too
-        raise ValueError(f"relation_guidance must be >= 0 (0 turns it off), got {strength}.")
-    if strength == 0:
-        return None
-    # Inputs of a call under inference_mode are inference tensors: autograd needs ordinary ones.
-    with torch.inference_mode(False):
-        pairs = relation_pairs(encoding, context.shape[1])
-        if len(pairs[2]) == 0:
-            return None
-        context, mask = context.clone(), mask.clone()
-        token_weights = None if token_weights is None else token_weights.clone()
-    timesteps = [int(t) for t in scheduler.timesteps]
-    stride = num_train_timesteps / REFERENCE_STEPS
-    scales = {i: strength * (t - (timesteps[i + 1] if i + 1 < len(timesteps) else 0)) / stride
-              for i, t in enumerate(timesteps) if t >= WINDOW * num_train_timesteps}
+    rows, prompt = [], []
+    for b, words in enumerate(encoding.words):
+        nouns = [j for j, w in enumerate(words) if w in NOUNS]
+        if len(nouns) < 2 or any(_relation_length(words, j) for j in range(len(words))):
+            continue
+        for noun in nouns:
+            phrase = _phrase(words, noun)
+            row = torch.zeros(num_tokens)
+            row[[i for i, wi in enumerate(encoding.word_ids[b]) if wi in phrase]] = 1
+            rows.append(row)
+            prompt.append(b)
+    return (torch.stack(rows) if rows else torch.zeros(0, num_tokens)), torch.tensor(prompt, dtype=torch.long)
 
-    def guide(step: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if step not in scales:
+
+def object_loss(maps: list[tuple[tuple[int, int], torch.Tensor]], phrases, words: torch.Tensor) -> torch.Tensor:
+    """Σ over captions with phrases of 1 − the peak share of their weakest phrase; zero if none.
+
+    maps: GroundingRecorder.maps.  phrases: object_phrases(...).  words (B, L) float: 1 on word tokens
+    (not start, end or padding), the tokens whose attention the shares are of. Read at the finest
+    cross-attention layers (16×16 in the shipped model, as Attend-and-Excite reads 16×16 in Stable Diffusion).
+    """
+    tokens, prompt = phrases
+    finest = max((size for size, _ in maps), default=None, key=lambda s: s[0] * s[1])
+    layers = [a for size, a in maps if size == finest]
+    if not layers or len(prompt) == 0:
+        return maps[0][1].sum() * 0 if maps else torch.zeros(())
+    a = torch.stack(layers).mean(0)  # (B, L, N): the layers' mean, as Attend-and-Excite aggregates
+    device = a.device
+    L = a.shape[1]
+    word = a * words[:, :L, None].to(device)
+    share = word / word.sum(1, keepdim=True).clamp_min(1e-8)  # (B, L, N): each word token's share at each position
+    per_phrase = torch.einsum("ql,qln->qn", tokens[:, :L].to(device), share[prompt.to(device)])  # (Q, N)
+    peaks = per_phrase.amax(-1)  # (Q,)
+    weakest = torch.full((a.shape[0],), float("inf"), device=device).scatter_reduce(
+        0, prompt.to(device), peaks, reduce="amin")  # (B,), inf where a caption has no phrases
+    guided = torch.isfinite(weakest)
+    return (1 - weakest[guided]).sum()
+
+
+class LayoutGuide:
+    """The sampling loop's guide: guide(step, t, x (B, C, H, W)) → the nudged x, or x itself outside the window.
+    `relations` / `objects`: whether the relation / object term applies to any of the B prompts."""
+
+    def __init__(self, unet: UNet, context, mask, token_weights, scheduler, num_train_timesteps: int,
+                 pairs, phrases, words, relation: float, objects: float):
+        self.unet, self.context, self.mask, self.token_weights = unet, context, mask, token_weights
+        self.scheduler, self.pairs, self.phrases, self.words = scheduler, pairs, phrases, words
+        self.eta_relation, self.eta_objects = relation, objects
+        self.relations = pairs is not None and len(pairs[2]) > 0
+        self.objects = phrases is not None and len(phrases[1]) > 0
+        timesteps = [int(t) for t in scheduler.timesteps]
+        stride = num_train_timesteps / REFERENCE_STEPS
+        self.scales = {i: (t - (timesteps[i + 1] if i + 1 < len(timesteps) else 0)) / stride
+                       for i, t in enumerate(timesteps) if t >= WINDOW * num_train_timesteps}
+
+    def loss(self, maps) -> torch.Tensor:
+        """η_rel · P · relation loss (an average over the P relations: × P gives each its own gradient, in a
+        batch where some prompts have none too) + η_obj · object loss (already a sum over images)."""
+        total = maps[0][1].sum() * 0
+        if self.relations:
+            total = total + self.eta_relation * len(self.pairs[2]) * relation_loss(maps, self.pairs)
+        if self.objects:
+            total = total + self.eta_objects * object_loss(maps, self.phrases, self.words)
+        return total
+
+    def __call__(self, step: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if step not in self.scales:
             return x
+        scheduler, context = self.scheduler, self.context
         with torch.inference_mode(False), torch.enable_grad():
             x_in = scheduler.scale_model_input(x.clone(), t).detach().requires_grad_(True)  # (B, C, H, W)
             recorder = GroundingRecorder()
-            with unet.record_attention(recorder):
-                unet(x_in.to(context.dtype), torch.full((x.shape[0],), int(t), device=x.device),
-                     context, mask, token_weights)
-            # relation_loss averages over relations; × B gives every image the gradient of its own loss.
-            (grad,) = torch.autograd.grad(relation_loss(recorder.maps, pairs) * x.shape[0], x_in)
+            with self.unet.record_attention(recorder):
+                self.unet(x_in.to(context.dtype), torch.full((x.shape[0],), int(t), device=x.device),
+                          context, self.mask, self.token_weights)
+            (grad,) = torch.autograd.grad(self.loss(recorder.maps), x_in)
         input_scale = float(scheduler.scale_model_input(torch.ones(1, device=x.device), t))  # x_in = s · x
-        return x - scales[step] * grad.to(x.dtype) / input_scale
+        return x - self.scales[step] * grad.to(x.dtype) / input_scale
 
-    return guide
+
+def layout_guide(unet: UNet, encoding, context: torch.Tensor, mask: torch.Tensor,
+                 token_weights: torch.Tensor | None, scheduler, num_train_timesteps: int,
+                 relation: float = 0.0, objects: float = 0.0) -> LayoutGuide | None:
+    """The sampling loop's guide for B prompts, or None when no term applies to any of them.
+
+    Args:
+        unet: the denoiser, called as unet(x, t, context, mask, token_weights) with grad enabled.
+        encoding: the text encoder's EncodedPrompts of the B prompts (words and word ids find the phrases).
+        context: (B, L, D), mask (B, L), token_weights (B, L) or None: the prompt half of the guided batch.
+        scheduler: the sampling scheduler, after set_timesteps (its timesteps, its input scaling).
+        num_train_timesteps: T of the training schedule.
+        relation: η_rel ≥ 0 (0 off).  objects: η_obj ≥ 0 (0 off).
+    """
+    for name, strength in (("relation_guidance", relation), ("object_guidance", objects)):
+        if not strength >= 0:  # NaN too
+            raise ValueError(f"{name} must be >= 0 (0 turns it off), got {strength}.")
+    if relation == 0 and objects == 0:
+        return None
+    # Inputs of a call under inference_mode are inference tensors: autograd needs ordinary ones.
+    with torch.inference_mode(False):
+        L = context.shape[1]
+        pairs = relation_pairs(encoding, L) if relation else None
+        phrases = object_phrases(encoding, L) if objects else None
+        if (pairs is None or len(pairs[2]) == 0) and (phrases is None or len(phrases[1]) == 0):
+            return None
+        words = torch.tensor([[float(w is not None) for w in ids] + [0.0] * (L - len(ids))
+                              for ids in encoding.word_ids])[:, :L]  # (B, L)
+        context, mask = context.clone(), mask.clone()
+        token_weights = None if token_weights is None else token_weights.clone()
+    return LayoutGuide(unet, context, mask, token_weights, scheduler, num_train_timesteps,
+                       pairs, phrases, words, relation, objects)

@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from conditioning.text_encoder import TextEncoder
-from diffusion.layout import relation_guide
+from diffusion.layout import layout_guide
 from diffusion.maps import AttentionMaps
 from diffusion.precision import inference_dtype
 from diffusion.prompts import parse_emphasis, token_weights
@@ -39,8 +39,8 @@ class GenerationResult:
     images: PIL images, prompt-major (prompt 0's images first). seeds: the seed of each image (image i of
     a call with seed s has seed s + i, so any single image can be remade alone). tokens / words /
     word_ids: per image, as the text encoder split its prompt. warnings: unknown words, truncation.
-    attention: the recorded maps when record_attention=True, else None. relation_guided: whether relation
-    guidance nudged this call (a relation in a prompt and relation_guidance > 0).
+    attention: the recorded maps when record_attention=True, else None. relation_guided / object_guided:
+    whether relation / object guidance nudged this call (a prompt it applies to and its strength > 0).
     """
 
     images: list[Image.Image]
@@ -53,6 +53,7 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
     attention: AttentionMaps | None = None
     relation_guided: bool = False
+    object_guided: bool = False
 
 
 class TextToImagePipeline:
@@ -148,6 +149,7 @@ class TextToImagePipeline:
         attention_bins: int = 4,
         self_attention_per_bin: int | None = 1,
         relation_guidance: float = 0.0,
+        object_guidance: float = 0.0,
     ) -> GenerationResult:
         """Generate `num_images` images per prompt.
 
@@ -163,7 +165,9 @@ class TextToImagePipeline:
 
         relation_guidance (η, e.g. diffusion.layout.RELATION_GUIDANCE): in prompts with a relation ("A above
         B"), nudge the noise in the first steps so A's word maps lie above B's (diffusion/layout.py); 0 is
-        off. Prompts without a relation are unchanged, with or without it.
+        off. object_guidance (e.g. diffusion.layout.OBJECT_GUIDANCE): in prompts naming two objects or more,
+        nudge it so every object's words are attended somewhere, Attend-and-Excite's loss. Prompts neither
+        applies to are unchanged, with or without them.
         """
         with self._lock:  # recording attaches to the shared U-Net: calls take turns
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -208,9 +212,9 @@ class TextToImagePipeline:
                 if callback is not None:
                     callback(step, t, steps)
 
-            guide = relation_guide(self.unet, enc.rows(slice(B, None)), context[B:], enc.mask[B:].to(self.device),
-                                   None if weights is None else weights[B:], scheduler, relation_guidance,
-                                   self.scheduler_config["num_train_timesteps"])
+            guide = layout_guide(self.unet, enc.rows(slice(B, None)), context[B:], enc.mask[B:].to(self.device),
+                                 None if weights is None else weights[B:], scheduler,
+                                 self.scheduler_config["num_train_timesteps"], relation_guidance, object_guidance)
             generator = torch.Generator().manual_seed(seed)  # for stochastic samplers (DDPM)
             if store is None:
                 x = sample(model, scheduler, noise, generator, on_step, guide)
@@ -221,7 +225,8 @@ class TextToImagePipeline:
             result = GenerationResult(
                 images=to_pil(x), seed=seed, seeds=[seed + i for i in range(B)], prompts=plain,
                 tokens=enc.tokens[B:], words=enc.words[B:], word_ids=enc.word_ids[B:], warnings=prompt_warnings(enc, B),
-                relation_guided=guide is not None,
+                relation_guided=guide is not None and guide.relations,
+                object_guided=guide is not None and guide.objects,
             )
             if store is not None:
                 result.attention = AttentionMaps(store, enc, num_images=B, image_size=(H, W),

@@ -74,6 +74,8 @@ def form(**overrides):
     ({"sampler": "plms"}, "unknown sampler 'plms'"),
     ({"relation_guidance": -5}, "relation guidance must be between 0 \\(off\\) and 200"),
     ({"relation_guidance": 250}, "relation guidance must be between 0 \\(off\\) and 200"),
+    ({"object_guidance": -1}, "object guidance must be between 0 \\(off\\) and 100"),
+    ({"object_guidance": float("nan")}, "object guidance must be between 0 \\(off\\) and 100"),
 ])
 def test_limits_raise_errors_that_name_the_limit(bad, message):
     app.check_request(**form())  # the valid form passes
@@ -118,6 +120,20 @@ def test_relation_guidance_is_on_by_default_and_said_in_the_status(pipe):
     assert not np.array_equal(np.asarray(guided.images[0]), np.asarray(off.images[0]))
     _, _, status, plain = run(prompt="a red circle")  # nothing to guide: not said
     assert not plain.relation_guided and "relation guidance" not in status
+
+
+def test_object_guidance_is_on_by_default_and_said_in_the_status(pipe):
+    run = functools.partial(app.generate, pipe, negative_prompt="", steps=3, guidance=4.0, seed=2,
+                            randomize_seed=False, sampler="ddim", num_images=1, progress=NoProgress(),
+                            relation_guidance=0)
+    _, _, status, guided = run(prompt="a red circle and a blue square")  # two objects: the object term applies
+    assert guided.object_guided and f"object guidance {app.OBJECT_GUIDANCE:g}" in status
+    assert "relation guidance" not in status
+    _, _, status, off = run(prompt="a red circle and a blue square", object_guidance=0)
+    assert not off.object_guided and "object guidance" not in status
+    assert not np.array_equal(np.asarray(guided.images[0]), np.asarray(off.images[0]))
+    _, _, status, plain = run(prompt="two red circles")  # one object phrase: not touched, not said
+    assert not plain.object_guided and "object guidance" not in status
 
 
 def test_randomized_seed_is_reported_and_in_range(pipe):
@@ -245,10 +261,11 @@ def test_live_generate_then_maps_come_back(server):
     gallery, seed, status = client.predict(prompt=PROMPT, steps=2, seed=5, randomize_seed=False, sampler="ddim",
                                            num_images=2, api_name="/generate")
     assert seed == 5 and "Seed 5" in status and "relation guidance 50" in status  # on by default
+    assert "object guidance" not in status  # a relation prompt: the relation term only
     assert [Image.open(item["image"]).size for item in gallery] == [(256, 256)] * 2
     off = client.predict(prompt=PROMPT, steps=2, seed=5, randomize_seed=False, sampler="ddim", num_images=2,
-                         relation_guidance=0, api_name="/generate")[2]
-    assert "Seed 5" in off and "relation guidance" not in off
+                         relation_guidance=0, object_guidance=0, api_name="/generate")[2]
+    assert "Seed 5" in off and "relation guidance" not in off and "object guidance" not in off
 
     words, word, heads, grid, summary = client.predict(image=1, layer="all", time_bin=0, api_name="/attention")
     assert [w["caption"] for w in words] == ["a", "red", "circle", "above", "a #2", "blue", "square"]

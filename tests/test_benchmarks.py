@@ -84,7 +84,7 @@ def test_devices_benchmark_measures_train_py_and_the_pipeline_on_the_cpu(tmp_pat
                                             warmup=1, resolution=16, mixed_precision="no")
     assert rate > 0 and precision == "no"
     latency, dtype = devices.sampling_latency("cpu", str(tmp_path / "model"), repeats=1)
-    assert set(latency) == {"off", "on", "on, every step", "on, relation guidance"}
+    assert set(latency) == {"off", "on", "on, every step", "on, layout guidance"}
     assert all(v > 0 for v in latency.values())
     assert dtype in (torch.float32, torch.bfloat16)
 

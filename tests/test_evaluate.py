@@ -10,7 +10,7 @@ from PIL import Image
 import evaluate
 from data.detector import detect
 from data.shapes import PLURALS, Scene, ShapeObject, ShapesConfig, render
-from diffusion.layout import RELATION_GUIDANCE
+from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from tests.tiny import tiny_pipeline
 
 CELLS = {"above": ((0, 1), (2, 1)), "below": ((2, 1), (0, 1)), "left of": ((1, 0), (1, 2)),
@@ -200,22 +200,26 @@ def test_quick_run_on_a_real_pipeline_writes_reports(tmp_path):
     assert 0.0 <= report["clip_score"] <= 100.0 and "CLIP-score" in (tmp_path / "eval" / "report.md").read_text()
     # Sampled as the app samples, relation guidance included, and the report says so.
     assert report["settings"]["relation_guidance"] == RELATION_GUIDANCE
-    assert f"relation guidance {RELATION_GUIDANCE:g}," in (tmp_path / "eval" / "report.md").read_text()
+    assert report["settings"]["object_guidance"] == OBJECT_GUIDANCE
+    assert (f"relation guidance {RELATION_GUIDANCE:g}, object guidance {OBJECT_GUIDANCE:g},"
+            in (tmp_path / "eval" / "report.md").read_text())
 
 
-def test_relation_guidance_reaches_every_prompt(monkeypatch):
+def test_layout_guidance_reaches_every_prompt(monkeypatch):
     prompts = evaluate.make_prompts(1, seed=0)
     monkeypatch.setattr(evaluate, "make_prompts", lambda per_task, seed: prompts)
     seen = []
 
     class Recording(FakePipe):
         def __call__(self, text, num_images, **kwargs):
-            seen.append(kwargs["relation_guidance"])
+            seen.append((kwargs["relation_guidance"], kwargs["object_guidance"]))
             return super().__call__(text, num_images, **kwargs)
 
     pipe = Recording(prompts + evaluate.placement_prompts(0))
-    report = evaluate.evaluate(pipe, per_task=1, images_per_prompt=1, progress=False, relation_guidance=7.0)
-    assert seen == [7.0] * (len(prompts) + 9) and report["settings"]["relation_guidance"] == 7.0
+    report = evaluate.evaluate(pipe, per_task=1, images_per_prompt=1, progress=False, relation_guidance=7.0,
+                               object_guidance=3.0)
+    assert seen == [(7.0, 3.0)] * (len(prompts) + 9)
+    assert report["settings"]["relation_guidance"] == 7.0 and report["settings"]["object_guidance"] == 3.0
 
 
 def test_clip_score_prefers_the_true_caption():

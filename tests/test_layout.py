@@ -1,16 +1,18 @@
-"""Relation guidance (diffusion/layout.py): the noise is nudged only for prompts with a relation, only in
-the first steps, downhill on the relation loss, with any sampler, and maps are still recorded."""
+"""Layout guidance (diffusion/layout.py): the noise is nudged only for prompts with a relation (relation
+term) or two objects or more (object term), only in the first steps, downhill on the loss, with any
+sampler, and maps are still recorded."""
 
 import numpy as np
 import pytest
 import torch
 
 from diffusion.grounding import GroundingRecorder, relation_loss, relation_pairs
-from diffusion.layout import RELATION_GUIDANCE, WINDOW, relation_guide
+from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE, WINDOW, layout_guide, object_loss, object_phrases
 from diffusion.sampling import SAMPLERS, make_scheduler
 from tests.tiny import tiny_pipeline
 
 RELATION = "a blue square above a green triangle"
+OBJECTS = "a red circle and a blue square"
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +24,12 @@ def pixels(result):
     return np.stack([np.asarray(im) for im in result.images])
 
 
-def guide_for(pipe, prompt, strength, steps=20, sampler="dpm++"):
+def guide_for(pipe, prompt, strength, steps=20, sampler="dpm++", objects=0.0):
     enc = pipe.text_encoder.encode([prompt] * 2)
     scheduler = make_scheduler(pipe.scheduler_config, sampler)
     scheduler.set_timesteps(steps)
-    guide = relation_guide(pipe.unet, enc, enc.context, enc.mask, None, scheduler, strength,
-                           pipe.scheduler_config["num_train_timesteps"])
+    guide = layout_guide(pipe.unet, enc, enc.context, enc.mask, None, scheduler,
+                         pipe.scheduler_config["num_train_timesteps"], relation=strength, objects=objects)
     return guide, enc, scheduler
 
 
@@ -104,3 +106,80 @@ def test_bad_strength_is_refused(pipe):
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="relation_guidance must be >= 0"):
             pipe(RELATION, steps=2, relation_guidance=bad)
+        with pytest.raises(ValueError, match="object_guidance must be >= 0"):
+            pipe(RELATION, steps=2, object_guidance=bad)
+
+
+# The object term.
+
+def words_mask(enc):
+    L = enc.context.shape[1]
+    return torch.tensor([[float(w is not None) for w in ids] + [0.0] * (L - len(ids)) for ids in enc.word_ids])
+
+
+def test_object_phrases_are_the_noun_phrases_of_prompts_naming_two_objects_without_a_relation(pipe):
+    prompts = ["a blue square above a green triangle", "two yellow circles", "a large orange square on the left",
+               "a small purple square and a red circle"]
+    enc = pipe.text_encoder.encode(prompts)
+    tokens, prompt = object_phrases(enc, enc.context.shape[1])
+    assert prompt.tolist() == [3, 3]  # a relation is the relation term's; one phrase: no term
+    for row, caption, phrase in zip(tokens, prompt.tolist(), [{"small", "purple", "square"}, {"red", "circle"}],
+                                    strict=True):
+        named = {enc.words[caption][enc.word_ids[caption][i]] for i in row.nonzero()[:, 0].tolist()}
+        assert named == phrase
+
+
+def test_object_loss_is_one_minus_the_weakest_phrase_peak():
+    # One caption of 5 tokens: start, "red", "circle", "blue", "square", over 4 positions; end token left out.
+    words = torch.tensor([[0.0, 1, 1, 1, 1]])
+    tokens = torch.tensor([[0.0, 1, 1, 0, 0], [0.0, 0, 0, 1, 1]])
+    phrases = (tokens, torch.tensor([0, 0]))
+    a = torch.zeros(1, 5, 4)
+    a[0, 0] = 0.5  # the start token's attention does not count
+    a[0, 1:3, :] = 0.25  # "red circle" holds the words' attention everywhere ...
+    a[0, 3, 0] = 0.25  # ... but at position 0, where "blue" has as much as "red" and "circle" together
+    shares = object_loss([((2, 2), a)], phrases, words)
+    assert torch.isclose(shares, torch.tensor(1 - 0.25 / 0.75))
+    # The finest layers only; a caption with no phrases adds nothing.
+    coarse = torch.zeros(1, 5, 1)
+    coarse[0, 3:] = 1
+    assert torch.isclose(object_loss([((2, 2), a), ((1, 1), coarse)], phrases, words), shares)
+    assert float(object_loss([((2, 2), a)], (torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)), words)) == 0
+
+
+def test_object_guidance_changes_two_object_prompts_only(pipe):
+    for prompt in ("two yellow circles", "a large orange square on the left", RELATION):
+        plain = pipe(prompt, num_images=2, steps=4, seed=3)
+        guided = pipe(prompt, num_images=2, steps=4, seed=3, object_guidance=OBJECT_GUIDANCE)
+        assert np.array_equal(pixels(plain), pixels(guided)) and not guided.object_guided, prompt
+    plain = pipe(OBJECTS, num_images=2, steps=4, seed=3)
+    guided = pipe(OBJECTS, num_images=2, steps=4, seed=3, object_guidance=OBJECT_GUIDANCE)
+    again = pipe(OBJECTS, num_images=2, steps=4, seed=3, object_guidance=OBJECT_GUIDANCE)
+    assert not np.array_equal(pixels(plain), pixels(guided)) and np.array_equal(pixels(guided), pixels(again))
+    assert guided.object_guided and not guided.relation_guided
+    # A batch of both kinds: each prompt gets its own term, in one pass.
+    both = pipe([OBJECTS, RELATION], num_images=1, steps=4, seed=3, object_guidance=OBJECT_GUIDANCE,
+                relation_guidance=RELATION_GUIDANCE)
+    alone = [pipe(OBJECTS, steps=4, seed=3, object_guidance=OBJECT_GUIDANCE),
+             pipe(RELATION, steps=4, seed=4, relation_guidance=RELATION_GUIDANCE)]
+    assert both.object_guided and both.relation_guided
+    for image, single in zip(both.images, alone, strict=True):
+        np.testing.assert_allclose(np.asarray(image, dtype=float), pixels(single)[0], atol=2)
+
+
+def test_a_guide_step_goes_downhill_on_the_object_loss(pipe):
+    guide, enc, scheduler = guide_for(pipe, OBJECTS, 0.0, objects=1.0)
+    assert guide.objects and not guide.relations
+    t = scheduler.timesteps[0]
+    phrases, words = object_phrases(enc, enc.context.shape[1]), words_mask(enc)
+
+    def loss(x):
+        recorder = GroundingRecorder()
+        with torch.no_grad(), pipe.unet.record_attention(recorder):
+            pipe.unet(x, torch.full((x.shape[0],), int(t)), enc.context, enc.mask)
+        return float(object_loss(recorder.maps, phrases, words))
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = loss(x)
+    nudged = guide(0, t, x)
+    assert before > 0 and loss(nudged) < before
