@@ -217,8 +217,9 @@ def generate(pipe: TextToImagePipeline, prompt: str, negative_prompt: str, steps
     for warning in warnings:
         gr.Warning(warning)
     gallery = [(upscale(im), f"seed {s}") for im, s in zip(result.images, result.seeds, strict=True)]
+    layout = layout_note(result, relation_guidance, object_guidance)
     status = (f"**Seed {result.seed}** (image *i* uses seed {result.seed} + *i* − 1) · {steps} {sampler} steps · "
-              f"guidance {float(guidance):g}{layout_note(result, relation_guidance, object_guidance)} · {seconds:.1f} s. "
+              f"guidance {float(guidance):g}{layout} · {seconds:.1f} s. "
               "Click a sample to explore it below.")
     status += "".join(f"\n\n⚠️ {w}" for w in warnings)
     return gallery, result.seed, status, result

@@ -326,7 +326,8 @@ def markdown(report: dict, model: str) -> str:
     st = report["settings"]
     lines += ["", f"{st['per_task']} prompts per task × {st['images_per_prompt']} images, {st['steps']} "
               f"{st['sampler']} steps, guidance {st['guidance']}, relation guidance "
-              f"{st.get('relation_guidance', 0):g}, object guidance {st.get('object_guidance', 0):g}, seed {st['seed']}, U-Net in {st.get('dtype', 'float32')}; "
+              f"{st.get('relation_guidance', 0):g}, object guidance {st.get('object_guidance', 0):g}, "
+              f"seed {st['seed']}, U-Net in {st.get('dtype', 'float32')}; "
               f"{st['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
