@@ -96,3 +96,13 @@ def test_devices_benchmark_says_when_there_is_no_gpu(monkeypatch):
     assert devices.devices_present() == ["cpu"]
     with pytest.raises(SystemExit, match="torch sees no GPU"):
         devices.main(["--device", "cuda", "--quick"])
+
+
+def test_step_throughput_counts_flops_and_leaves_out_bf16_where_the_cpu_has_none():
+    from unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig.preset("tiny"))
+    steps = endtoend.step_throughput(unet, repeats=1, bf16=False)  # a CPU without bf16 instructions
+    assert set(steps) == {"sampling fp32", "training fp32"}
+    assert all(gflop > 0 and rate > 0 for gflop, rate in steps.values())
+    assert steps["training fp32"][0] > steps["sampling fp32"][0]  # batch 64 forward + backward vs batch 8
