@@ -130,6 +130,13 @@ def _phrase(words: list[str], noun: int) -> list[int]:
     return list(range(start, noun + 1))
 
 
+def phrase_row(encoding, b: int, phrase: list[int], num_tokens: int) -> torch.Tensor:
+    """(L,) float, 1 on the tokens of caption b whose words are `phrase` (word ids, from _phrase)."""
+    row = torch.zeros(num_tokens)
+    row[[i for i, wi in enumerate(encoding.word_ids[b]) if wi in phrase]] = 1
+    return row
+
+
 def relation_pairs(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                        torch.Tensor]:
     """Every "A <relation> B" in the B captions, as the tokens of A's and B's noun phrases.
@@ -149,10 +156,8 @@ def relation_pairs(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tenso
             after = next((j for j in range(wid + length, len(words)) if words[j] in NOUNS), None)
             if before is None or after is None:
                 continue
-            for phrase, rows in ((_phrase(words, before), a_tokens), (_phrase(words, after), b_tokens)):
-                row = torch.zeros(num_tokens)
-                row[[i for i, wi in enumerate(encoding.word_ids[b]) if wi in phrase]] = 1
-                rows.append(row)
+            a_tokens.append(phrase_row(encoding, b, _phrase(words, before), num_tokens))
+            b_tokens.append(phrase_row(encoding, b, _phrase(words, after), num_tokens))
             prompt.append(b)
             axis.append(RELATION_AXES[w][0])
             sign.append(RELATION_AXES[w][1])

@@ -37,7 +37,15 @@ Shapes: B images, C channels, H, W, L tokens, D text width, Q noun phrases in a 
 
 import torch
 
-from diffusion.grounding import NOUNS, GroundingRecorder, _phrase, _relation_length, relation_loss, relation_pairs
+from diffusion.grounding import (
+    NOUNS,
+    GroundingRecorder,
+    _phrase,
+    _relation_length,
+    phrase_row,
+    relation_loss,
+    relation_pairs,
+)
 from unet import UNet
 
 RELATION_GUIDANCE = 50.0  # η_rel, the app's and evaluate.py's default: the step size at 20 sampler steps
@@ -61,19 +69,22 @@ def object_phrases(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tenso
         if len(nouns) < 2 or any(_relation_length(words, j) for j in range(len(words))):
             continue
         for noun in nouns:
-            phrase = _phrase(words, noun)
-            row = torch.zeros(num_tokens)
-            row[[i for i, wi in enumerate(encoding.word_ids[b]) if wi in phrase]] = 1
-            rows.append(row)
+            rows.append(phrase_row(encoding, b, _phrase(words, noun), num_tokens))
             prompt.append(b)
     return (torch.stack(rows) if rows else torch.zeros(0, num_tokens)), torch.tensor(prompt, dtype=torch.long)
+
+
+def word_tokens(encoding, num_tokens: int) -> torch.Tensor:
+    """(B, L) float, 1 on the tokens of a word (not start, end or padding): those the object term shares among."""
+    return torch.tensor([[float(w is not None) for w in ids] + [0.0] * (num_tokens - len(ids))
+                         for ids in encoding.word_ids])[:, :num_tokens]
 
 
 def object_loss(maps: list[tuple[tuple[int, int], torch.Tensor]], phrases, words: torch.Tensor) -> torch.Tensor:
     """Σ over captions with phrases of 1 − the peak share of their weakest phrase; zero if none.
 
-    maps: GroundingRecorder.maps.  phrases: object_phrases(...).  words (B, L) float: 1 on word tokens
-    (not start, end or padding), the tokens whose attention the shares are of. Read at the finest
+    maps: GroundingRecorder.maps.  phrases: object_phrases(...).  words (B, L): word_tokens(...), the
+    tokens whose attention the shares are of. Read at the finest
     cross-attention layers (16×16 in the shipped model, as Attend-and-Excite reads 16×16 in Stable Diffusion).
     """
     tokens, prompt = phrases
@@ -160,8 +171,7 @@ def layout_guide(unet: UNet, encoding, context: torch.Tensor, mask: torch.Tensor
         phrases = object_phrases(encoding, L) if objects else None
         if (pairs is None or len(pairs[2]) == 0) and (phrases is None or len(phrases[1]) == 0):
             return None
-        words = torch.tensor([[float(w is not None) for w in ids] + [0.0] * (L - len(ids))
-                              for ids in encoding.word_ids])[:, :L]  # (B, L)
+        words = word_tokens(encoding, L)
         context, mask = context.clone(), mask.clone()
         token_weights = None if token_weights is None else token_weights.clone()
     return LayoutGuide(unet, context, mask, token_weights, scheduler, num_train_timesteps,

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from diffusion.grounding import GroundingRecorder, relation_loss, relation_pairs
-from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE, WINDOW, layout_guide, object_loss, object_phrases
+from diffusion.layout import (
+    OBJECT_GUIDANCE,
+    RELATION_GUIDANCE,
+    WINDOW,
+    layout_guide,
+    object_loss,
+    object_phrases,
+    word_tokens,
+)
 from diffusion.sampling import SAMPLERS, make_scheduler
 from tests.tiny import tiny_pipeline
 
@@ -112,11 +120,6 @@ def test_bad_strength_is_refused(pipe):
 
 # The object term.
 
-def words_mask(enc):
-    L = enc.context.shape[1]
-    return torch.tensor([[float(w is not None) for w in ids] + [0.0] * (L - len(ids)) for ids in enc.word_ids])
-
-
 def test_object_phrases_are_the_noun_phrases_of_prompts_naming_two_objects_without_a_relation(pipe):
     prompts = ["a blue square above a green triangle", "two yellow circles", "a large orange square on the left",
                "a small purple square and a red circle"]
@@ -171,7 +174,7 @@ def test_a_guide_step_goes_downhill_on_the_object_loss(pipe):
     guide, enc, scheduler = guide_for(pipe, OBJECTS, 0.0, objects=1.0)
     assert guide.objects and not guide.relations
     t = scheduler.timesteps[0]
-    phrases, words = object_phrases(enc, enc.context.shape[1]), words_mask(enc)
+    phrases, words = object_phrases(enc, enc.context.shape[1]), word_tokens(enc, enc.context.shape[1])
 
     def loss(x):
         recorder = GroundingRecorder()
