@@ -130,8 +130,14 @@ def _phrase(words: list[str], noun: int) -> list[int]:
     return list(range(start, noun + 1))
 
 
-def phrase_row(encoding, b: int, phrase: list[int], num_tokens: int) -> torch.Tensor:
-    """(L,) float, 1 on the tokens of caption b whose words are `phrase` (word ids, from _phrase)."""
+def has_relation(words: list[str]) -> bool:
+    """Whether a caption's words hold a relation ("above", "to the left of"; not the place "in the top left")."""
+    return any(_relation_length(words, wid) for wid in range(len(words)))
+
+
+def phrase_tokens(encoding, b: int, noun: int, num_tokens: int) -> torch.Tensor:
+    """(L,) float, 1 on the tokens of caption b's noun phrase ending at word `noun` (size, colour, kind)."""
+    phrase = _phrase(encoding.words[b], noun)
     row = torch.zeros(num_tokens)
     row[[i for i, wi in enumerate(encoding.word_ids[b]) if wi in phrase]] = 1
     return row
@@ -156,8 +162,8 @@ def relation_pairs(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tenso
             after = next((j for j in range(wid + length, len(words)) if words[j] in NOUNS), None)
             if before is None or after is None:
                 continue
-            a_tokens.append(phrase_row(encoding, b, _phrase(words, before), num_tokens))
-            b_tokens.append(phrase_row(encoding, b, _phrase(words, after), num_tokens))
+            a_tokens.append(phrase_tokens(encoding, b, before, num_tokens))
+            b_tokens.append(phrase_tokens(encoding, b, after, num_tokens))
             prompt.append(b)
             axis.append(RELATION_AXES[w][0])
             sign.append(RELATION_AXES[w][1])

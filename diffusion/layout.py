@@ -37,15 +37,7 @@ Shapes: B images, C channels, H, W, L tokens, D text width, Q noun phrases in a 
 
 import torch
 
-from diffusion.grounding import (
-    NOUNS,
-    GroundingRecorder,
-    _phrase,
-    _relation_length,
-    phrase_row,
-    relation_loss,
-    relation_pairs,
-)
+from diffusion.grounding import NOUNS, GroundingRecorder, has_relation, phrase_tokens, relation_loss, relation_pairs
 from unet import UNet
 
 RELATION_GUIDANCE = 50.0  # η_rel, the app's and evaluate.py's default: the step size at 20 sampler steps
@@ -66,11 +58,10 @@ def object_phrases(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tenso
     rows, prompt = [], []
     for b, words in enumerate(encoding.words):
         nouns = [j for j, w in enumerate(words) if w in NOUNS]
-        if len(nouns) < 2 or any(_relation_length(words, j) for j in range(len(words))):
+        if len(nouns) < 2 or has_relation(words):
             continue
-        for noun in nouns:
-            rows.append(phrase_row(encoding, b, _phrase(words, noun), num_tokens))
-            prompt.append(b)
+        rows += [phrase_tokens(encoding, b, noun, num_tokens) for noun in nouns]
+        prompt += [b] * len(nouns)
     return (torch.stack(rows) if rows else torch.zeros(0, num_tokens)), torch.tensor(prompt, dtype=torch.long)
 
 
@@ -171,7 +162,7 @@ def layout_guide(unet: UNet, encoding, context: torch.Tensor, mask: torch.Tensor
         phrases = object_phrases(encoding, L) if objects else None
         if (pairs is None or len(pairs[2]) == 0) and (phrases is None or len(phrases[1]) == 0):
             return None
-        words = word_tokens(encoding, L)
+        words = word_tokens(encoding, L) if phrases is not None else None
         context, mask = context.clone(), mask.clone()
         token_weights = None if token_weights is None else token_weights.clone()
     return LayoutGuide(unet, context, mask, token_weights, scheduler, num_train_timesteps,

@@ -165,8 +165,9 @@ class TextToImagePipeline:
 
         relation_guidance (η, e.g. diffusion.layout.RELATION_GUIDANCE): in prompts with a relation ("A above
         B"), nudge the noise in the first steps so A's word maps lie above B's (diffusion/layout.py); 0 is
-        off. object_guidance (e.g. diffusion.layout.OBJECT_GUIDANCE): in prompts naming two objects or more,
-        nudge it so every object's words are attended somewhere, Attend-and-Excite's loss. Prompts neither
+        off. object_guidance (e.g. diffusion.layout.OBJECT_GUIDANCE): in prompts naming two objects or more
+        without a relation ("A and B"), nudge it so every object's words are attended somewhere,
+        Attend-and-Excite's loss. Prompts neither
         applies to are unchanged, with or without them.
         """
         with self._lock:  # recording attaches to the shared U-Net: calls take turns

@@ -76,7 +76,7 @@ def sample(
     `scheduler.set_timesteps` must have been called. callback(step, timestep) runs before each model
     call: progress bars use it, and so does the attention recorder (the step index it sets is the key
     maps are filed under). guide(step, t, x) → x, if given, may move x before the model sees it
-    (relation guidance, diffusion/layout.py).
+    (layout guidance, diffusion/layout.py).
     """
     x = noise * scheduler.init_noise_sigma  # Euler's sigma-space starts at sigma_max, the others at 1
     for step, t in enumerate(scheduler.timesteps):

@@ -124,8 +124,7 @@ def test_relation_guidance_is_on_by_default_and_said_in_the_status(pipe):
 
 def test_object_guidance_is_on_by_default_and_said_in_the_status(pipe):
     run = functools.partial(app.generate, pipe, negative_prompt="", steps=3, guidance=4.0, seed=2,
-                            randomize_seed=False, sampler="ddim", num_images=1, progress=NoProgress(),
-                            relation_guidance=0)
+                            randomize_seed=False, sampler="ddim", num_images=1, progress=NoProgress())
     _, _, status, guided = run(prompt="a red circle and a blue square")  # two objects: the object term applies
     assert guided.object_guided and f"object guidance {app.OBJECT_GUIDANCE:g}" in status
     assert "relation guidance" not in status
