@@ -496,7 +496,8 @@ def build_demo(pipe: TextToImagePipeline) -> gr.Blocks:
                         0, MAX_OBJECT_GUIDANCE, value=OBJECT_GUIDANCE, step=5, label="Object guidance",
                         info="In 'A and B' (two objects or more, no relation), nudge the first steps' noise so "
                              "that every object's words are looked at somewhere (Attend-and-Excite), so none is "
-                             "left out; 0 turns it off. Other prompts are not touched.")
+                             "left out; in 'three X', so that X's words look at three places, not four. 0 turns "
+                             "it off. Other prompts are not touched.")
                 with gr.Accordion("What this model knows", open=False):
                     gr.Markdown(vocabulary_note(pipe))
                 with gr.Accordion("Model card", open=False):

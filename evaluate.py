@@ -17,9 +17,9 @@ mask, over a τ sweep. CLIP-score: 100 · max(cos(image, prompt), 0) with the sh
 towers (weights/default/clip).
 
 Images are sampled as the app samples them, layout guidance included (diffusion/layout.py: the first
-steps' noise is nudged so a relation's word maps are ordered and every object named is attended);
-`--relation-guidance 0 --object-guidance 0` measures the model without it. Prompts naming one object
-without a relation are the same either way.
+steps' noise is nudged so a relation's word maps are ordered, every object named is attended and
+"three X" attends to three places, not four); `--relation-guidance 0 --object-guidance 0` measures
+the model without it. Prompts naming one object without a relation are the same either way.
 """
 
 import argparse

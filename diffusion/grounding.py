@@ -38,10 +38,11 @@ Shapes: B images, L tokens, R image side, N = h·w positions of a layer, P relat
 import torch
 import torch.nn.functional as F
 
-from data.shapes import COLOURS, KINDS, PLACE_WORDS, PLURALS, RELATIONS, SIZES
+from data.shapes import COLOURS, KINDS, NUMBER_WORDS, PLACE_WORDS, PLURALS, RELATIONS, SIZES
 from unet.attention import AttentionRecorder
 
 NOUNS = frozenset(KINDS) | frozenset(PLURALS.values())
+COUNTS = {word: n for n, word in NUMBER_WORDS.items()}  # "two" -> 2
 RELATION_HEADS = {r.split()[0]: r.split()[1:] for r in RELATIONS}  # "left of" -> "left", then ["of"]
 # The relation's axis (0 rows, 1 columns) and +1 where A's coordinate is the smaller (image y grows down).
 RELATION_AXES = {"above": (0, 1.0), "below": (0, -1.0), "left": (1, 1.0), "right": (1, -1.0)}
@@ -128,6 +129,12 @@ def _phrase(words: list[str], noun: int) -> list[int]:
     while start > 0 and (words[start - 1] in COLOURS or words[start - 1] in SIZES):
         start -= 1
     return list(range(start, noun + 1))
+
+
+def phrase_count(words: list[str], noun: int) -> int:
+    """How many objects the noun phrase ending at words[noun] names: 2 for "two red circles", else 1."""
+    start = _phrase(words, noun)[0]
+    return COUNTS.get(words[start - 1], 1) if start > 0 else 1
 
 
 def has_relation(words: list[str]) -> bool:

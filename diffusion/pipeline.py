@@ -167,7 +167,8 @@ class TextToImagePipeline:
         B"), nudge the noise in the first steps so A's word maps lie above B's (diffusion/layout.py); 0 is
         off. object_guidance (e.g. diffusion.layout.OBJECT_GUIDANCE): in prompts naming two objects or more
         without a relation ("A and B"), nudge it so every object's words are attended somewhere,
-        Attend-and-Excite's loss. Prompts neither
+        Attend-and-Excite's loss; in prompts with a number word ("three red circles", no relation), so
+        the phrase's attention fills that many cells of the 3 × 3 grid and no more. Prompts none
         applies to are unchanged, with or without them.
         """
         with self._lock:  # recording attaches to the shared U-Net: calls take turns

@@ -131,7 +131,9 @@ def test_object_guidance_is_on_by_default_and_said_in_the_status(pipe):
     _, _, status, off = run(prompt="a red circle and a blue square", object_guidance=0)
     assert not off.object_guided and "object guidance" not in status
     assert not np.array_equal(np.asarray(guided.images[0]), np.asarray(off.images[0]))
-    _, _, status, plain = run(prompt="two red circles")  # one object phrase: not touched, not said
+    _, _, status, counted = run(prompt="two red circles")  # a number word: the count term applies
+    assert counted.object_guided and f"object guidance {app.OBJECT_GUIDANCE:g}" in status
+    _, _, status, plain = run(prompt="a red circle")  # one object: not touched, not said
     assert not plain.object_guided and "object guidance" not in status
 
 

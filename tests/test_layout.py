@@ -1,6 +1,6 @@
 """Layout guidance (diffusion/layout.py): the noise is nudged only for prompts with a relation (relation
-term) or two objects or more (object term), only in the first steps, downhill on the loss, with any
-sampler, and maps are still recorded."""
+term), two objects or more (object term) or a number word (count term), only in the first steps,
+downhill on the loss, with any sampler, and maps are still recorded."""
 
 import numpy as np
 import pytest
@@ -11,6 +11,8 @@ from diffusion.layout import (
     OBJECT_GUIDANCE,
     RELATION_GUIDANCE,
     WINDOW,
+    count_loss,
+    counted_phrases,
     layout_guide,
     object_loss,
     object_phrases,
@@ -21,6 +23,7 @@ from tests.tiny import tiny_pipeline
 
 RELATION = "a blue square above a green triangle"
 OBJECTS = "a red circle and a blue square"
+COUNTED = "three yellow circles"
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +153,8 @@ def test_object_loss_is_one_minus_the_weakest_phrase_peak():
     assert float(object_loss([((2, 2), a)], (torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)), words)) == 0
 
 
-def test_object_guidance_changes_two_object_prompts_only(pipe):
-    for prompt in ("two yellow circles", "a large orange square on the left", RELATION):
+def test_object_guidance_changes_two_object_and_counted_prompts_only(pipe):
+    for prompt in ("a yellow circle", "a large orange square on the left", RELATION, "two circles above a square"):
         plain = pipe(prompt, num_images=2, steps=4, seed=3)
         guided = pipe(prompt, num_images=2, steps=4, seed=3, object_guidance=OBJECT_GUIDANCE)
         assert np.array_equal(pixels(plain), pixels(guided)) and not guided.object_guided, prompt
@@ -160,6 +163,9 @@ def test_object_guidance_changes_two_object_prompts_only(pipe):
     again = pipe(OBJECTS, num_images=2, steps=4, seed=3, object_guidance=OBJECT_GUIDANCE)
     assert not np.array_equal(pixels(plain), pixels(guided)) and np.array_equal(pixels(guided), pixels(again))
     assert guided.object_guided and not guided.relation_guided
+    counted = pipe(COUNTED, num_images=2, steps=4, seed=3, object_guidance=OBJECT_GUIDANCE)
+    assert counted.object_guided and not np.array_equal(pixels(counted), pixels(pipe(COUNTED, num_images=2, steps=4,
+                                                                                       seed=3)))
     # A batch of both kinds: each prompt gets its own term, in one pass.
     both = pipe([OBJECTS, RELATION], num_images=1, steps=4, seed=3, object_guidance=OBJECT_GUIDANCE,
                 relation_guidance=RELATION_GUIDANCE)
@@ -186,3 +192,50 @@ def test_a_guide_step_goes_downhill_on_the_object_loss(pipe):
     before = loss(x)
     nudged = guide(0, t, x)
     assert before > 0 and loss(nudged) < before
+
+
+# The count term.
+
+def test_counted_phrases_are_those_with_a_number_word_in_prompts_without_a_relation(pipe):
+    prompts = ["two yellow circles", "a red circle", "a red circle and three small blue squares",
+               "two circles above a square", "a red circle and a blue square"]
+    enc = pipe.text_encoder.encode(prompts)
+    tokens, prompt, count = counted_phrases(enc, enc.context.shape[1])
+    assert prompt.tolist() == [0, 2] and count.tolist() == [2, 3]
+    for row, caption, phrase in zip(tokens, prompt.tolist(), [{"yellow", "circles"}, {"small", "blue", "squares"}],
+                                    strict=True):
+        assert {enc.words[caption][enc.word_ids[caption][i]] for i in row.nonzero()[:, 0].tolist()} == phrase
+
+
+def test_count_loss_is_the_attention_beyond_the_n_strongest_grid_cells():
+    # One caption, tokens: start, "two", "circles"; the phrase is "circles". A 6×6 map: 2×2 positions a cell.
+    tokens, prompt = torch.tensor([[0.0, 0, 1]]), torch.tensor([0])
+    a = torch.zeros(1, 3, 6, 6)
+    a[0, 0] = 0.9  # the start token's attention is not the phrase's
+    a[0, 2, 0:2, 0:2] = 0.6  # cell (0, 0)
+    a[0, 2, 4:6, 4:6] = 0.6  # cell (2, 2)
+    maps = [((6, 6), a.flatten(2))]
+    assert float(count_loss(maps, (tokens, prompt, torch.tensor([2])))) == pytest.approx(0.0)
+    a[0, 2, 0:2, 4:6] = 0.3  # a third, weaker blob: cell (0, 2)
+    maps = [((6, 6), a.flatten(2)), ((3, 3), torch.ones(1, 3, 9))]  # the finest layers only
+    assert float(count_loss(maps, (tokens, prompt, torch.tensor([2])))) == pytest.approx(0.3 / 1.5)
+    assert float(count_loss(maps, (tokens, prompt, torch.tensor([3])))) == pytest.approx(0.0)
+    none = (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert float(count_loss(maps, none)) == 0
+
+
+def test_a_guide_step_goes_downhill_on_the_count_loss(pipe):
+    guide, enc, scheduler = guide_for(pipe, COUNTED, 0.0, objects=1.0)
+    assert guide.objects and guide.counts and not guide.relations
+    t = scheduler.timesteps[0]
+    counted = counted_phrases(enc, enc.context.shape[1])
+
+    def loss(x):
+        recorder = GroundingRecorder()
+        with torch.no_grad(), pipe.unet.record_attention(recorder):
+            pipe.unet(x, torch.full((x.shape[0],), int(t)), enc.context, enc.mask)
+        return float(count_loss(recorder.maps, counted))
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = loss(x)
+    assert before > 0 and loss(guide(0, t, x)) < before
