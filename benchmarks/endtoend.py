@@ -204,8 +204,8 @@ def main(argv=None) -> None:
              "records it at every step instead. \"Layout guidance\" is maps on plus the app's default relation and "
              f"object guidance (η = {RELATION_GUIDANCE:g} and {OBJECT_GUIDANCE:g}: one more forward and backward pass "
              "of the prompt half at each of the first 3 steps; this prompt has a relation, so the relation term "
-             "steers it; \"A and B\" prompts cost the same, prompts naming one object without a relation "
-             "nothing).", "",
+             "steers it; \"A and B\" and \"three X\" prompts cost the same, prompts naming one object without a "
+             "relation nothing).", "",
              "| U-Net dtype | maps off, s | maps on, s | recording overhead | self-attention every step, s "
              "| its overhead | maps on + layout guidance, s | guidance cost |", "|---|---|---|---|---|---|---|---|"]
     e2e = {}

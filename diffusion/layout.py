@@ -87,6 +87,14 @@ def word_tokens(encoding, num_tokens: int) -> torch.Tensor:
                          for ids in encoding.word_ids])[:, :num_tokens]
 
 
+def finest_maps(maps: list[tuple[tuple[int, int], torch.Tensor]]) -> tuple[tuple[int, int] | None, torch.Tensor | None]:
+    """The finest cross-attention layers' size (h, w) and their mean map (B, L, h·w), as Attend-and-Excite
+    aggregates; (None, None) without maps."""
+    finest = max((size for size, _ in maps), default=None, key=lambda s: s[0] * s[1])
+    layers = [a for size, a in maps if size == finest]
+    return (finest, torch.stack(layers).mean(0)) if layers else (None, None)
+
+
 def object_loss(maps: list[tuple[tuple[int, int], torch.Tensor]], phrases, words: torch.Tensor) -> torch.Tensor:
     """Σ over captions with phrases of 1 − the peak share of their weakest phrase; zero if none.
 
@@ -95,11 +103,9 @@ def object_loss(maps: list[tuple[tuple[int, int], torch.Tensor]], phrases, words
     cross-attention layers (16×16 in the shipped model, as Attend-and-Excite reads 16×16 in Stable Diffusion).
     """
     tokens, prompt = phrases
-    finest = max((size for size, _ in maps), default=None, key=lambda s: s[0] * s[1])
-    layers = [a for size, a in maps if size == finest]
-    if not layers or len(prompt) == 0:
+    _, a = finest_maps(maps)
+    if a is None or len(prompt) == 0:
         return maps[0][1].sum() * 0 if maps else torch.zeros(())
-    a = torch.stack(layers).mean(0)  # (B, L, N): the layers' mean, as Attend-and-Excite aggregates
     device = a.device
     L = a.shape[1]
     word = a * words[:, :L, None].to(device)
@@ -136,18 +142,16 @@ def counted_phrases(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tens
 def count_loss(maps: list[tuple[tuple[int, int], torch.Tensor]], counted) -> torch.Tensor:
     """Σ over counted phrases of the share of their attention outside their n strongest grid cells; zero if none.
 
-    "three red diamonds" drawn as four: at the first steps the phrase's map already holds a fourth blob.
-    The phrase's attention (its tokens' softmax weights, so the background, which attends to the start
-    token, weighs little) at the finest layers is pooled to the `CELLS` × `CELLS` grid the objects sit on,
-    normalised to sum to 1, and what lies beyond its n largest cells is the loss (0 when n cells hold it all).
+    "three red diamonds" drawn as four has a fourth place the phrase attends to. The phrase's attention
+    (its tokens' softmax weights, so the background, which attends to the start token, weighs little) at
+    the finest layers is pooled to the `CELLS` × `CELLS` grid the objects sit on, normalised to sum to 1,
+    and what lies beyond its n largest cells is the loss (0 when n cells hold it all).
     maps: GroundingRecorder.maps.  counted: counted_phrases(...).
     """
     tokens, prompt, count = counted
-    finest = max((size for size, _ in maps), default=None, key=lambda s: s[0] * s[1])
-    layers = [a for size, a in maps if size == finest]
-    if not layers or len(prompt) == 0:
+    finest, a = finest_maps(maps)
+    if a is None or len(prompt) == 0:
         return maps[0][1].sum() * 0 if maps else torch.zeros(())
-    a = torch.stack(layers).mean(0)  # (B, L, N)
     device, L = a.device, a.shape[1]
     per_phrase = torch.einsum("ql,qln->qn", tokens[:, :L].to(device), a[prompt.to(device)])  # (Q, N)
     cells = F.adaptive_avg_pool2d(per_phrase.reshape(-1, 1, *finest), CELLS).flatten(1)  # (Q, CELLS²)
