@@ -25,9 +25,10 @@ def machine_line() -> str:
         flags = f", flags: {' '.join(found) or 'no avx512'}"
     except OSError:
         pass
+    gpu = f", GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
         f"{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads){flags}, Python {platform.python_version()}"
+        f"({torch.get_num_threads()} threads){flags}{gpu}, Python {platform.python_version()}"
     )
 
 

@@ -1,7 +1,7 @@
 """Training images/s and sampling latency on each device this machine has, through the code users run.
 
     python -m benchmarks.devices                 # the CPU, and the GPU when torch sees one; writes "devices"
-    python -m benchmarks.devices --device cuda   # one device only
+    python -m benchmarks.devices --device cuda   # one device only; writes its own section, "devices-cuda"
     python -m benchmarks.devices --quick         # fewer steps and repeats; prints only
 
 Training is `train.train()` itself, fine-tuning --model with the shipped model's last-stage recipe
@@ -94,7 +94,8 @@ def main(argv=None) -> str:
                 "with position and relation words), images/s as train.py logs it, median of the steps after the "
                 "warm-up. Sampling: 4 images, 20 DPM++ steps, guidance 4, median seconds per call.\n\n" + table)
         command = "python -m benchmarks.devices " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_section("devices", body, command.strip())
+        # One device's rows get their own section, so a GPU run adds to the CPU's table instead of replacing it.
+        write_section("devices" if args.device == "all" else f"devices-{args.device}", body, command.strip())
     return table
 
 

@@ -152,7 +152,8 @@ class AttentionStore(AttentionRecorder):
 
     def _mean(self, sums: dict, name: str, bins: list[int] | None, heads_summed: bool = False) -> torch.Tensor:
         """Sum over `bins` divided by the recorded steps (× heads if the sums add heads up); back from
-        key-major to (…, N, L)."""
+        key-major to (…, N, L), on the CPU: the sums stay on the device that recorded them, and maps are
+        read to be drawn, exported or scored, all on the CPU."""
         if name not in self.layers:
             raise KeyError(f"no maps recorded for layer {name!r}; recorded layers: {list(self.layers)}")
         bins = list(range(self.num_bins)) if bins is None else bins
@@ -161,7 +162,7 @@ class AttentionStore(AttentionRecorder):
             raise KeyError(f"layer {name!r} has no maps in bins {bins} (recorded bins: {self.recorded_bins(name)})")
         total = sum(sums[k] for k in keys)
         per = self.layers[name].heads if heads_summed else 1
-        return (total / (per * sum(self._counts[k] for k in keys))).transpose(-1, -2)
+        return (total / (per * sum(self._counts[k] for k in keys))).transpose(-1, -2).cpu()
 
     def recorded_bins(self, name: str) -> list[int]:
         return sorted(b for (n, b) in self._counts if n == name)
