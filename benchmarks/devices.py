@@ -85,7 +85,8 @@ def main(argv=None) -> str:
                          f"| {str(dtype).removeprefix('torch.')} |")
             print(lines[-1], flush=True)
     if not torch.cuda.is_available():
-        lines += ["", "No GPU on the machine that made this table: run the same command on one to add its rows."]
+        lines += ["", "No GPU on the machine that made this table: `python -m benchmarks.devices --device cuda` on one "
+                  "adds its own section."]
     table = "\n".join(lines)
     print(table)
     if not args.quick:

@@ -106,3 +106,19 @@ def test_step_throughput_counts_flops_and_leaves_out_bf16_where_the_cpu_has_none
     assert set(steps) == {"sampling fp32", "training fp32"}
     assert all(gflop > 0 and rate > 0 for gflop, rate in steps.values())
     assert steps["training fp32"][0] > steps["sampling fp32"][0]  # batch 64 forward + backward vs batch 8
+
+
+def test_devices_benchmark_of_one_device_adds_its_own_section(tmp_path, monkeypatch):
+    # A GPU run (--device cuda) must not replace the CPU's table, which another machine wrote.
+    from benchmarks import devices
+
+    md = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(common, "BENCHMARKS_MD", md)
+    common.write_section("devices", "the CPU's table", "python -m benchmarks.devices")
+    latency = {"off": 1.0, "on": 1.1, "on, layout guidance": 1.3}
+    monkeypatch.setattr(devices, "sampling_latency", lambda device, model, repeats: (latency, torch.float32))
+    monkeypatch.setattr(devices, "training_rate", lambda device, *a, **k: (123.0, "no"))
+    devices.main(["--device", "cpu"])
+    text = md.read_text()
+    assert "the CPU's table" in text and "<!-- begin devices-cpu -->" in text
+    assert "| **123** | 1.00 s | **1.10 s** | 1.30 s | float32 |" in text
