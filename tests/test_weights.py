@@ -82,8 +82,9 @@ def test_no_sampler_saturates_on_the_shipped_model(default_pipe, sampler):
 def test_quick_evaluation_stays_above_its_floor(tmp_path):
     # Catches a broken model, not a re-measurement: floors far below the measured scores (model card).
     report = evaluate.main(["--model", str(DEFAULT), "--quick", "--out", str(tmp_path)])
-    # Measured on the shipped model (stage 7, U-Net in bf16): single object 1.00, colour 1.00, overall 0.83,
-    # pointing 1.00 (16 words), mIoU 0.67, CLIP-score 83.5 (stage 6: overall 0.79, mIoU 0.64; stage 5, fp32:
+    # Measured on the shipped model (stage 8, U-Net in bf16): single object 1.00, colour 1.00, overall 0.92,
+    # pointing 1.00 (16 words), mIoU 0.64, CLIP-score 86.3 (stage 7: overall 0.83, mIoU 0.67, CLIP-score
+    # 83.5, before layout guidance was the default; stage 6: overall 0.79, mIoU 0.64; stage 5, fp32:
     # overall 0.62, mIoU 0.66; stage 1: overall 0.58, mIoU 0.66, CLIP-score 78). The floors sit at about half
     # of that (4 images a task).
     s = report["scores"]
