@@ -90,7 +90,8 @@ def main(argv=None) -> str:
     table = "\n".join(lines)
     print(table)
     if not args.quick:
-        body = ("## Training and sampling on each device (train.py and the pipeline themselves)\n\n"
+        where = "each device" if args.device == "all" else {"cpu": "the CPU", "cuda": "a GPU"}[args.device]
+        body = (f"## Training and sampling on {where} (train.py and the pipeline themselves)\n\n"
                 "Training: `train.train()` fine-tuning the shipped model with its last stage's recipe (grounding "
                 "with position and relation words), images/s as train.py logs it, median of the steps after the "
                 "warm-up. Sampling: 4 images, 20 DPM++ steps, guidance 4, median seconds per call.\n\n" + table)

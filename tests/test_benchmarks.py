@@ -121,4 +121,5 @@ def test_devices_benchmark_of_one_device_adds_its_own_section(tmp_path, monkeypa
     devices.main(["--device", "cpu"])
     text = md.read_text()
     assert "the CPU's table" in text and "<!-- begin devices-cpu -->" in text
+    assert "## Training and sampling on the CPU" in text
     assert "| **123** | 1.00 s | **1.10 s** | 1.30 s | float32 |" in text
