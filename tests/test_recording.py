@@ -17,9 +17,9 @@ def unet():
     return randomize_(UNet(config).eval())
 
 
-def run_steps(unet, store, steps, x, ctx, mask=None):
+def run_steps(unet, store, steps, x, ctx, mask=None, grad=False):
     outs = []
-    with torch.no_grad(), unet.record_attention(store):
+    with torch.set_grad_enabled(grad), unet.record_attention(store):
         for step in range(steps):
             store.set_step(step)
             outs.append(unet(x, torch.full((x.shape[0],), 999 - step * 10), ctx, mask))
@@ -33,10 +33,12 @@ def test_recording_never_changes_the_output(unet, dtype):
     x, _, ctx = (t.to(dtype) for t in inputs(tokens=6))
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 3:] = False
-    plain = [unet(x, torch.full((2,), 999 - s * 10), ctx, mask) for s in range(3)]
-    recorded = run_steps(unet, AttentionStore(num_steps=3), 3, x, ctx, mask)
-    for a, b in zip(plain, recorded, strict=True):
-        assert torch.equal(a, b)
+    for grad in (False, True):  # sampling (the channels-last CPU path) and under autograd (NCHW)
+        with torch.set_grad_enabled(grad):
+            plain = [unet(x, torch.full((2,), 999 - s * 10), ctx, mask) for s in range(3)]
+        recorded = run_steps(unet, AttentionStore(num_steps=3), 3, x, ctx, mask, grad=grad)
+        for a, b in zip(plain, recorded, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_one_cross_map_per_cross_layer_per_bin(unet):

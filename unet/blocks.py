@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unet.attention import AttentionRecorder, attend, attend_and_record
+from unet.channels_last import Conv2d, GroupNorm, is_channels_last
 
 
 def check_group_norm(channels: int, groups: int, where: str) -> None:
@@ -99,17 +100,17 @@ class ResidualBlock(nn.Module):
         super().__init__()
         check_group_norm(in_channels, norm_groups, "ResidualBlock in_channels")
         check_group_norm(out_channels, norm_groups, "ResidualBlock out_channels")
-        self.norm1 = nn.GroupNorm(norm_groups, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm1 = GroupNorm(norm_groups, in_channels)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.time_mlp = None
         if time_emb_dim is not None:
             # One Linear gives both scale and shift (FiLM), as in the seed.
             self.time_mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, out_channels * 2))
-        self.norm2 = nn.GroupNorm(norm_groups, out_channels)
-        self.conv2 = zero_(nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1))
+        self.norm2 = GroupNorm(norm_groups, out_channels)
+        self.conv2 = zero_(Conv2d(out_channels, out_channels, kernel_size=3, padding=1))
         self.activation = nn.SiLU()
         if in_channels != out_channels:
-            self.skip_connection = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+            self.skip_connection = Conv2d(in_channels, out_channels, kernel_size=1)
         else:
             self.skip_connection = nn.Identity()
 
@@ -140,9 +141,9 @@ class AttentionBlock(nn.Module):
         self.num_heads = num_heads
         self.head_dim = channels // num_heads
         self.scale = 1 / math.sqrt(self.head_dim)
-        self.norm = nn.GroupNorm(norm_groups, channels)
-        self.to_qkv = nn.Conv2d(channels, channels * 3, kernel_size=1)
-        self.to_out = zero_(nn.Conv2d(channels, channels, kernel_size=1))
+        self.norm = GroupNorm(norm_groups, channels)
+        self.to_qkv = Conv2d(channels, channels * 3, kernel_size=1)
+        self.to_out = zero_(Conv2d(channels, channels, kernel_size=1))
         self.name = "attention"  # the U-Net sets the stable layer name, e.g. "down.1.0.self_attn"
         self.recorder: AttentionRecorder | None = None
 
@@ -186,11 +187,11 @@ class CrossAttentionBlock(nn.Module):
         self.num_heads = num_heads
         self.head_dim = channels // num_heads
         self.scale = 1 / math.sqrt(self.head_dim)
-        self.norm = nn.GroupNorm(norm_groups, channels)
-        self.to_q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.norm = GroupNorm(norm_groups, channels)
+        self.to_q = Conv2d(channels, channels, kernel_size=1)
         self.to_k = nn.Linear(context_dim, channels)
         self.to_v = nn.Linear(context_dim, channels)
-        self.to_out = zero_(nn.Conv2d(channels, channels, kernel_size=1))
+        self.to_out = zero_(Conv2d(channels, channels, kernel_size=1))
         self.name = "cross_attention"
         self.recorder: AttentionRecorder | None = None
 
@@ -202,10 +203,15 @@ class CrossAttentionBlock(nn.Module):
         token_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, C, H, W = x.shape
-        # The seed's layout: a 1×1 conv on (B, C, H, W), heads read as a transposed view, which BLAS takes
-        # without a copy. (Self-attention's token layout would cost copies here: the explicit kernel,
-        # which wins for short text contexts, does not need it; attend() makes q contiguous for SDPA.)
-        q = self.to_q(self.norm(x)).view(B, self.num_heads, self.head_dim, H * W).transpose(-1, -2)  # (B, h, N, d)
+        tokens = is_channels_last(x)  # sampling on a CPU (unet.channels_last): x already is (B, N, C) tokens
+        if tokens:
+            q = split_heads(conv1x1_on_tokens(self.to_q, image_to_tokens(self.norm(x))), self.num_heads)
+        else:
+            # The seed's layout: a 1×1 conv on (B, C, H, W), heads read as a transposed view, which BLAS
+            # takes without a copy. (Self-attention's token layout would cost copies here: the explicit
+            # kernel, which wins for short text contexts, does not need it; attend() makes q contiguous.)
+            q = self.to_q(self.norm(x)).view(B, self.num_heads, self.head_dim, H * W).transpose(-1, -2)
+        # q: (B, h, N, d)
         k = split_heads(self.to_k(context), self.num_heads)  # (B, h, L, d)
         v = split_heads(self.to_v(context), self.num_heads)  # (B, h, L, d)
         if token_weights is not None:
@@ -219,6 +225,8 @@ class CrossAttentionBlock(nn.Module):
         else:
             out = attend(q, k, v, mask, self.scale)  # (B, h, N, d)
         del q, k, v
+        if tokens:
+            return x + merge_heads_to_image(out, self.to_out, (H, W))  # channels-last, like x
         return self.to_out(out.transpose(-1, -2).reshape(B, C, H, W)) + x  # (B, h, d, N) → (B, C, H, W)
 
 
@@ -280,7 +288,7 @@ class PositionEmbedding(nn.Module):
     def __init__(self, channels: int, frequencies: int = 4):
         super().__init__()
         self.frequencies = frequencies
-        self.proj = zero_(nn.Conv2d(4 * frequencies, channels, kernel_size=1))
+        self.proj = zero_(Conv2d(4 * frequencies, channels, kernel_size=1))
         self._cache: dict[tuple, torch.Tensor] = {}  # the embedding while sampling; not in the state_dict
 
     def features(self, H: int, W: int, device: torch.device) -> torch.Tensor:
@@ -306,10 +314,11 @@ class PositionEmbedding(nn.Module):
         # Sampling: the embedding depends only on the size and the weights, so it is computed once. The
         # weights' versions are in the key, so any in-place change (an optimizer step, load_state_dict)
         # recomputes it. Recomputing it at every call cost 5-12% of a guided bf16 step (measured).
-        key = (H, W, x.device, x.dtype, self.proj.weight._version, self.proj.bias._version)
+        layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format  # add in x's layout
+        key = (H, W, x.device, x.dtype, layout, self.proj.weight._version, self.proj.bias._version)
         if key not in self._cache:
             self._cache.clear()
-            self._cache[key] = self.embedding(H, W, x.device).to(x.dtype)
+            self._cache[key] = self.embedding(H, W, x.device).to(x.dtype).contiguous(memory_format=layout)
         return x + self._cache[key]
 
 
@@ -318,7 +327,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -329,7 +338,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 
 from unet.attention import AttentionRecorder
+from unet.channels_last import Conv2d, GroupNorm, wants_channels_last
 from unet.blocks import (
     AttentionBlock,
     ContextRefiner,
@@ -165,6 +166,9 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
+        # Sample on a CPU in channels-last with packed conv weights (unet/channels_last.py); False = NCHW
+        # everywhere, the path training takes. A runtime switch, not part of the config or the weights.
+        self.cpu_channels_last = True
         c = config
         widths = [c.base_channels * m for m in c.channel_mults]
         self.time_embed = nn.Sequential(
@@ -172,7 +176,7 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         )
         self.context_refiner = (ContextRefiner(c.context_dim, c.context_layers, c.num_heads)
                                 if c.context_layers else None)
-        self.conv_in = nn.Conv2d(c.in_channels, c.base_channels, kernel_size=3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, c.base_channels, kernel_size=3, padding=1)
 
         # Encoder: remember the width of every tensor pushed on the skip stack.
         skip_widths = [c.base_channels]
@@ -204,8 +208,8 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
             up[level] = layers
         self.up = nn.ModuleList([up[level] for level in range(len(widths))])
 
-        self.norm_out = nn.GroupNorm(c.norm_groups, ch)
-        self.conv_out = zero_(nn.Conv2d(ch, c.out_channels, kernel_size=3, padding=1))
+        self.norm_out = GroupNorm(c.norm_groups, ch)
+        self.conv_out = zero_(Conv2d(ch, c.out_channels, kernel_size=3, padding=1))
 
         # Stable names: the module path, so names match state_dict keys and never depend on call order.
         # attention_layers lists them in the order forward() runs them (encoder, middle, decoder).
@@ -230,6 +234,9 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
             context = self.context_refiner(context, context_mask)  # (B, L, D): every token sees the prompt
         cond = (context, context_mask, token_weights)  # what every ResAttnLayer's cross-attention reads
         t_emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(x.dtype))  # (B, T)
+        channels_last = self.cpu_channels_last and wants_channels_last(x)
+        if channels_last:  # sampling on a CPU: every block keeps this layout (unet/channels_last.py)
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
         for level, layers in enumerate(self.down):
@@ -246,7 +253,8 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
                 h = layer(torch.cat([h, skips.pop()], dim=1), t_emb, *cond)
             if level > 0:
                 h = self.upsample[level - 1](h)  # (B, C, 2H, 2W)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
+        out = self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
+        return out.contiguous() if channels_last else out
 
     def _check_inputs(self, x, t, context, context_mask, token_weights) -> torch.Tensor:
         """Validate shapes with messages that say how to fix them; returns t as a (B,) tensor."""

@@ -1,0 +1,95 @@
+"""The CPU sampling path (unet/channels_last.py) computes what the NCHW path computes."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.tiny import randomize_
+from unet import AttentionStore, UNet, UNetConfig
+from unet.channels_last import PACKED_CONV, Conv2d, GroupNorm, is_channels_last
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 8, 8), (3, 32, 16, 16), (1, 128, 4, 6), (2, 64, 32, 32)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+def test_group_norm_on_channels_last_matches_pytorch(shape, dtype, tol):
+    norm = randomize_(GroupNorm(32, shape[1])).to(dtype)
+    x = (torch.randn(shape) * 3 + 1.5).to(dtype)  # an offset mean: E[x²] − mean² must not lose it
+    expected = F.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), norm.eps)
+    out = norm(channels_last(x))
+    assert is_channels_last(out) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+
+
+def test_group_norm_channels_last_gradients_match():
+    norm = randomize_(GroupNorm(8, 32))
+    x = torch.randn(2, 32, 8, 8)
+    grads = []
+    for inp in (x.clone(), channels_last(x)):
+        inp.requires_grad_(True)
+        norm.zero_grad()
+        (norm(inp) * torch.linspace(-1, 1, 64).view(8, 8)).sum().backward()
+        grads.append((inp.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not PACKED_CONV, reason="this PyTorch has no oneDNN packed convolution")
+@pytest.mark.parametrize("in_ch,out_ch,kernel,stride", [(32, 32, 3, 1), (64, 32, 1, 1), (32, 32, 3, 2), (3, 32, 3, 1)])
+def test_packed_conv_matches_conv2d_and_follows_weight_changes(in_ch, out_ch, kernel, stride):
+    conv = randomize_(Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2))
+    x = channels_last(torch.randn(2, in_ch, 12, 10))
+    with torch.inference_mode():
+        out = conv(x)
+        assert is_channels_last(out)
+        torch.testing.assert_close(out, F.conv2d(x.contiguous(), conv.weight, conv.bias, stride, kernel // 2),
+                                   rtol=1e-4, atol=1e-4)
+        assert conv(x[:1].contiguous(memory_format=torch.channels_last)).shape[0] == 1  # another batch size
+    with torch.no_grad():
+        conv.weight.mul_(-2)  # an optimizer step or load_state_dict: the packed copy must not go stale
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), -2 * out + 3 * conv.bias[:, None, None], rtol=1e-4, atol=1e-4)
+    copy.deepcopy(conv)  # the packed weight (an opaque oneDNN tensor) is not part of the module
+    assert set(conv.state_dict()) == {"weight", "bias"}
+
+
+def tiny_unet(**overrides) -> UNet:
+    config = UNetConfig.preset("tiny", position_embedding=True, context_layers=1, **overrides)
+    return randomize_(UNet(config), std=0.1).eval()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.15)])
+def test_unet_channels_last_sampling_matches_nchw(dtype, tol):
+    unet = tiny_unet().to(dtype)
+    x = torch.randn(3, 3, 16, 24).to(dtype)
+    t = torch.tensor([10, 400, 900])
+    context = torch.randn(3, 5, 32).to(dtype)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    weights = torch.tensor([[1.0, 2.0, 1.0, 1.0, 1.0]] * 3).to(dtype)
+    outs, maps = [], []
+    for fast in (False, True):
+        unet.cpu_channels_last = fast
+        store = AttentionStore(num_steps=1)
+        with torch.inference_mode(), unet.record_attention(store):
+            store.set_step(0)
+            outs.append(unet(x, t, context, mask, weights))
+        maps.append(store)
+    assert outs[1].is_contiguous()  # callers get NCHW back
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=tol, atol=tol)
+    for name in unet.attention_layers:
+        torch.testing.assert_close(maps[1].mean(name).float(), maps[0].mean(name).float(), rtol=tol, atol=tol)
+
+
+def test_unet_keeps_nchw_under_autograd():
+    """Training and layout guidance differentiate through the U-Net: the NCHW path, gradients intact."""
+    unet = tiny_unet()
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    out = unet(x, torch.tensor([10, 500]), torch.randn(2, 4, 32))
+    out.square().mean().backward()
+    assert out.is_contiguous() and x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
