@@ -218,11 +218,12 @@ class TextToImagePipeline:
                                  None if weights is None else weights[B:], scheduler,
                                  self.scheduler_config["num_train_timesteps"], relation_guidance, object_guidance)
             generator = torch.Generator().manual_seed(seed)  # for stochastic samplers (DDPM)
-            if store is None:
-                x = sample(model, scheduler, noise, generator, on_step, guide)
-            else:
-                with self.unet.record_attention(store):
+            with self.unet.cache_text():  # the same text at every step: its keys and values are computed once
+                if store is None:
                     x = sample(model, scheduler, noise, generator, on_step, guide)
+                else:
+                    with self.unet.record_attention(store):
+                        x = sample(model, scheduler, noise, generator, on_step, guide)
 
             result = GenerationResult(
                 images=to_pil(x), seed=seed, seeds=[seed + i for i in range(B)], prompts=plain,

@@ -93,3 +93,28 @@ def test_unet_keeps_nchw_under_autograd():
     out.square().mean().backward()
     assert out.is_contiguous() and x.grad is not None and torch.isfinite(x.grad).all()
     assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
+
+
+def test_cache_text_reuses_the_text_side_only_for_the_same_tensors():
+    unet = tiny_unet()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    context, other = torch.randn(2, 4, 32), torch.randn(2, 4, 32)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    weights = torch.tensor([[1.0, 3.0, 1.0, 1.0]] * 2)
+    with torch.inference_mode():
+        expected = [unet(x, t, c, mask, weights) for c in (context, other, context)]
+        with unet.cache_text():
+            got = [unet(x, t, c, mask, weights) for c in (context, context, other, context)]
+            cached = unet._text_cache
+            assert cached["inputs"][0] is context and "context" in cached
+            assert {k[0] for k in cached if isinstance(k, tuple)} == {
+                n for n in unet.attention_layers if n.endswith("cross_attn")}
+            assert torch.equal(unet(x, t, context, None, weights), unet(x, t, context, None, weights))
+            torch.testing.assert_close(unet(x, t, context, None, weights), unet.__class__.forward(
+                unet, x, t, context.clone(), None, weights))  # a new context object: recomputed, same values
+        assert unet._text_cache is None  # the cache ends with the block
+    for a, b in zip([expected[0], expected[0], expected[1], expected[2]], got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with unet.cache_text():  # under autograd (layout guidance, training) nothing is cached
+        unet(x, t, context, mask).sum().backward()
+        assert unet._text_cache == {}

@@ -90,7 +90,8 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict keys) that packs its weight for channels-last sampling."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if PACKED_CONV and x.device.type == "cpu" and not torch.is_grad_enabled() and is_channels_last(x):
+        if (PACKED_CONV and x.device.type == "cpu" and not torch.is_grad_enabled() and is_channels_last(x)
+                and not torch.is_autocast_enabled("cpu")):  # autocast casts for F.conv2d, not for the packed op
             return packed_conv2d(self, x)
         return super().forward(x)
 
