@@ -118,3 +118,20 @@ def test_cache_text_reuses_the_text_side_only_for_the_same_tensors():
     with unet.cache_text():  # under autograd (layout guidance, training) nothing is cached
         unet(x, t, context, mask).sum().backward()
         assert unet._text_cache == {}
+
+
+@pytest.mark.parametrize("text_tokens", [6, 77])  # block-diagonal cross-attention, and the head-split path
+def test_cross_attention_on_channels_last_matches_nchw(text_tokens):
+    from unet.blocks import BLOCK_DIAGONAL_MAX_ROWS, CrossAttentionBlock
+    block = randomize_(CrossAttentionBlock(64, 32, num_heads=4)).eval()
+    assert (4 * text_tokens <= BLOCK_DIAGONAL_MAX_ROWS) == (text_tokens == 6)
+    x, context = torch.randn(2, 64, 8, 12), torch.randn(2, text_tokens, 32)
+    mask = torch.ones(2, text_tokens, dtype=torch.bool)
+    mask[0, 4:] = False
+    weights = torch.ones(2, text_tokens)
+    weights[:, 1] = 2.5
+    with torch.inference_mode():
+        expected = block(x, context, mask, weights)
+        out = block(channels_last(x), context, mask, weights)
+    assert is_channels_last(out)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
