@@ -135,3 +135,14 @@ def test_cross_attention_on_channels_last_matches_nchw(text_tokens):
         out = block(channels_last(x), context, mask, weights)
     assert is_channels_last(out)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_modulated_group_norm_is_norm_then_film(layout):
+    norm = randomize_(GroupNorm(8, 32))
+    x = torch.randn(3, 32, 6, 10) * 2 + 0.5
+    x = channels_last(x) if layout == "channels_last" else x
+    scale, shift = torch.randn(3, 32), torch.randn(3, 32)
+    expected = F.group_norm(x.contiguous(), 8, norm.weight, norm.bias, norm.eps) * (1 + scale[:, :, None, None]) \
+        + shift[:, :, None, None]
+    torch.testing.assert_close(norm.modulated(x, scale, shift), expected, rtol=1e-5, atol=1e-5)
