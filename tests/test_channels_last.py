@@ -146,3 +146,16 @@ def test_modulated_group_norm_is_norm_then_film(layout):
     expected = F.group_norm(x.contiguous(), 8, norm.weight, norm.bias, norm.eps) * (1 + scale[:, :, None, None]) \
         + shift[:, :, None, None]
     torch.testing.assert_close(norm.modulated(x, scale, shift), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_time_mlps_follow_weight_changes():
+    """Sampling runs all residual blocks' time MLPs as one matmul; an in-place weight change must show."""
+    unet = tiny_unet()
+    x, t, context = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 4, 32)
+    for _ in range(2):
+        with torch.inference_mode():
+            sampled = unet(x, t, context)
+        trained = unet(x, t, context).detach()  # under autograd: each block's own time MLP, NCHW
+        torch.testing.assert_close(sampled, trained, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            unet.down[0][0].res.time_mlp[1].weight.mul_(3)  # an optimizer step between two previews

@@ -118,12 +118,15 @@ class ResidualBlock(nn.Module):
         else:
             self.skip_connection = nn.Identity()
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None = None, film: torch.Tensor | None = None) -> torch.Tensor:
+        """film: time_mlp(t_emb), (B, 2·C_out), when the caller computed it already (`UNet._films`)."""
         # SiLU in place on the norms' fresh outputs while sampling (autograd needs them kept): -2% a step.
         act = F.silu if torch.is_grad_enabled() else _silu_inplace
         h = self.conv1(act(self.norm1(x)))  # (B, C_out, H, W)
-        if self.time_mlp is not None and t_emb is not None:
-            scale, shift = self.time_mlp(t_emb).chunk(2, dim=1)  # 2 × (B, C_out)
+        if film is None and self.time_mlp is not None and t_emb is not None:
+            film = self.time_mlp(t_emb)  # (B, 2·C_out)
+        if film is not None:
+            scale, shift = film.chunk(2, dim=1)  # 2 × (B, C_out)
             h = self.norm2.modulated(h, scale, shift)  # norm2(h)·(1 + scale) + shift
         else:
             h = self.norm2(h)
