@@ -29,10 +29,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# PyTorchs built without oneDNN (or a future one that drops these ops) keep the plain conv.
-PACKED_CONV = (torch.backends.mkldnn.is_available()
-               and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-               and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
+
+
+def _packed_conv_works() -> bool:
+    """Whether this PyTorch can run oneDNN's packed convolution (a build without oneDNN, or one whose
+    platform registers the op's schema but no CPU kernel, keeps the plain conv). Probed once, ~1 ms."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x = torch.ones(1, 2, 3, 3).contiguous(memory_format=torch.channels_last)
+        w = torch.ones(2, 2, 1, 1)
+        packed = torch.ops.mkldnn._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, list(x.shape))
+        out = torch.ops.mkldnn._convolution_pointwise(x, packed, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+        return bool(torch.all(out == 2))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+PACKED_CONV = _packed_conv_works()
 
 # PyTorch's channels-last GroupNorm switches to its fast kernel (parallel over positions) here.
 NATIVE_GROUP_NORM_MIN_POSITIONS = 1024
