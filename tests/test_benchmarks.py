@@ -123,3 +123,12 @@ def test_devices_benchmark_of_one_device_adds_its_own_section(tmp_path, monkeypa
     assert "the CPU's table" in text and "<!-- begin devices-cpu -->" in text
     assert "## Training and sampling on the CPU" in text
     assert "| **123** | 1.00 s | **1.10 s** | 1.30 s | float32 |" in text
+
+
+def test_attention_benchmark_times_ours_in_both_layouts_against_the_seed():
+    from benchmarks import attention
+    row = attention.measure("cross", 4, 2, 64, 16)  # checks both layouts compute the seed's output
+    assert set(row["ms"]) == set(row["mb"]) == {"ours", "ours cl", "seed"}
+    assert all(v > 0 for v in row["ms"].values())
+    line = attention.table([row]).splitlines()[-1]
+    assert line.startswith("| cross | 4 | 2 | 64 | 16 |") and line.count("×") == 4
