@@ -159,3 +159,11 @@ def test_stacked_time_mlps_follow_weight_changes():
         torch.testing.assert_close(sampled, trained, rtol=1e-4, atol=1e-4)
         with torch.no_grad():
             unet.down[0][0].res.time_mlp[1].weight.mul_(3)  # an optimizer step between two previews
+
+
+@pytest.mark.parametrize("options", [{"padding": 1, "padding_mode": "reflect"}, {"padding": "same"}])
+def test_conv_options_the_packed_op_cannot_do_take_the_plain_conv(options):
+    conv = randomize_(Conv2d(8, 8, 3, **options))
+    x = channels_last(torch.randn(2, 8, 6, 6))
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), torch.nn.Conv2d.forward(conv, x))

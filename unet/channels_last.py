@@ -110,7 +110,8 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (PACKED_CONV and x.device.type == "cpu" and not torch.is_grad_enabled() and is_channels_last(x)
-                and not torch.is_autocast_enabled("cpu")):  # autocast casts for F.conv2d, not for the packed op
+                and not torch.is_autocast_enabled("cpu")  # autocast casts for F.conv2d, not for the packed op
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):  # what the op pads
             return packed_conv2d(self, x)
         return super().forward(x)
 
