@@ -61,7 +61,8 @@ def measure(kind: str, heads: int, batch: int, tokens: int, text_tokens: int) ->
 def table(rows: list[dict]) -> str:
     lines = [
         "| block | heads | batch | queries N | keys L | ours ms | ours channels-last ms | seed ms | speed-up "
-        "| channels-last speed-up | ours peak MB | channels-last peak MB | seed peak MB | memory ÷ | channels-last memory ÷ |",
+        "| channels-last speed-up | ours peak MB | channels-last peak MB | seed peak MB | memory ÷ "
+        "| channels-last memory ÷ |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -105,8 +106,8 @@ def main(argv=None) -> None:
     for name, label in (("ours", "NCHW"), ("ours cl", "channels-last")):
         slower = [r for r in rows if r["ms"][name] > r["ms"]["seed"]]
         summary += f"\n- shapes where ours ({label}) is slower than the seed: " + (", ".join(
-            f"{r['kind']} h{r['heads']} B{r['batch']} N{r['tokens']} L{r['keys']} ({r['ms']['seed'] / r['ms'][name]:.2f}×)"
-            for r in slower) or "none")
+            f"{r['kind']} h{r['heads']} B{r['batch']} N{r['tokens']} L{r['keys']} "
+            f"({r['ms']['seed'] / r['ms'][name]:.2f}×)" for r in slower) or "none")
     body = (
         "## Attention blocks vs the seed's naive block\n\n"
         f"{CHANNELS} channels, forward under inference_mode, median ms of interleaved repeats; ours on NCHW "

@@ -35,7 +35,7 @@ def test_group_norm_channels_last_gradients_match():
         norm.zero_grad()
         (norm(inp) * torch.linspace(-1, 1, 64).view(8, 8)).sum().backward()
         grads.append((inp.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -113,7 +113,7 @@ def test_cache_text_reuses_the_text_side_only_for_the_same_tensors():
             torch.testing.assert_close(unet(x, t, context, None, weights), unet.__class__.forward(
                 unet, x, t, context.clone(), None, weights))  # a new context object: recomputed, same values
         assert unet._text_cache is None  # the cache ends with the block
-    for a, b in zip([expected[0], expected[0], expected[1], expected[2]], got):
+    for a, b in zip([expected[0], expected[0], expected[1], expected[2]], got, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with unet.cache_text():  # under autograd (layout guidance, training) nothing is cached
         unet(x, t, context, mask).sum().backward()

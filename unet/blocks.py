@@ -118,7 +118,8 @@ class ResidualBlock(nn.Module):
         else:
             self.skip_connection = nn.Identity()
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None = None, film: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None = None,
+                film: torch.Tensor | None = None) -> torch.Tensor:
         """film: time_mlp(t_emb), (B, 2·C_out), when the caller computed it already (`UNet._films`)."""
         # SiLU in place on the norms' fresh outputs while sampling (autograd needs them kept): -2% a step.
         act = F.silu if torch.is_grad_enabled() else _silu_inplace
@@ -258,8 +259,9 @@ class CrossAttentionBlock(nn.Module):
             return x + merge_heads_to_image(out, self.to_out, (H, W))  # channels-last, like x
         return self.to_out(out.transpose(-1, -2).reshape(B, C, H, W)) + x  # (B, h, d, N) → (B, C, H, W)
 
-    def block_diagonal_text(self, context: torch.Tensor, mask: torch.Tensor | None,
-                            token_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def block_diagonal_text(
+        self, context: torch.Tensor, mask: torch.Tensor | None, token_weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Every head's keys and values in one (B, h·L, C) matrix each, zero outside the head's channels.
 
         Row g·L + j of `keys` holds token j's key for head g (times the softmax scale) in columns

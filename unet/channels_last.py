@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 def _packed_conv_works() -> bool:
     """Whether this PyTorch can run oneDNN's packed convolution (a build without oneDNN, or one whose
     platform registers the op's schema but no CPU kernel, keeps the plain conv). Probed once, ~1 ms."""

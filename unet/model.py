@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 
 from unet.attention import AttentionRecorder
-from unet.channels_last import Conv2d, GroupNorm, wants_channels_last
 from unet.blocks import (
     AttentionBlock,
     ContextRefiner,
@@ -43,6 +42,7 @@ from unet.blocks import (
     timestep_embedding,
     zero_,
 )
+from unet.channels_last import Conv2d, GroupNorm, wants_channels_last
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         inputs = (context, context_mask, token_weights)
         held = self._text_cache.get("inputs", ())
         # `is`, not ==: the entry holds the inputs, so their ids cannot be reused by new tensors meanwhile.
-        if len(held) != 3 or any(a is not b for a, b in zip(held, inputs)):
+        if len(held) != 3 or any(a is not b for a, b in zip(held, inputs, strict=True)):
             self._text_cache.clear()
             self._text_cache["inputs"] = inputs
         return self._text_cache
@@ -314,7 +314,7 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
             self._stacked_films = (key, torch.cat([m.weight for m in linears]).detach(),
                                    torch.cat([m.bias for m in linears]).detach())
         out = F.linear(F.silu(t_emb), self._stacked_films[1], self._stacked_films[2])  # (B, Σ 2·C)
-        return dict(zip(blocks, out.split([m.out_features for m in linears], dim=1)))
+        return dict(zip(blocks, out.split([m.out_features for m in linears], dim=1), strict=True))
 
     def _check_inputs(self, x, t, context, context_mask, token_weights) -> torch.Tensor:
         """Validate shapes with messages that say how to fix them; returns t as a (B,) tensor."""
