@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.tiny import randomize_
 from unet import AttentionStore, UNet, UNetConfig
-from unet.channels_last import PACKED_CONV, Conv2d, GroupNorm, is_channels_last
+from unet.channels_last import Conv2d, GroupNorm, is_channels_last, packed_conv_supports
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def test_group_norm_channels_last_gradients_match():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not PACKED_CONV, reason="this PyTorch has no oneDNN packed convolution")
+@pytest.mark.skipif(not packed_conv_supports(torch.float32), reason="this PyTorch has no oneDNN packed convolution")
 @pytest.mark.parametrize("in_ch,out_ch,kernel,stride", [(32, 32, 3, 1), (64, 32, 1, 1), (32, 32, 3, 2), (3, 32, 3, 1)])
 def test_packed_conv_matches_conv2d_and_follows_weight_changes(in_ch, out_ch, kernel, stride):
     conv = randomize_(Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2))
@@ -165,5 +165,20 @@ def test_stacked_time_mlps_follow_weight_changes():
 def test_conv_options_the_packed_op_cannot_do_take_the_plain_conv(options):
     conv = randomize_(Conv2d(8, 8, 3, **options))
     x = channels_last(torch.randn(2, 8, 6, 6))
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), torch.nn.Conv2d.forward(conv, x))
+
+
+def test_conv_falls_back_where_the_packed_op_refuses_the_dtype(monkeypatch):
+    """oneDNN refuses bf16 packing on a CPU without AVX-512: such a CPU must get the plain conv, not an error."""
+    import unet.channels_last as cl
+
+    def refuse(*args):
+        raise AssertionError("the packed path ran for a dtype the probe refused")
+
+    monkeypatch.setattr(cl, "packed_conv_supports", lambda dtype: False)
+    monkeypatch.setattr(cl, "packed_conv2d", refuse)
+    conv = randomize_(Conv2d(8, 8, 3, padding=1)).to(torch.bfloat16)
+    x = channels_last(torch.randn(2, 8, 6, 6)).to(torch.bfloat16)
     with torch.inference_mode():
         torch.testing.assert_close(conv(x), torch.nn.Conv2d.forward(conv, x))

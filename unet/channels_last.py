@@ -23,6 +23,7 @@ that path is what the training benchmarks measured. Both paths compute the same 
 compare them: within 1e-4 in fp32).
 """
 
+import functools
 import weakref
 
 import torch
@@ -30,22 +31,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _packed_conv_works() -> bool:
-    """Whether this PyTorch can run oneDNN's packed convolution (a build without oneDNN, or one whose
-    platform registers the op's schema but no CPU kernel, keeps the plain conv). Probed once, ~1 ms."""
+@functools.cache
+def packed_conv_supports(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch and CPU can run oneDNN's packed convolution in `dtype`, probed once per dtype
+    with a tiny call (~2 ms). Those that cannot keep the plain conv: a build without oneDNN, a platform
+    that registers the op's schema but no CPU kernel, and bf16 on a CPU without AVX-512 (oneDNN refuses
+    it there: "bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq")."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        x = torch.ones(1, 2, 3, 3).contiguous(memory_format=torch.channels_last)
-        w = torch.ones(2, 2, 1, 1)
+        x = torch.ones(1, 2, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.ones(2, 2, 1, 1, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, list(x.shape))
         out = torch.ops.mkldnn._convolution_pointwise(x, packed, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
         return bool(torch.all(out == 2))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
-
-PACKED_CONV = _packed_conv_works()
 
 # PyTorch's channels-last GroupNorm switches to its fast kernel (parallel over positions) here.
 NATIVE_GROUP_NORM_MIN_POSITIONS = 1024
@@ -108,9 +110,10 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict keys) that packs its weight for channels-last sampling."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (PACKED_CONV and x.device.type == "cpu" and not torch.is_grad_enabled() and is_channels_last(x)
+        if (x.device.type == "cpu" and not torch.is_grad_enabled() and is_channels_last(x)
                 and not torch.is_autocast_enabled("cpu")  # autocast casts for F.conv2d, not for the packed op
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):  # what the op pads
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)  # what the op pads
+                and packed_conv_supports(x.dtype)):
             return packed_conv2d(self, x)
         return super().forward(x)
 
