@@ -1,6 +1,7 @@
 """Shared measuring tools: interleaved median timing, peak memory, machine description, and the
 BENCHMARKS.md writer (each benchmark owns one marked section, so they can be re-run separately)."""
 
+import contextlib
 import os
 import platform
 import re
@@ -13,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from diffusion.precision import cpu_name
+from unet import UNet
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
@@ -86,3 +88,14 @@ def write_section(name: str, body: str, command: str) -> None:
         text = text.rstrip() + "\n\n" + section + "\n"
     BENCHMARKS_MD.write_text(text)
 
+
+
+@contextlib.contextmanager
+def as_sampled(nets):
+    """Our U-Nets among `nets` as the pipeline samples with them: the text side computed once across the
+    calls of the block (`UNet.cache_text`), as once per sampling run. Other models are left alone."""
+    with contextlib.ExitStack() as stack:
+        for net in nets:
+            if isinstance(net, UNet):
+                stack.enter_context(net.cache_text())
+        yield

@@ -24,7 +24,6 @@ The model is --model (default: the shipped weights/default); timings do not depe
 """
 
 import argparse
-import contextlib
 import copy
 import os
 import socket
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import interleaved_medians, write_section
+from benchmarks.common import as_sampled, interleaved_medians, write_section
 from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from diffusion.pipeline import TextToImagePipeline
 from diffusion.precision import cpu_has_fast_bf16
@@ -164,14 +163,12 @@ def step_throughput(unet: torch.nn.Module, repeats: int, bf16: bool = True) -> d
     # channels-last path runs, and the count should be the work the step needs (the same math), not the
     # h× extra of block-diagonal cross-attention.
     nets = [fp32] + ([half] if bf16 else [])
-    for net in nets:
+    for net in nets:  # private copies: switched off for the count, back on for the timing
         net.cpu_channels_last = False
     flops = {k: counted_flops(fn) for k, fn in sampling.items()}
     for net in nets:
         net.cpu_channels_last = True
-    with contextlib.ExitStack() as stack:  # timed as the pipeline runs it: the text side once per run
-        for net in nets:
-            stack.enter_context(net.cache_text())
+    with as_sampled(nets):  # timed as the pipeline runs it: the text side once per run
         times = interleaved_medians(sampling, repeats=repeats, budget_s=30)
     out.update({k: (flops[k] / 1e9, flops[k] / times[k] / 1e9) for k in sampling})
 

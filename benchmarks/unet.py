@@ -17,14 +17,13 @@ floor that no attention speed-up can go below.
 """
 
 import argparse
-import contextlib
 import copy
 import sys
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from benchmarks.common import interleaved_medians, write_section
+from benchmarks.common import as_sampled, interleaved_medians, write_section
 from unet import UNet, UNetConfig
 
 FLOOR = "ours without attention"
@@ -75,10 +74,7 @@ def sampling_ms(nets: dict, dtype: torch.dtype | None, repeats: int, cast: bool 
             return call(nets[name].eval(), x, t, ctx)
 
     fns = {name: (lambda n=name: step(n)) for name in nets}
-    with contextlib.ExitStack() as stack:  # ours as the pipeline runs it: the text side once per sampling run
-        for net in nets.values():
-            if isinstance(net, UNet):
-                stack.enter_context(net.cache_text())
+    with as_sampled(nets.values()):
         return {k: v * 1e3 for k, v in interleaved_medians(fns, repeats=repeats).items()}
 
 

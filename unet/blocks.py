@@ -122,7 +122,7 @@ class ResidualBlock(nn.Module):
                 film: torch.Tensor | None = None) -> torch.Tensor:
         """film: time_mlp(t_emb), (B, 2·C_out), when the caller computed it already (`UNet._films`)."""
         # SiLU in place on the norms' fresh outputs while sampling (autograd needs them kept): -2% a step.
-        act = F.silu if torch.is_grad_enabled() else _silu_inplace
+        act = self.activation if torch.is_grad_enabled() else _silu_inplace
         h = self.conv1(act(self.norm1(x)))  # (B, C_out, H, W)
         if film is None and self.time_mlp is not None and t_emb is not None:
             film = self.time_mlp(t_emb)  # (B, 2·C_out)
@@ -224,40 +224,54 @@ class CrossAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         B, C, H, W = x.shape
         L = context.shape[1]
-        if (is_channels_last(x) and self.num_heads * L <= BLOCK_DIAGONAL_MAX_ROWS
-                and B * self.num_heads * H * W * L <= EXPLICIT_MAX_PROBS):
+        tokens = is_channels_last(x)  # sampling on a CPU: x's memory already is (B, N, C) tokens
+        h = self.num_heads
+        if tokens and h * L <= BLOCK_DIAGONAL_MAX_ROWS and B * h * H * W * L <= EXPLICIT_MAX_PROBS:
             return self._forward_tokens(x, context, mask, token_weights, text_cache)
-        tokens = is_channels_last(x)  # a long text on the channels-last path: heads split, tokens kept
-        if tokens:
-            q = split_heads(conv1x1_on_tokens(self.to_q, image_to_tokens(self.norm(x))), self.num_heads)
+        if tokens:  # a long text on the channels-last path: heads split, tokens kept
+            q = split_heads(conv1x1_on_tokens(self.to_q, image_to_tokens(self.norm(x))), h)
         else:
             # The seed's layout: a 1×1 conv on (B, C, H, W), heads read as a transposed view, which BLAS
             # takes without a copy. (Self-attention's token layout would cost copies here: the explicit
             # kernel, which wins for short text contexts, does not need it; attend() makes q contiguous.)
-            q = self.to_q(self.norm(x)).view(B, self.num_heads, self.head_dim, H * W).transpose(-1, -2)
+            q = self.to_q(self.norm(x)).view(B, h, self.head_dim, H * W).transpose(-1, -2)
         # q: (B, h, N, d)
-        key = (self.name, "heads")
-        if text_cache is not None and key in text_cache:  # UNet.cache_text(): the same text as the last call
-            k, v = text_cache[key]
-        else:
-            k = split_heads(self.to_k(context), self.num_heads)  # (B, h, L, d)
-            v = split_heads(self.to_v(context), self.num_heads)  # (B, h, L, d)
-            if token_weights is not None:
-                v = v * token_weights[:, None, :, None].to(v.dtype)  # (B, h, L, d)
-            if text_cache is not None:
-                text_cache[key] = (k, v)
+        k, v = self._text_side(text_cache, "heads", lambda: self.head_split_text(context, token_weights))
         if self.recorder is not None:
             rows = self.recorder.rows(B, self.kind)
             out, probs = attend_and_record(q, k, v, mask, self.scale, rows)  # (B, h, N, d), (b, h, N, L)
-            if token_weights is not None:
-                probs = probs * token_weights[rows, None, None, :].to(probs.dtype)
-            self.recorder.record(self.name, self.kind, (H, W), probs)
+            self._record(probs, token_weights, rows, (H, W))
         else:
             out = attend(q, k, v, mask, self.scale)  # (B, h, N, d)
         del q, k, v
         if tokens:
             return x + merge_heads_to_image(out, self.to_out, (H, W))  # channels-last, like x
         return self.to_out(out.transpose(-1, -2).reshape(B, C, H, W)) + x  # (B, h, d, N) → (B, C, H, W)
+
+    def _text_side(self, text_cache: dict | None, layout: str, compute):
+        """compute(), or what it returned for the same text earlier in this sampling run (UNet.cache_text)."""
+        if text_cache is None:
+            return compute()
+        key = (self.name, layout)
+        if key not in text_cache:
+            text_cache[key] = compute()
+        return text_cache[key]
+
+    def _record(self, probs: torch.Tensor, token_weights: torch.Tensor | None, rows: slice,
+                size: tuple[int, int]) -> None:
+        """Hand the recorder probabilities (b, h, N, L) of `rows`, reweighted as the output was."""
+        if token_weights is not None:
+            probs = probs * token_weights[rows, None, None, :].to(probs.dtype)
+        self.recorder.record(self.name, self.kind, size, probs)
+
+    def head_split_text(self, context: torch.Tensor,
+                        token_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, h, L, d) per head; values times the token weights."""
+        k = split_heads(self.to_k(context), self.num_heads)
+        v = split_heads(self.to_v(context), self.num_heads)
+        if token_weights is not None:
+            v = v * token_weights[:, None, :, None].to(v.dtype)
+        return k, v
 
     def block_diagonal_text(
         self, context: torch.Tensor, mask: torch.Tensor | None, token_weights: torch.Tensor | None
@@ -289,13 +303,8 @@ class CrossAttentionBlock(nn.Module):
         """forward() for channels-last x (sampling on a CPU): x's memory already is (B, N, C) tokens."""
         B, C, H, W = x.shape
         h, L = self.num_heads, context.shape[1]
-        key = (self.name, "block diagonal")
-        if text_cache is not None and key in text_cache:
-            keys, values, bias = text_cache[key]
-        else:
-            keys, values, bias = self.block_diagonal_text(context, mask, token_weights)
-            if text_cache is not None:
-                text_cache[key] = (keys, values, bias)
+        keys, values, bias = self._text_side(text_cache, "block diagonal",
+                                             lambda: self.block_diagonal_text(context, mask, token_weights))
         q = conv1x1_on_tokens(self.to_q, image_to_tokens(self.norm(x)))  # (B, N, C)
         scores = (torch.bmm(keys, q.transpose(1, 2)) if bias is None
                   else torch.baddbmm(bias, keys, q.transpose(1, 2)))  # (B, h·L, N), key-major as attention_probs
@@ -303,10 +312,7 @@ class CrossAttentionBlock(nn.Module):
         out = torch.bmm(probs.view(B, h * L, H * W).transpose(1, 2), values)  # (B, N, C), heads merged
         if self.recorder is not None:
             rows = self.recorder.rows(B, self.kind)
-            recorded = probs[rows].transpose(-1, -2)  # (b, h, N, L)
-            if token_weights is not None:
-                recorded = recorded * token_weights[rows, None, None, :].to(recorded.dtype)
-            self.recorder.record(self.name, self.kind, (H, W), recorded)
+            self._record(probs[rows].transpose(-1, -2), token_weights, rows, (H, W))  # (b, h, N, L)
         out = conv1x1_on_tokens(self.to_out, out)  # (B, N, C)
         return x + out.transpose(1, 2).view(B, C, H, W)  # a channels-last view, like x
 

@@ -171,7 +171,6 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         self.cpu_channels_last = True
         self._text_cache: dict | None = None  # see cache_text()
         self._stacked_films: tuple | None = None  # see _films()
-        self._film_blocks: list | None = None
         c = config
         widths = [c.base_channels * m for m in c.channel_mults]
         self.time_embed = nn.Sequential(
@@ -222,6 +221,8 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
             for block in (b for layer in layers for b in (layer.self_attn, layer.cross_attn) if b is not None):
                 block.name = path[block]
                 self.attention_layers[block.name] = block
+        # The residual blocks whose time MLPs _films() stacks (a plain list, not registered: they stay where they are).
+        self._film_blocks = [m for m in self.modules() if isinstance(m, ResidualBlock) and m.time_mlp is not None]
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(
@@ -305,8 +306,6 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         """
         if torch.is_grad_enabled():
             return {}
-        if self._film_blocks is None:  # a plain list, not registered: the blocks stay where they are
-            self._film_blocks = [m for m in self.modules() if isinstance(m, ResidualBlock) and m.time_mlp is not None]
         blocks = self._film_blocks
         linears = [b.time_mlp[1] for b in blocks]
         key = tuple((m.weight.data_ptr(), m.weight._version, m.bias._version, m.weight.dtype) for m in linears)
