@@ -92,17 +92,19 @@ def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Ten
     multiply-add that applies the norm (a residual block's time conditioning; two passes fewer).
     """
     B, C, H, W = x.shape
+    G, per_group = num_groups, C // num_groups
     tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view of the channels-last memory
     xf = tokens.float()
-    sums = torch.stack([xf.sum(1), (xf * xf).sum(1)]).view(2, B, num_groups, -1).sum(-1)  # (2, B, G)
-    mean, mean_sq = sums / (H * W * (C // num_groups))
-    rstd = (mean_sq - mean * mean).clamp_min_(0).add_(eps).rsqrt_()  # (B, G)
-    scale = (rstd[:, :, None] * weight.float().view(num_groups, -1)).view(B, 1, C)  # per (b, c)
-    shift = bias.float().view(1, 1, C) - mean.repeat_interleave(C // num_groups, dim=1)[:, None] * scale
+    sums = torch.stack([xf.sum(1), (xf * xf).sum(1)]).view(2, B, G, per_group).sum(-1, keepdim=True)
+    mean, mean_sq = sums / (H * W * per_group)  # (B, G, 1) each
+    rstd = (mean_sq - mean * mean).clamp_min_(0).add_(eps).rsqrt_()
+    # Per (b, group, channel in group), so no (B, G) → (B, C) expansion op: (B, G, per_group) is (B, C).
+    scale = rstd * weight.float().view(G, per_group)
+    shift = torch.addcmul(bias.float().view(G, per_group), mean, scale, value=-1)
     if film is not None:
-        gain = 1 + film[0].float()[:, None]  # (B, 1, C)
-        scale, shift = scale * gain, torch.addcmul(film[1].float()[:, None], shift, gain)
-    out = torch.addcmul(shift.to(x.dtype), tokens, scale.to(x.dtype))  # (B, N, C)
+        gain = 1 + film[0].float().view(B, G, per_group)
+        scale, shift = scale * gain, torch.addcmul(film[1].float().view(B, G, per_group), shift, gain)
+    out = torch.addcmul(shift.view(B, 1, C).to(x.dtype), tokens, scale.view(B, 1, C).to(x.dtype))  # (B, N, C)
     return out.view(B, H, W, C).permute(0, 3, 1, 2)
 
 
