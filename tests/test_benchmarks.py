@@ -132,3 +132,13 @@ def test_attention_benchmark_times_ours_in_both_layouts_against_the_seed():
     assert all(v > 0 for v in row["ms"].values())
     line = attention.table([row]).splitlines()[-1]
     assert line.startswith("| cross | 4 | 2 | 64 | 16 |") and line.count("×") == 4
+
+
+def test_unet_benchmark_fixed_cost_step_is_one_guided_image_at_8x8(monkeypatch):
+    from benchmarks import unet as bench
+    shapes = []
+    call = bench.call
+    monkeypatch.setattr(bench, "call", lambda model, x, t, ctx: shapes.append(tuple(x.shape)) or call(model, x, t, ctx))
+    ms = bench.sampling_ms(bench.models(), None, repeats=1, batch=2, size=8)
+    assert set(ms) == {"ours", "diffusers"} and all(v > 0 for v in ms.values())
+    assert shapes and set(shapes) == {(2, 3, 8, 8)}
