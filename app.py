@@ -58,7 +58,7 @@ EXAMPLES = [
     "a red circle",
     "a blue square above a yellow triangle",
     "a yellow cross and a red square",
-    "two green circles on a black background",
+    "three yellow circles",
     "a large orange diamond in the center",
     "a (red:2) triangle to the right of an orange cross",
 ]
