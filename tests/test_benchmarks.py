@@ -136,9 +136,13 @@ def test_attention_benchmark_times_ours_in_both_layouts_against_the_seed():
 
 def test_unet_benchmark_fixed_cost_step_is_one_guided_image_at_8x8(monkeypatch):
     from benchmarks import unet as bench
-    shapes = []
-    call = bench.call
-    monkeypatch.setattr(bench, "call", lambda model, x, t, ctx: shapes.append(tuple(x.shape)) or call(model, x, t, ctx))
+    shapes, call = [], bench.call
+
+    def recording_call(model, x, t, ctx):
+        shapes.append(tuple(x.shape))
+        return call(model, x, t, ctx)
+
+    monkeypatch.setattr(bench, "call", recording_call)
     ms = bench.sampling_ms(bench.models(), None, repeats=1, batch=2, size=8)
     assert set(ms) == {"ours", "diffusers"} and all(v > 0 for v in ms.values())
     assert shapes and set(shapes) == {(2, 3, 8, 8)}
