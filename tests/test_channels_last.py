@@ -120,21 +120,73 @@ def test_cache_text_reuses_the_text_side_only_for_the_same_tensors():
         assert unet._text_cache == {}
 
 
-@pytest.mark.parametrize("text_tokens", [6, 77])  # block-diagonal cross-attention, and the head-split path
-def test_cross_attention_on_channels_last_matches_nchw(text_tokens):
-    from unet.blocks import BLOCK_DIAGONAL_MAX_ROWS, CrossAttentionBlock
-    block = randomize_(CrossAttentionBlock(64, 32, num_heads=4)).eval()
-    assert (4 * text_tokens <= BLOCK_DIAGONAL_MAX_ROWS) == (text_tokens == 6)
+class MapsOf:
+    """A recorder that keeps the last map handed to it."""
+
+    def rows(self, batch_size, kind):
+        return slice(0, batch_size)
+
+    def record(self, name, kind, size, probs):
+        self.probs = probs
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("text_tokens,path", [(6, "block diagonal"), (6, "channel major"), (40, "channel major"),
+                                              (6, "fused"), (40, "fused")])
+def test_cross_attention_paths_compute_the_same_outputs_and_maps(monkeypatch, layout, text_tokens, path):
+    """Every path CrossAttentionBlock can take, in each layout it takes it in, against the plain NCHW math."""
+    from unet import attention, blocks
+    block = randomize_(blocks.CrossAttentionBlock(64, 32, num_heads=4)).eval()
     x, context = torch.randn(2, 64, 8, 12), torch.randn(2, text_tokens, 32)
     mask = torch.ones(2, text_tokens, dtype=torch.bool)
     mask[0, 4:] = False
     weights = torch.ones(2, text_tokens)
     weights[:, 1] = 2.5
+    # The plain math: normalise, project, softmax over the kept tokens, weighted values, project, residual.
+    h, d = 4, 16
+    q = F.conv2d(F.group_norm(x, 32, block.norm.weight, block.norm.bias, block.norm.eps), block.to_q.weight,
+                 block.to_q.bias).flatten(2).view(2, h, d, 96).transpose(-1, -2)  # (B, h, N, d)
+    k = block.to_k(context).view(2, text_tokens, h, d).transpose(1, 2)
+    v = (block.to_v(context) * weights[:, :, None]).view(2, text_tokens, h, d).transpose(1, 2)
+    probs = (q @ k.transpose(-1, -2) / d**0.5).masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+    expected = x + F.conv2d((probs @ v).transpose(-1, -2).reshape(2, 64, 8, 12), block.to_out.weight, block.to_out.bias)
+    expected_maps = probs * weights[:, None, None, :]
+
+    taken = []
+    for name in ("_forward_block_diagonal", "_forward_channel_major", "_forward_fused"):
+        method = getattr(blocks.CrossAttentionBlock, name)
+        monkeypatch.setattr(blocks.CrossAttentionBlock, name,
+                            lambda self, *a, _m=method, _n=name: taken.append(_n) or _m(self, *a))
+    if path == "fused":
+        monkeypatch.setattr(attention, "EXPLICIT_MAX_PROBS", 0)
+    if path == "channel major":
+        monkeypatch.setattr(blocks, "BLOCK_DIAGONAL_MAX_EXTRA", 0)
+    block.recorder = MapsOf()
+    inp = channels_last(x) if layout == "channels_last" else x
     with torch.inference_mode():
-        expected = block(x, context, mask, weights)
-        out = block(channels_last(x), context, mask, weights)
-    assert is_channels_last(out)
+        out = block(inp, context, mask, weights)
+    want = path if path != "block diagonal" or layout == "channels_last" else "channel major"  # cl only
+    assert taken == ["_forward_" + want.replace(" ", "_")]
+    assert is_channels_last(out) == (layout == "channels_last")
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(block.recorder.probs, expected_maps, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_channel_major_path_trains():
+    """Under autograd (training, layout guidance) the channel-major path gives the seed's gradients."""
+    from tests import seed_reference as seed
+    from unet.blocks import CrossAttentionBlock
+    ref = randomize_(seed.NaiveCrossAttentionBlock(64, 32, 4))
+    ours = CrossAttentionBlock(64, 32, num_heads=4)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, context = torch.randn(2, 64, 8, 8), torch.randn(2, 5, 32)
+    grads = []
+    for block in (ours, ref):
+        inp = x.clone().requires_grad_(True)
+        (block(inp, context) * torch.linspace(-1, 1, 64).view(8, 8)).sum().backward()
+        grads.append([inp.grad] + [p.grad for _, p in sorted(block.named_parameters())])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet.attention import EXPLICIT_MAX_PROBS, AttentionRecorder, attend, attend_and_record
+from unet.attention import AttentionRecorder, attend, attend_and_record, explicit_wins
 from unet.channels_last import Conv2d, GroupNorm, is_channels_last
 
 
@@ -173,11 +173,15 @@ class AttentionBlock(nn.Module):
         return x + merge_heads_to_image(out, self.to_out, (H, W))
 
 
-# The block-diagonal cross-attention (CrossAttentionBlock.block_diagonal_text) does h× the FLOPs of the
-# head-split path, which pays while h·L is small: at 4 heads and 16 text tokens it was 1.1-1.3× faster
-# than the seed's block from 64 to 4096 positions, at 77 tokens (a padded CLIP context) 0.8× (measured,
-# channels-last input, 2 cores). The U-Net's prompts are cut to their real tokens (16 in the app).
-BLOCK_DIAGONAL_MAX_ROWS = 128
+# Cross-attention to a short text takes one of two explicit paths (CrossAttentionBlock.forward):
+# - channel-major: per-head matmuls on the layout NCHW already is, no copies; the default.
+# - block-diagonal, for channels-last input (sampling on a CPU) and small problems: all heads in one
+#   matmul against the text's keys laid block-diagonally, 3 ops instead of ~8, for h× the FLOPs of the
+#   text matmuls. It pays in bf16 with the text's keys cached (UNet.cache_text), 3-13% per block at the
+#   U-Net's 8×8 and 16×16 layers, while those extra FLOPs are few; in fp32, or with more of them, the
+#   channel-major path is as fast or 6-17% faster (measured on a 2-core AVX-512 CPU, batch 2 and 8).
+BLOCK_DIAGONAL_MAX_ROWS = 128  # heads × text tokens
+BLOCK_DIAGONAL_MAX_EXTRA = 4_000_000  # B·N·(h − 1)·L·C multiply-adds more than the per-head path
 
 
 class CrossAttentionBlock(nn.Module):
@@ -223,17 +227,68 @@ class CrossAttentionBlock(nn.Module):
         text_cache: dict | None = None,
     ) -> torch.Tensor:
         B, C, H, W = x.shape
-        L = context.shape[1]
-        tokens = is_channels_last(x)  # sampling on a CPU: x's memory already is (B, N, C) tokens
+        h, L = self.num_heads, context.shape[1]
+        if not explicit_wins(B, h, H * W, L):
+            return self._forward_fused(x, context, mask, token_weights, text_cache)
+        small = h * L <= BLOCK_DIAGONAL_MAX_ROWS and B * H * W * (h - 1) * L * C <= BLOCK_DIAGONAL_MAX_EXTRA
+        if small and is_channels_last(x):
+            return self._forward_block_diagonal(x, context, mask, token_weights, text_cache)
+        return self._forward_channel_major(x, context, mask, token_weights, text_cache)
+
+    def _forward_channel_major(self, x, context, mask, token_weights, text_cache) -> torch.Tensor:
+        """forward() with explicit softmax, every tensor laid out channel-major, (B, h, d, N), as NCHW is.
+
+        A short text: no head split or merge copies in any layout. The projections run as batched
+        matmuls on x's own memory (NCHW, or channels-last read as a transposed operand), the scores
+        come key-major (B, h, L, N), which is both what the queries' layout gives for free and where
+        softmax vectorises over the N queries, and the output leaves in channel-major order, ready for
+        the output projection. Against the seed's block (1×1 convs, query-major scores, a merge copy):
+        1.0-1.7× faster from 64 to 4,096 positions in both layouts, most at the small sizes where the
+        seed's copies and reorders weigh most (benchmarks/attention.py).
+        """
+        B, C, H, W = x.shape
+        h, d, N = self.num_heads, self.head_dim, H * W
+        keys, values = self._text_side(text_cache, "channel major",
+                                       lambda: self.channel_major_text(context, token_weights))
+        columns = self.norm(x).flatten(2)  # (B, C, N): a view, contiguous or (channels-last) transposed
+        q = torch.baddbmm(self.to_q.bias[:, None], self.to_q.weight.view(C, C).expand(B, C, C), columns)
+        scores = torch.matmul(keys, q.view(B, h, d, N))  # (B, h, L, N), the softmax scale is in the keys
+        if mask is not None:
+            scores = scores.masked_fill_(~mask[:, None, :, None], float("-inf"))
+        probs = scores.softmax(dim=-2)  # each query's softmax over its head's L keys
+        out = torch.matmul(values, probs).view(B, C, N)  # (B, h, d, N): heads already merged
+        if self.recorder is not None:
+            rows = self.recorder.rows(B, self.kind)
+            self._record(probs[rows].transpose(-1, -2), token_weights, rows, (H, W))  # (b, h, N, L)
+        w_out = self.to_out.weight.view(C, C)
+        if is_channels_last(x):  # sampling on a CPU: return channels-last, like x
+            tokens = x.permute(0, 2, 3, 1).reshape(B, N, C)  # a view of x's memory
+            y = torch.baddbmm(tokens + self.to_out.bias, out.transpose(1, 2), w_out.t().expand(B, C, C))
+            return y.view(B, H, W, C).permute(0, 3, 1, 2)
+        y = torch.baddbmm(x.reshape(B, C, N) + self.to_out.bias[:, None], w_out.expand(B, C, C), out)
+        return y.view(B, C, H, W)
+
+    def channel_major_text(self, context: torch.Tensor,
+                           token_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (B, h, L, d) times the softmax scale, and values (B, h, d, L) times the token weights."""
+        B, L, _ = context.shape
+        h, d = self.num_heads, self.head_dim
+        keys = (self.to_k(context) * self.scale).view(B, L, h, d).transpose(1, 2)
+        v = self.to_v(context)
+        if token_weights is not None:
+            v = v * token_weights[:, :, None].to(v.dtype)
+        return keys, v.view(B, L, h, d).permute(0, 2, 3, 1)
+
+    def _forward_fused(self, x, context, mask, token_weights, text_cache) -> torch.Tensor:
+        """forward() through SDPA: long texts and large maps, where the explicit probabilities would not pay."""
+        B, C, H, W = x.shape
         h = self.num_heads
-        if tokens and h * L <= BLOCK_DIAGONAL_MAX_ROWS and B * h * H * W * L <= EXPLICIT_MAX_PROBS:
-            return self._forward_tokens(x, context, mask, token_weights, text_cache)
-        if tokens:  # a long text on the channels-last path: heads split, tokens kept
+        tokens = is_channels_last(x)  # sampling on a CPU: x's memory already is (B, N, C) tokens
+        if tokens:
             q = split_heads(conv1x1_on_tokens(self.to_q, image_to_tokens(self.norm(x))), h)
         else:
-            # The seed's layout: a 1×1 conv on (B, C, H, W), heads read as a transposed view, which BLAS
-            # takes without a copy. (Self-attention's token layout would cost copies here: the explicit
-            # kernel, which wins for short text contexts, does not need it; attend() makes q contiguous.)
+            # The seed's layout: a 1×1 conv on (B, C, H, W), heads read as a transposed view (attend makes
+            # it contiguous for SDPA).
             q = self.to_q(self.norm(x)).view(B, h, self.head_dim, H * W).transpose(-1, -2)
         # q: (B, h, N, d)
         k, v = self._text_side(text_cache, "heads", lambda: self.head_split_text(context, token_weights))
@@ -299,8 +354,9 @@ class CrossAttentionBlock(nn.Module):
             bias = bias.repeat(1, h)[:, :, None]  # (B, h·L, 1)
         return keys, values, bias
 
-    def _forward_tokens(self, x, context, mask, token_weights, text_cache) -> torch.Tensor:
-        """forward() for channels-last x (sampling on a CPU): x's memory already is (B, N, C) tokens."""
+    def _forward_block_diagonal(self, x, context, mask, token_weights, text_cache) -> torch.Tensor:
+        """forward() for channels-last x (sampling on a CPU) and a small problem: x's memory already is
+        (B, N, C) tokens, and all heads go through one matmul with the block-diagonal text."""
         B, C, H, W = x.shape
         h, L = self.num_heads, context.shape[1]
         keys, values, bias = self._text_side(text_cache, "block diagonal",
