@@ -250,22 +250,27 @@ class CrossAttentionBlock(nn.Module):
         h, d, N = self.num_heads, self.head_dim, H * W
         keys, values = self._text_side(text_cache, "channel major",
                                        lambda: self.channel_major_text(context, token_weights))
-        columns = self.norm(x).flatten(2)  # (B, C, N): a view, contiguous or (channels-last) transposed
-        q = torch.baddbmm(self.to_q.bias[:, None], self.to_q.weight.view(C, C).expand(B, C, C), columns)
+        # (B, C, N) normed input: a view, contiguous or (channels-last) transposed. Each intermediate is
+        # dropped as soon as the next exists (peak memory: two or three (B, C, N) tensors, never five).
+        q = torch.baddbmm(self.to_q.bias[:, None], self.to_q.weight.view(C, C).expand(B, C, C),
+                          self.norm(x).flatten(2))
         scores = torch.matmul(keys, q.view(B, h, d, N))  # (B, h, L, N), the softmax scale is in the keys
+        del q
         if mask is not None:
             scores = scores.masked_fill_(~mask[:, None, :, None], float("-inf"))
         probs = scores.softmax(dim=-2)  # each query's softmax over its head's L keys
+        del scores
         out = torch.matmul(values, probs).view(B, C, N)  # (B, h, d, N): heads already merged
         if self.recorder is not None:
             rows = self.recorder.rows(B, self.kind)
             self._record(probs[rows].transpose(-1, -2), token_weights, rows, (H, W))  # (b, h, N, L)
+        del probs
         w_out = self.to_out.weight.view(C, C)
         if is_channels_last(x):  # sampling on a CPU: return channels-last, like x
             tokens = x.permute(0, 2, 3, 1).reshape(B, N, C)  # a view of x's memory
-            y = torch.baddbmm(tokens + self.to_out.bias, out.transpose(1, 2), w_out.t().expand(B, C, C))
+            y = torch.baddbmm(tokens, out.transpose(1, 2), w_out.t().expand(B, C, C)).add_(self.to_out.bias)
             return y.view(B, H, W, C).permute(0, 3, 1, 2)
-        y = torch.baddbmm(x.reshape(B, C, N) + self.to_out.bias[:, None], w_out.expand(B, C, C), out)
+        y = torch.baddbmm(x.reshape(B, C, N), w_out.expand(B, C, C), out).add_(self.to_out.bias[:, None])
         return y.view(B, C, H, W)
 
     def channel_major_text(self, context: torch.Tensor,
