@@ -125,3 +125,22 @@ def test_timestep_embedding():
     torch.testing.assert_close(emb[0], torch.cat([torch.ones(16), torch.zeros(16)]))  # cos 0 = 1, sin 0 = 0
     assert not torch.allclose(emb[1], emb[2])
     torch.testing.assert_close(timestep_embedding(torch.tensor([0.5]), 32)[0, 0], torch.cos(torch.tensor(0.5)))
+
+
+@pytest.mark.parametrize("N,L", [(64, 64), (256, 256), (256, 7)])  # explicit, SDPA, a text
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_attention_under_autograd_runs_in_fp32(N, L, autocast):
+    """On a CPU, bf16 attention that needs a backward computes in fp32 (faster there), even inside
+    autocast, which would otherwise cast the operands back; the output and gradients come back in bf16."""
+    q, k, v = (torch.randn(2, 4, n, 16).bfloat16().requires_grad_(True) for n in (N, L, L))
+    mask = torch.ones(2, L, dtype=torch.bool)
+    mask[1, L // 2:] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = attention.attend(q, k, v, mask, 0.25)
+    expected = attention.attend(q.detach().float(), k.detach().float(), v.detach().float(), mask, 0.25)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
+    out.float().square().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+    with torch.no_grad():  # sampling keeps bf16: the fp32 kernel's result differs from it
+        assert not torch.equal(attention.attend(q, k, v, mask, 0.25), expected.bfloat16())
