@@ -160,7 +160,7 @@ def test_cross_attention_paths_compute_the_same_outputs_and_maps(monkeypatch, la
     if path == "fused":
         monkeypatch.setattr(attention, "EXPLICIT_MAX_PROBS", 0)
     if path == "channel major":
-        monkeypatch.setattr(blocks, "BLOCK_DIAGONAL_MAX_EXTRA", 0)
+        monkeypatch.setattr(blocks, "BLOCK_DIAGONAL_MAX_EXTRA", {torch.float32: 0})
     block.recorder = MapsOf()
     inp = channels_last(x) if layout == "channels_last" else x
     with torch.inference_mode():

@@ -177,11 +177,13 @@ class AttentionBlock(nn.Module):
 # - channel-major: per-head matmuls on the layout NCHW already is, no copies; the default.
 # - block-diagonal, for channels-last input (sampling on a CPU) and small problems: all heads in one
 #   matmul against the text's keys laid block-diagonally, 3 ops instead of ~8, for h× the FLOPs of the
-#   text matmuls. It pays in bf16 with the text's keys cached (UNet.cache_text), 3-13% per block at the
-#   U-Net's 8×8 and 16×16 layers, while those extra FLOPs are few; in fp32, or with more of them, the
-#   channel-major path is as fast or 6-17% faster (measured on a 2-core AVX-512 CPU, batch 2 and 8).
+#   text matmuls, B·N·(h − 1)·L·C multiply-adds more. With the text's keys cached (UNet.cache_text) it
+#   was 3-13% faster per block in bf16 up to 6 M of those extra multiply-adds and 3% slower from 12 M
+#   (bf16's batched GEMMs with a broadcast weight are slower than its plain ones, which the channel-
+#   major path uses); in fp32 it was 4% faster at 0.8 M, level at 3 M, and 14-17% slower from 6 M
+#   (measured on a 2-core AVX-512 CPU, batch 2 and 8, 64 and 128 channels).
 BLOCK_DIAGONAL_MAX_ROWS = 128  # heads × text tokens
-BLOCK_DIAGONAL_MAX_EXTRA = 4_000_000  # B·N·(h − 1)·L·C multiply-adds more than the per-head path
+BLOCK_DIAGONAL_MAX_EXTRA = {torch.float32: 2_000_000, torch.bfloat16: 8_000_000}  # other dtypes: fp32's
 
 
 class CrossAttentionBlock(nn.Module):
@@ -230,8 +232,8 @@ class CrossAttentionBlock(nn.Module):
         h, L = self.num_heads, context.shape[1]
         if not explicit_wins(B, h, H * W, L):
             return self._forward_fused(x, context, mask, token_weights, text_cache)
-        small = h * L <= BLOCK_DIAGONAL_MAX_ROWS and B * H * W * (h - 1) * L * C <= BLOCK_DIAGONAL_MAX_EXTRA
-        if small and is_channels_last(x):
+        limit = BLOCK_DIAGONAL_MAX_EXTRA.get(x.dtype, BLOCK_DIAGONAL_MAX_EXTRA[torch.float32])
+        if is_channels_last(x) and h * L <= BLOCK_DIAGONAL_MAX_ROWS and B * H * W * (h - 1) * L * C <= limit:
             return self._forward_block_diagonal(x, context, mask, token_weights, text_cache)
         return self._forward_channel_major(x, context, mask, token_weights, text_cache)
 
