@@ -130,11 +130,14 @@ class MapsOf:
         self.probs = probs
 
 
+@pytest.mark.parametrize("dtype,tol,map_tol", [(torch.float32, 1e-4, 1e-5), (torch.bfloat16, 0.05, 0.02)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("text_tokens,path", [(6, "block diagonal"), (6, "channel major"), (40, "channel major"),
                                               (6, "fused"), (40, "fused")])
-def test_cross_attention_paths_compute_the_same_outputs_and_maps(monkeypatch, layout, text_tokens, path):
-    """Every path CrossAttentionBlock can take, in each layout it takes it in, against the plain NCHW math."""
+def test_cross_attention_paths_compute_the_same_outputs_and_maps(monkeypatch, layout, text_tokens, path, dtype, tol,
+                                                                 map_tol):
+    """Every path CrossAttentionBlock can take, in each layout and dtype it takes it in, against the plain
+    NCHW math in fp32."""
     from unet import attention, blocks
     block = randomize_(blocks.CrossAttentionBlock(64, 32, num_heads=4)).eval()
     x, context = torch.randn(2, 64, 8, 12), torch.randn(2, text_tokens, 32)
@@ -161,15 +164,16 @@ def test_cross_attention_paths_compute_the_same_outputs_and_maps(monkeypatch, la
         monkeypatch.setattr(attention, "EXPLICIT_MAX_PROBS", 0)
     if path == "channel major":
         monkeypatch.setattr(blocks, "BLOCK_DIAGONAL_MAX_EXTRA", {torch.float32: 0})
+    block = block.to(dtype)
     block.recorder = MapsOf()
-    inp = channels_last(x) if layout == "channels_last" else x
+    inp = (channels_last(x) if layout == "channels_last" else x).to(dtype)
     with torch.inference_mode():
-        out = block(inp, context, mask, weights)
+        out = block(inp, context.to(dtype), mask, weights.to(dtype))
     want = path if path != "block diagonal" or layout == "channels_last" else "channel major"  # cl only
     assert taken == ["_forward_" + want.replace(" ", "_")]
-    assert is_channels_last(out) == (layout == "channels_last")
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(block.recorder.probs, expected_maps, rtol=1e-5, atol=1e-5)
+    assert is_channels_last(out) == (layout == "channels_last") and out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(block.recorder.probs.float(), expected_maps, rtol=map_tol, atol=map_tol)
 
 
 def test_cross_attention_channel_major_path_trains():
