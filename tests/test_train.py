@@ -227,3 +227,30 @@ def test_on_step_hears_every_step_with_its_logs(setup):
     cfg = train.parse_args(args(setup, setup / "on_step", "--steps", "2"))
     train.train(cfg, on_step=lambda done, logs: heard.append((done, sorted(logs))))
     assert heard == [(1, ["images_per_s", "loss", "lr"]), (2, ["images_per_s", "loss", "lr"])]
+
+
+def test_a_checkpoint_of_the_unfused_optimizer_resumes_on_the_fused_kernel():
+    """Checkpoints written before train.py used fused AdamW carry fused=None: the hyperparameters and the
+    moments load, the kernel stays this run's, and the next step matches the unfused one."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    old = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        old.step()
+    tensors, meta = train.optimizer_tensors(old)
+    tensors = {k: v.clone() for k, v in tensors.items()}  # as read back from the checkpoint's file
+    meta = json.loads(json.dumps(meta))  # and its state.json
+    assert meta["param_groups"][0]["fused"] is None
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    new = torch.optim.AdamW(copies, lr=0.5, weight_decay=0.0, fused=True)
+    train.load_optimizer(new, tensors, meta)
+    assert new.param_groups[0]["fused"] is True and new.param_groups[0]["lr"] == 0.01
+    grads = [torch.randn_like(p) for p in params]
+    for opt, ps in ((old, params), (new, copies)):
+        for p, g in zip(ps, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    for a, b in zip(params, copies, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
