@@ -310,3 +310,28 @@ def test_position_embedding_while_sampling_is_cached_but_follows_weight_changes(
     assert not torch.allclose(changed, first)
     with torch.inference_mode():
         assert pe(torch.randn(1, 8, 5, 5)).shape == (1, 8, 5, 5) and len(pe._cache) == 1  # one size kept
+
+
+def test_maps_only_stops_after_the_last_attention_block_with_the_same_maps_and_gradients(tiny):
+    """Layout guidance wants the recorder's maps and their gradient only: maps_only skips the decoder levels
+    after the last attention block, returns None, and changes neither the maps nor their gradient."""
+    from diffusion.grounding import GroundingRecorder
+    randomize_(tiny)
+    x, t, ctx = inputs()
+    ran = []
+    tiny.conv_out.register_forward_hook(lambda *_: ran.append("conv_out"))
+    results = []
+    for maps_only in (False, True):
+        xi = x.clone().requires_grad_(True)
+        recorder = GroundingRecorder()
+        with tiny.record_attention(recorder):
+            out = tiny(xi, t, ctx, maps_only=maps_only)
+        assert (out is None) == maps_only
+        loss = sum(a.square().sum() for _, a in recorder.maps)
+        results.append(([a.detach() for _, a in recorder.maps], torch.autograd.grad(loss, xi)[0]))
+    assert ran == ["conv_out"]  # only the full forward reached the output convolution
+    (maps_full, grad_full), (maps_only_, grad_only) = results
+    assert len(maps_full) == len(maps_only_) == len([n for n in tiny.attention_layers if n.endswith("cross_attn")])
+    for a, b in zip(maps_full, maps_only_, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(grad_full, grad_only) and grad_full.abs().sum() > 0
