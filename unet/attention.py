@@ -58,9 +58,6 @@ def explicit_wins(batch: int, heads: int, num_queries: int, num_keys: int) -> bo
     return num_keys <= EXPLICIT_MAX_KEYS and batch * heads * num_queries * num_keys <= EXPLICIT_MAX_PROBS
 
 
-UPCAST = True  # False computes bf16 attention in bf16 under autograd too (for A/B measurements)
-
-
 def upcasts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether to run bf16 attention in fp32 (operands cast up, the output cast back): on a CPU, under
     autograd (training in bf16 autocast, the app's layout guidance), up to 256 positions.
@@ -72,7 +69,7 @@ def upcasts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     was 7-9% faster alone but a sampling step 2-3% slower with it (the casts), so both keep bf16
     (measured on a 2-core AVX-512 CPU).
     """
-    return (UPCAST and q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[-2] <= 256
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[-2] <= 256
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 

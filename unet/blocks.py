@@ -278,13 +278,8 @@ class CrossAttentionBlock(nn.Module):
     def channel_major_text(self, context: torch.Tensor,
                            token_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (B, h, L, d) times the softmax scale, and values (B, h, d, L) times the token weights."""
-        B, L, _ = context.shape
-        h, d = self.num_heads, self.head_dim
-        keys = (self.to_k(context) * self.scale).view(B, L, h, d).transpose(1, 2)
-        v = self.to_v(context)
-        if token_weights is not None:
-            v = v * token_weights[:, :, None].to(v.dtype)
-        return keys, v.view(B, L, h, d).permute(0, 2, 3, 1)
+        k, v = self.head_split_text(context, token_weights)
+        return k * self.scale, v.transpose(-1, -2)
 
     def _forward_fused(self, x, context, mask, token_weights, text_cache) -> torch.Tensor:
         """forward() through SDPA: long texts and large maps, where the explicit probabilities would not pay."""

@@ -246,7 +246,7 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         map; skipping them saved 11-20% of a guidance pass's forward and backward, with the same gradients.
         """
         t = self._check_inputs(x, t, context, context_mask, token_weights)
-        if maps_only and not self.attention_layers:
+        if maps_only and self._last_attention_level is None:
             return None
         text = self._text_side(context, context_mask, token_weights)  # None outside cache_text() or with autograd
         if text is not None and "context" in text:
