@@ -136,13 +136,14 @@ def test_attention_benchmark_times_ours_in_both_layouts_against_the_seed():
 
 def test_unet_benchmark_fixed_cost_step_is_one_guided_image_at_8x8(monkeypatch):
     from benchmarks import unet as bench
-    shapes, call = [], bench.call
+    shapes, call = [], bench.guided_call
 
     def recording_call(model, x, t, ctx):
-        shapes.append(tuple(x.shape))
+        shapes.append((type(model).__name__, tuple(x.shape), tuple(ctx.shape)))
         return call(model, x, t, ctx)
 
-    monkeypatch.setattr(bench, "call", recording_call)
+    monkeypatch.setattr(bench, "guided_call", recording_call)
     ms = bench.sampling_ms(bench.models(), None, repeats=1, batch=2, size=8)
     assert set(ms) == {"ours", "diffusers"} and all(v > 0 for v in ms.values())
-    assert shapes and set(shapes) == {(2, 3, 8, 8)}
+    # one image under its two texts; ours gets it once (x_repeats=2), the peer the doubled batch
+    assert set(shapes) == {("UNet", (1, 3, 8, 8), (2, 12, 256)), ("UNet2DConditionModel", (1, 3, 8, 8), (2, 12, 256))}

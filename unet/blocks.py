@@ -158,12 +158,21 @@ class AttentionBlock(nn.Module):
         self.name = "attention"  # the U-Net sets the stable layer name, e.g. "down.1.0.self_attn"
         self.recorder: AttentionRecorder | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_repeats: int = 1) -> torch.Tensor:
+        """x_repeats > 1: x holds each image once for a batch of x_repeats·B (UNet.forward's x_repeats); the
+        recorder is asked for rows of that batch and gets them, each image's map repeated."""
         B, C, H, W = x.shape
         qkv = conv1x1_on_tokens(self.to_qkv, image_to_tokens(self.norm(x)))  # (B, N, 3C), channel = (3, h, d)
         q, k, v = qkv.view(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, h, N, d)
         if self.recorder is not None and self.recorder.wants_self_attention(H * W):
-            out, probs = attend_and_record(q, k, v, None, self.scale, self.recorder.rows(B, self.kind))
+            rows = self.recorder.rows(B * x_repeats, self.kind)
+            if x_repeats == 1:
+                out, probs = attend_and_record(q, k, v, None, self.scale, rows)
+            else:  # the recorder's rows of the repeated batch, from the maps of the images behind them
+                out, probs = attend_and_record(q, k, v, None, self.scale, slice(0, B))
+                images = torch.arange(B * x_repeats, device=x.device)[rows] % B
+                if not torch.equal(images, torch.arange(B, device=x.device)):
+                    probs = probs[images]
             self.recorder.record(self.name, self.kind, (H, W), probs)
         else:
             out = attend(q, k, v, None, self.scale)  # (B, h, N, d)
