@@ -141,8 +141,8 @@ class ResAttnLayer(nn.Module):
             self.cross_attn = CrossAttentionBlock(out_channels, config.context_dim, config.num_heads, norm_groups=g)
 
     def forward(self, x, t_emb, context, mask, token_weights, text_cache=None, film=None, x_repeats=1):
-        """x_repeats > 1: x holds each image once and the text x_repeats conditions of it (UNet.forward);
-        the layer repeats its features just before cross-attention, the first op that reads the text."""
+        """x_repeats > 1: x holds each image once and the context x_repeats texts for each (UNet.forward);
+        the features are repeated just before cross-attention, the first op that reads the text."""
         x = self.res(x, t_emb, film)
         if self.position is not None:
             x = self.position(x)
