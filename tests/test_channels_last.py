@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.tiny import randomize_
 from unet import AttentionStore, UNet, UNetConfig
-from unet.channels_last import Conv2d, GroupNorm, is_channels_last, packed_conv_supports
+from unet.channels_last import Conv2d, GroupNorm, group_norm_channels_last, is_channels_last, packed_conv_supports
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,32 @@ def test_group_norm_on_channels_last_matches_pytorch(shape, dtype, tol):
     out = norm(channels_last(x))
     assert is_channels_last(out) and out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_group_norm_takes_the_nchw_kernel_for_small_bf16_inputs_without_film(monkeypatch, dtype):
+    """Below 1,024 positions: bf16 inputs of up to NCHW_ROUND_TRIP_MAX_NUMEL elements go through PyTorch's
+    NCHW kernel (a copy each way), larger ones, fp32 and FiLM through the sums; all give the norm."""
+    import unet.channels_last as cl
+    sums = []
+    monkeypatch.setattr(cl, "group_norm_channels_last",
+                        lambda *a, **k: sums.append(a[0].shape) or group_norm_channels_last(*a, **k))
+    small, large = (8, 64, 16, 16), (8, 128, 16, 16)  # 2**17 elements and twice that
+    assert torch.Size(small).numel() == cl.NCHW_ROUND_TRIP_MAX_NUMEL
+    for shape in (small, large):
+        norm = randomize_(GroupNorm(32, shape[1])).to(dtype)
+        x = channels_last((torch.randn(shape) * 3 + 1.5).to(dtype))
+        scale, shift = torch.randn(2, shape[0], shape[1], dtype=dtype) * 0.1
+        expected = F.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), norm.eps)
+        with torch.inference_mode():
+            out, film = norm(x), norm.modulated(x, scale, shift)
+        assert is_channels_last(out) and is_channels_last(film) and out.dtype == film.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 0.1
+        torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+        torch.testing.assert_close(film.float(), expected * (1 + scale.float()[..., None, None])
+                                   + shift.float()[..., None, None], rtol=tol, atol=tol)
+    # FiLM always, and the plain norm unless it is small bf16
+    assert sums == ([small] if dtype == torch.float32 else []) + [small] + [large, large]
 
 
 def test_group_norm_channels_last_gradients_match():

@@ -15,7 +15,9 @@ input channels-last and every block keeps that layout:
   sums (two reductions that vectorise along the channels, then a few (B, C) ops) and applies them in
   one fused multiply-add. PyTorch's own channels-last GroupNorm loops over a group's 4 channels at
   each position there: 250–1,000 µs against 25–40 µs for NCHW at 8×8 and 16×16 (bf16), where this
-  path takes about 100 µs. From 1,024 positions on, PyTorch's kernel is fast and is used.
+  path takes about 100 µs. Small bf16 inputs without FiLM go through PyTorch's NCHW kernel instead, a
+  copy each way (`NCHW_ROUND_TRIP_MAX_NUMEL`). From 1,024 positions on, PyTorch's kernel is fast and
+  is used.
 - Attention blocks read the image as tokens (B, N, C), which channels-last memory already is.
 
 Training and anything else under autograd keeps the NCHW path: the packed op has no backward, and
@@ -51,6 +53,12 @@ def packed_conv_supports(dtype: torch.dtype) -> bool:
 
 # PyTorch's channels-last GroupNorm switches to its fast kernel (parallel over positions) here.
 NATIVE_GROUP_NORM_MIN_POSITIONS = 1024
+# Below that, a bf16 input of up to this many elements is normed by PyTorch's NCHW kernel through a copy
+# each way: at batch 8, 8×8 × 64-256 channels 44-83 µs against 80-105 µs from sums, 16×16 × 32-64
+# channels 50-81 against 79-105 µs; level at 2**17 · 1.5 elements, slower above (16×16 × 128: 218 vs
+# 166 µs), in fp32 slower or level, and with FiLM slower (its multiply-add is one more pass there);
+# a bf16 sampling step of the shipped model 0.944-0.964x (measured on a 2-core AVX-512 CPU).
+NCHW_ROUND_TRIP_MAX_NUMEL = 2**17
 
 _packed: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDictionary()
 
@@ -128,6 +136,9 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_sums(x):
+            if x.dtype == torch.bfloat16 and x.numel() <= NCHW_ROUND_TRIP_MAX_NUMEL:
+                y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+                return y.contiguous(memory_format=torch.channels_last)
             return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
