@@ -54,11 +54,13 @@ def packed_conv_supports(dtype: torch.dtype) -> bool:
 # PyTorch's channels-last GroupNorm switches to its fast kernel (parallel over positions) here.
 NATIVE_GROUP_NORM_MIN_POSITIONS = 1024
 # Below that, a bf16 input of up to this many elements is normed by PyTorch's NCHW kernel through a copy
-# each way: at batch 8, 8×8 × 64-256 channels 44-83 µs against 80-105 µs from sums, 16×16 × 32-64
-# channels 50-81 against 79-105 µs; level at 2**17 · 1.5 elements, slower above (16×16 × 128: 218 vs
-# 166 µs), in fp32 slower or level, and with FiLM slower (its multiply-add is one more pass there);
-# a bf16 sampling step of the shipped model 0.944-0.964x (measured on a 2-core AVX-512 CPU).
-NCHW_ROUND_TRIP_MAX_NUMEL = 2**17
+# each way. Alone, at batch 8: 8×8 × 64-256 channels 44-83 µs against 80-105 µs from sums, 16×16 × 32-64
+# channels 50-81 against 79-105 µs, but 16×16 × 128 218 against 166 µs; inside a sampling step the sums'
+# fp32 copies cost more than alone (the tokens of 8 × 192 × 16×16 took 0.73 ms to copy and square), and a
+# bf16 step of the shipped model took 0.944-0.964x with this limit at 2**17 and another 1-2% less at
+# 2**19 (which takes every norm below 32×32 there). In fp32 the round trip is slower or level, and with
+# FiLM it is too (the multiply-add is one more pass there). Measured on a 2-core AVX-512 CPU.
+NCHW_ROUND_TRIP_MAX_NUMEL = 2**19
 
 _packed: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDictionary()
 
