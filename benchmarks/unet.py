@@ -68,7 +68,7 @@ def guided_call(model, x, t, ctx):
     image once, x_repeats=2), the peer on the doubled batch, as diffusers' pipelines call it."""
     if isinstance(model, UNet):
         return model(x, t, ctx, x_repeats=2)
-    return model(torch.cat([x, x]), torch.cat([t, t]), ctx).sample
+    return call(model, torch.cat([x, x]), torch.cat([t, t]), ctx)
 
 
 def sampling_ms(nets: dict, dtype: torch.dtype | None, repeats: int, cast: bool = False, batch: int = 8,

@@ -337,18 +337,22 @@ def test_maps_only_stops_after_the_last_attention_block_with_the_same_maps_and_g
     assert torch.equal(grad_full, grad_only) and grad_full.abs().sum() > 0
 
 
-def repeated_batch_models():
-    """tiny: attention at 8×8 only, so the text-free prefix holds a whole level and a downsample; "text
-    layers": a context refiner and position embeddings; "no attention": nothing reads the text at all."""
-    torch.manual_seed(0)
-    tiny = UNet(UNetConfig.preset("tiny"))
-    text_layers = UNet(UNetConfig(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolution=16,
-                                  sample_size=16, num_heads=2, context_dim=32, context_layers=1,
-                                  position_embedding=True))
-    no_attention = UNet(UNetConfig(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolution=4,
-                                   sample_size=16, num_heads=2, context_dim=32))
-    assert not no_attention.attention_layers
-    return {"tiny": tiny, "text layers": text_layers, "no attention": no_attention}
+REPEATED_BATCH_CONFIGS = {
+    # attention at 8×8 only, so the text-free prefix holds a whole level and a downsample
+    "tiny": UNetConfig.preset("tiny"),
+    # a context refiner and position embeddings
+    "text layers": UNetConfig(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolution=16,
+                              sample_size=16, num_heads=2, context_dim=32, context_layers=1, position_embedding=True),
+    # nothing reads the text at all
+    "no attention": UNetConfig(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolution=4,
+                               sample_size=16, num_heads=2, context_dim=32),
+}
+
+
+def repeated_batch_model(name: str) -> UNet:
+    unet = randomize_(UNet(REPEATED_BATCH_CONFIGS[name])).eval()
+    assert bool(unet.attention_layers) == (name != "no attention")
+    return unet
 
 
 @pytest.mark.parametrize("name", ["tiny", "text layers", "no attention"])
@@ -360,7 +364,7 @@ def test_x_repeats_is_the_repeated_batch(name, mode):
     within 3e-6; bf16 and the shipped model at batch 4 vs 8: bit-identical). Sampling takes the channels-
     last CPU path (inside cache_text, as the pipeline runs), autograd the NCHW training path; the gradient
     reaching the shared x is the sum of the two copies'."""
-    unet = randomize_(repeated_batch_models()[name]).eval()
+    unet = repeated_batch_model(name)
     dtype = torch.bfloat16 if mode == "sampling bf16" else torch.float32
     unet.to(dtype)
     x, t, ctx = inputs(batch=3)
@@ -394,7 +398,7 @@ def test_x_repeats_records_the_maps_of_the_repeated_batch():
     """The pipeline's store records cross-attention of both halves and self-attention of the prompt half (rows
     B..2B); with x_repeats the self-attention blocks before the text hand it the same rows' maps."""
     from unet import AttentionStore
-    unet = randomize_(repeated_batch_models()["text layers"]).eval()
+    unet = repeated_batch_model("text layers")
     x, t, _ = inputs(batch=2)
     ctx = torch.randn(4, 5, 32)
     stores = []

@@ -268,7 +268,8 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
                 text["context"] = context
         cond = (context, context_mask, token_weights, text)  # what every ResAttnLayer's cross-attention reads
         B = x.shape[0]
-        t = t.repeat(x_repeats)  # (k·B,): the layers after the text run on the whole batch
+        if x_repeats > 1:
+            t = t.repeat(x_repeats)  # (k·B,): the layers after the text run on the whole batch
         t_emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(x.dtype))  # (k·B, T)
         films = self._films(t_emb)  # sampling: every residual block's scale and shift from one matmul
         channels_last = self.cpu_channels_last and wants_channels_last(x)
