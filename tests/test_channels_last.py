@@ -140,7 +140,8 @@ def test_cache_text_reuses_the_text_side_only_for_the_same_tensors():
                                        unet(x, t, context.clone(), None, weights))  # new object: recomputed
         assert unet._text_cache is None  # the cache ends with the block
     for a, b in zip([expected[0], expected[0], expected[1], expected[2]], got, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # Cached, cross-attention takes the folded path (the same function, another summation order).
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with unet.cache_text():  # under autograd (layout guidance, training) nothing is cached
         unet(x, t, context, mask).sum().backward()
         assert unet._text_cache == {}
@@ -158,12 +159,13 @@ class MapsOf:
 
 @pytest.mark.parametrize("dtype,tol,map_tol", [(torch.float32, 1e-4, 1e-5), (torch.bfloat16, 0.05, 0.02)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("text_tokens,path", [(6, "block diagonal"), (6, "channel major"), (40, "channel major"),
+@pytest.mark.parametrize("text_tokens,path", [(6, "folded"), (6, "channel major"), (40, "channel major"),
                                               (6, "fused"), (40, "fused")])
 def test_cross_attention_paths_compute_the_same_outputs_and_maps(monkeypatch, layout, text_tokens, path, dtype, tol,
                                                                  map_tol):
     """Every path CrossAttentionBlock can take, in each layout and dtype it takes it in, against the plain
-    NCHW math in fp32."""
+    NCHW math in fp32. The folded path runs with the text cached (as the U-Net samples), twice: computing
+    the folded text, then reusing it."""
     from unet import attention, blocks
     block = randomize_(blocks.CrossAttentionBlock(64, 32, num_heads=4)).eval()
     x, context = torch.randn(2, 64, 8, 12), torch.randn(2, text_tokens, 32)
@@ -182,24 +184,42 @@ def test_cross_attention_paths_compute_the_same_outputs_and_maps(monkeypatch, la
     expected_maps = probs * weights[:, None, None, :]
 
     taken = []
-    for name in ("_forward_block_diagonal", "_forward_channel_major", "_forward_fused"):
+    for name in ("_forward_folded", "_forward_channel_major", "_forward_fused"):
         method = getattr(blocks.CrossAttentionBlock, name)
         monkeypatch.setattr(blocks.CrossAttentionBlock, name,
                             lambda self, *a, _m=method, _n=name: taken.append(_n) or _m(self, *a))
     if path == "fused":
         monkeypatch.setattr(attention, "EXPLICIT_MAX_PROBS", 0)
-    if path == "channel major":
-        monkeypatch.setattr(blocks, "BLOCK_DIAGONAL_MAX_EXTRA", {torch.float32: 0})
     block = block.to(dtype)
     block.recorder = MapsOf()
     inp = (channels_last(x) if layout == "channels_last" else x).to(dtype)
+    cache = {} if path == "folded" else None
     with torch.inference_mode():
-        out = block(inp, context.to(dtype), mask, weights.to(dtype))
-    want = path if path != "block diagonal" or layout == "channels_last" else "channel major"  # cl only
-    assert taken == ["_forward_" + want.replace(" ", "_")]
-    assert is_channels_last(out) == (layout == "channels_last") and out.dtype == dtype
-    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+        outs = [block(inp, context.to(dtype), mask, weights.to(dtype), text_cache=cache)
+                for _ in range(2 if path == "folded" else 1)]
+    assert taken == ["_forward_" + path.replace(" ", "_")] * len(outs)
+    if path == "folded":
+        assert list(cache) == [(block.name, "folded")]  # computed once, then reused
+    for out in outs:
+        assert is_channels_last(out) == (layout == "channels_last") and out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
     torch.testing.assert_close(block.recorder.probs.float(), expected_maps, rtol=map_tol, atol=map_tol)
+
+
+def test_cross_attention_folds_only_a_cached_short_text():
+    """The folded path needs the text cached (the fold is paid once per sampling run) and a text short
+    enough that its h·L·C multiply-adds a position stay within FOLDED_MAX_FLOPS_RATIO of C·(C + L)."""
+    from unet import blocks
+    block = blocks.CrossAttentionBlock(64, 32, num_heads=4).eval()
+    taken = []
+    block._forward_folded = lambda *a: taken.append("folded")
+    block._forward_channel_major = lambda *a: taken.append("channel major")
+    x = torch.randn(2, 64, 8, 8)
+    longest = int(blocks.FOLDED_MAX_FLOPS_RATIO * 64 / (4 - blocks.FOLDED_MAX_FLOPS_RATIO))  # 4·L ≤ 1.5·(64 + L)
+    with torch.inference_mode():
+        for tokens, cache in ((6, {}), (longest, {}), (longest + 1, {}), (6, None)):
+            block(x, torch.randn(2, tokens, 32), text_cache=cache)
+    assert taken == ["folded", "folded", "channel major", "channel major"]
 
 
 def test_cross_attention_channel_major_path_trains():

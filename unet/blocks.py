@@ -183,16 +183,15 @@ class AttentionBlock(nn.Module):
 
 
 # Cross-attention to a short text takes one of two explicit paths (CrossAttentionBlock.forward):
-# - channel-major: per-head matmuls on the layout NCHW already is, no copies; the default.
-# - block-diagonal, for channels-last input (sampling on a CPU) and small problems: all heads in one
-#   matmul against the text's keys laid block-diagonally, 3 ops instead of ~8, for h× the FLOPs of the
-#   text matmuls, B·N·(h − 1)·L·C multiply-adds more. With the text's keys cached (UNet.cache_text) it
-#   was 3-13% faster per block in bf16 up to 6 M of those extra multiply-adds and 3% slower from 12 M
-#   (bf16's batched GEMMs with a broadcast weight are slower than its plain ones, which the channel-
-#   major path uses); in fp32 it was 4% faster at 0.8 M, level at 3 M, and 14-17% slower from 6 M
-#   (measured on a 2-core AVX-512 CPU, batch 2 and 8, 64 and 128 channels).
-BLOCK_DIAGONAL_MAX_ROWS = 128  # heads × text tokens
-BLOCK_DIAGONAL_MAX_EXTRA = {torch.float32: 2_000_000, torch.bfloat16: 8_000_000}  # other dtypes: fp32's
+# - folded, while sampling with the text cached (UNet.cache_text): the query and output projections folded
+#   into the text's keys and values once per run (`folded_text`), then two matmuls and a softmax a call,
+#   for h·L·C multiply-adds a position instead of C·(C + L). Cached, it was 0.42-0.88x the time of the
+#   other paths up to 1.5x their multiply-adds (4 heads, 64 and 128 channels, 8-48 tokens, fp32 and bf16)
+#   and 0.93-1.31x at 77 tokens beyond it; a bf16 guided step of the shipped U-Net took 0.95x. Recomputed
+#   at every call (no cache: training, the benchmarks' lone blocks) the fold cost up to 1.5x at 64 positions.
+# - channel-major: per-head matmuls on the layout NCHW already is, no copies; everything else.
+# (Measured on a 2-core AVX-512 CPU.)
+FOLDED_MAX_FLOPS_RATIO = 1.5
 
 
 class CrossAttentionBlock(nn.Module):
@@ -241,9 +240,8 @@ class CrossAttentionBlock(nn.Module):
         h, L = self.num_heads, context.shape[1]
         if not explicit_wins(B, h, H * W, L):
             return self._forward_fused(x, context, mask, token_weights, text_cache)
-        limit = BLOCK_DIAGONAL_MAX_EXTRA.get(x.dtype, BLOCK_DIAGONAL_MAX_EXTRA[torch.float32])
-        if is_channels_last(x) and h * L <= BLOCK_DIAGONAL_MAX_ROWS and B * H * W * (h - 1) * L * C <= limit:
-            return self._forward_block_diagonal(x, context, mask, token_weights, text_cache)
+        if text_cache is not None and h * L <= FOLDED_MAX_FLOPS_RATIO * (C + L):
+            return self._forward_folded(x, context, mask, token_weights, text_cache)
         return self._forward_channel_major(x, context, mask, token_weights, text_cache)
 
     def _forward_channel_major(self, x, context, mask, token_weights, text_cache) -> torch.Tensor:
@@ -339,49 +337,53 @@ class CrossAttentionBlock(nn.Module):
             v = v * token_weights[:, None, :, None].to(v.dtype)
         return k, v
 
-    def block_diagonal_text(
+    def folded_text(
         self, context: torch.Tensor, mask: torch.Tensor | None, token_weights: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Every head's keys and values in one (B, h·L, C) matrix each, zero outside the head's channels.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The text side with the query and output projections folded in: keys (B, h·L, C), their bias
+        (B, h·L, 1) and values (B, h·L, C).
 
-        Row g·L + j of `keys` holds token j's key for head g (times the softmax scale) in columns
-        g·d … g·d + d − 1, and zeros elsewhere; likewise `values` (times the token weights). Then one
-        matmul with the queries (B, N, C) gives all heads' scores and one more gives the output already
-        merged to (B, N, C): 3 ops instead of ~12, no head split or merge copies, for h× the (tiny)
-        FLOPs of a dozen text tokens. bias: (B, h·L, 1), −inf at padding tokens, or None.
+        Head g's score for token j is scale · k_gj · (W_q,g n + b_q,g), where n is a normed position and
+        W_q,g the query projection's rows for head g; so keys_gj = scale · k_gj W_q,g (a row of width C)
+        and bias_gj = scale · k_gj · b_q,g (−inf at padding tokens) give every head's scores in one matmul
+        with the normed image, no query projection. Likewise the output projection of Σ_j p_gj v_gj is
+        Σ_j p_gj (v_gj W_out,g), W_out,g its columns for head g, so values_gj = w_j v_gj W_out,g + b_out / h
+        (each head's probabilities sum to 1, so the h shares of the bias add up to b_out) give the
+        projected output, heads merged, in one more matmul.
         """
         B, L, _ = context.shape
         h, d = self.num_heads, self.head_dim
-        diagonal = torch.eye(h, dtype=context.dtype, device=context.device).view(1, h, 1, h, 1)
-        k = self.to_k(context) * self.scale  # (B, L, C)
-        v = self.to_v(context)
-        if token_weights is not None:
-            v = v * token_weights[:, :, None].to(v.dtype)
-        keys = (k.view(B, 1, L, h, d) * diagonal).reshape(B, h * L, h * d)
-        values = (v.view(B, 1, L, h, d) * diagonal).reshape(B, h * L, h * d)
-        bias = None
+        C = h * d
+        k, v = self.head_split_text(context, token_weights)  # (B, h, L, d) each
+        k = k * self.scale
+        keys = torch.matmul(k, self.to_q.weight.view(h, d, C)).view(B, h * L, C)
+        bias = torch.matmul(k, self.to_q.bias.view(h, d, 1)).view(B, h * L, 1)
         if mask is not None:
-            bias = torch.zeros(B, L, dtype=k.dtype, device=k.device).masked_fill_(~mask, float("-inf"))
-            bias = bias.repeat(1, h)[:, :, None]  # (B, h·L, 1)
-        return keys, values, bias
+            bias = bias.masked_fill(~mask.repeat(1, h)[:, :, None], float("-inf"))
+        w_out = self.to_out.weight.view(C, h, d).permute(1, 2, 0)  # (h, d, C): [g, i, c] = W_out[c, g·d + i]
+        values = torch.matmul(v, w_out).view(B, h * L, C) + self.to_out.bias / h
+        return keys, bias, values
 
-    def _forward_block_diagonal(self, x, context, mask, token_weights, text_cache) -> torch.Tensor:
-        """forward() for channels-last x (sampling on a CPU) and a small problem: x's memory already is
-        (B, N, C) tokens, and all heads go through one matmul with the block-diagonal text."""
+    def _forward_folded(self, x, context, mask, token_weights, text_cache) -> torch.Tensor:
+        """forward() with the query and output projections folded into the text side (`folded_text`):
+        scores = keys · norm(x) + bias, one softmax, output = x + probabilities · values: two matmuls and a
+        softmax in either layout, the normed image read as (B, C, N), contiguous or a transposed view."""
         B, C, H, W = x.shape
-        h, L = self.num_heads, context.shape[1]
-        keys, values, bias = self._text_side(text_cache, "block diagonal",
-                                             lambda: self.block_diagonal_text(context, mask, token_weights))
-        q = conv1x1_on_tokens(self.to_q, image_to_tokens(self.norm(x)))  # (B, N, C)
-        scores = (torch.bmm(keys, q.transpose(1, 2)) if bias is None
-                  else torch.baddbmm(bias, keys, q.transpose(1, 2)))  # (B, h·L, N), key-major as attention_probs
-        probs = scores.view(B, h, L, H * W).softmax(dim=-2)  # (B, h, L, N): each query's softmax over its head's L
-        out = torch.bmm(probs.view(B, h * L, H * W).transpose(1, 2), values)  # (B, N, C), heads merged
+        h, L, N = self.num_heads, context.shape[1], H * W
+        keys, bias, values = self._text_side(text_cache, "folded",
+                                             lambda: self.folded_text(context, mask, token_weights))
+        scores = torch.baddbmm(bias, keys, self.norm.any_layout(x).flatten(2))  # (B, h·L, N), key-major
+        probs = scores.view(B, h, L, N).softmax(dim=-2)  # each query's softmax over its head's L keys
+        del scores
         if self.recorder is not None:
             rows = self.recorder.rows(B, self.kind)
             self._record(probs[rows].transpose(-1, -2), token_weights, rows, (H, W))  # (b, h, N, L)
-        out = conv1x1_on_tokens(self.to_out, out)  # (B, N, C)
-        return x + out.transpose(1, 2).view(B, C, H, W)  # a channels-last view, like x
+        if is_channels_last(x):  # sampling on a CPU: x's memory is (B, N, C) tokens; return channels-last
+            tokens = x.permute(0, 2, 3, 1).reshape(B, N, C)  # a view
+            y = torch.baddbmm(tokens, probs.view(B, h * L, N).transpose(1, 2), values)  # (B, N, C)
+            return y.view(B, H, W, C).permute(0, 3, 1, 2)
+        y = torch.baddbmm(x.reshape(B, C, N), values.transpose(1, 2), probs.view(B, h * L, N))  # (B, C, N)
+        return y.view(B, C, H, W)
 
 
 class ContextRefiner(nn.Module):

@@ -144,6 +144,13 @@ class GroupNorm(nn.GroupNorm):
             return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
+    def any_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """self(x), in whichever layout it comes out of cheapest: for a caller that reads it as (B, C, N)
+        through a matmul, which takes either. A small bf16 channels-last x then skips the copy back."""
+        if self.uses_sums(x) and x.dtype == torch.bfloat16 and x.numel() <= NCHW_ROUND_TRIP_MAX_NUMEL:
+            return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+        return self(x)
+
     def modulated(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """self(x)·(1 + scale) + shift for scale, shift (B, C): FiLM, fused into the norm where it can be."""
         if self.uses_sums(x):
