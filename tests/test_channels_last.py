@@ -84,6 +84,31 @@ def test_packed_conv_matches_conv2d_and_follows_weight_changes(in_ch, out_ch, ke
     assert set(conv.state_dict()) == {"weight", "bias"}
 
 
+@pytest.mark.skipif(not packed_conv_supports(torch.bfloat16), reason="no bf16 packed convolution on this CPU")
+def test_packed_conv_under_autocast_casts_as_autocast_does_and_follows_bias_changes(monkeypatch):
+    """bf16 autocast sampling takes the packed op too: input, weight and bias in bf16, as autocast's
+    F.conv2d computes it, the bf16 copies made once per weight and bias version."""
+    from unet import channels_last as cl
+    conv = randomize_(Conv2d(32, 16, 3, padding=1))
+    x = channels_last(torch.randn(2, 32, 8, 8))
+    packed_calls = []
+    monkeypatch.setattr(cl, "packed_conv2d", lambda c, inp, _f=cl.packed_conv2d: packed_calls.append(inp.dtype)
+                        or _f(c, inp))
+
+    def expected():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.conv2d(x.contiguous(), conv.weight, conv.bias, padding=1)
+
+    for _ in range(2):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        assert out.dtype == torch.bfloat16 and is_channels_last(out)
+        torch.testing.assert_close(out.float(), expected().float(), rtol=0.02, atol=0.02)
+        with torch.no_grad():
+            conv.bias.add_(1.0)  # a new bias version: the cached bf16 bias must follow
+    assert packed_calls == [torch.bfloat16] * 2
+
+
 def tiny_unet(**overrides) -> UNet:
     config = UNetConfig.preset("tiny", position_embedding=True, context_layers=1, **overrides)
     return randomize_(UNet(config), std=0.1).eval()

@@ -76,19 +76,22 @@ def wants_channels_last(x: torch.Tensor) -> bool:
 
 
 def packed_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) for channels-last x on a CPU without autograd, with the weight packed once.
+    """conv(x) for channels-last x on a CPU without autograd, with the weight packed once, in x's dtype.
 
-    Returns the same values as conv(x) (to oneDNN's summation order), laid out channels-last.
+    Returns the same values as conv(x) (to oneDNN's summation order) in x's dtype, laid out channels-last.
+    The weight and bias are cast to x's dtype first where they differ (bf16 autocast: what autocast casts
+    for F.conv2d at every call, here once per weight version).
     """
-    w = conv.weight
-    key = (w.data_ptr(), w._version, w.dtype, tuple(x.shape))
+    w, b = conv.weight, conv.bias
+    key = (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version), x.dtype, tuple(x.shape))
     entry = _packed.get(conv)
     if entry is None or entry[0] != key:
         packed = torch.ops.mkldnn._reorder_convolution_weight(
-            w.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
-        entry = _packed[conv] = (key, packed)
+            w.detach().to(x.dtype), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            list(x.shape))
+        entry = _packed[conv] = (key, packed, None if b is None else b.detach().to(x.dtype))
     return torch.ops.mkldnn._convolution_pointwise(
-        x, entry[1], conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+        x, entry[1], entry[2], list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
         "none", [], "")
 
 
@@ -123,10 +126,11 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and not torch.is_grad_enabled() and is_channels_last(x)
-                and not torch.is_autocast_enabled("cpu")  # autocast casts for F.conv2d, not for the packed op
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)  # what the op pads
-                and packed_conv_supports(x.dtype)):
-            return packed_conv2d(self, x)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):  # what the op pads
+            if torch.is_autocast_enabled("cpu") and x.is_floating_point() and x.dtype != torch.float64:  # as autocast
+                x = x.to(torch.get_autocast_dtype("cpu"))
+            if packed_conv_supports(x.dtype):
+                return packed_conv2d(self, x)
         return super().forward(x)
 
 
