@@ -27,9 +27,10 @@ def test_group_norm_on_channels_last_matches_pytorch(shape, dtype, tol):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_group_norm_takes_the_nchw_kernel_for_small_bf16_inputs_without_film(monkeypatch, dtype):
+def test_group_norm_takes_the_nchw_kernel_for_small_bf16_inputs(monkeypatch, dtype):
     """Below 1,024 positions: bf16 inputs of up to NCHW_ROUND_TRIP_MAX_NUMEL elements go through PyTorch's
-    NCHW kernel (a copy each way), larger ones, fp32 and FiLM through the sums; all give the norm."""
+    NCHW kernel (a copy each way; with FiLM the batch folded into the channels, FiLM in the affine), larger
+    ones and fp32 through the sums; all give the norm."""
     import unet.channels_last as cl
     sums = []
     monkeypatch.setattr(cl, "group_norm_channels_last",
@@ -48,8 +49,8 @@ def test_group_norm_takes_the_nchw_kernel_for_small_bf16_inputs_without_film(mon
         torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
         torch.testing.assert_close(film.float(), expected * (1 + scale.float()[..., None, None])
                                    + shift.float()[..., None, None], rtol=tol, atol=tol)
-    # FiLM always, and the plain norm unless it is small bf16
-    assert sums == ([small] if dtype == torch.float32 else []) + [small] + [large, large]
+    # fp32 always, bf16 only when large
+    assert sums == ([small, small] if dtype == torch.float32 else []) + [large, large]
 
 
 def test_group_norm_channels_last_gradients_match():
@@ -264,15 +265,37 @@ def test_cross_attention_channel_major_path_trains():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+@pytest.mark.parametrize("size", [(6, 10), (32, 32)])  # below and at PyTorch's fast channels-last kernel
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_modulated_group_norm_is_norm_then_film(layout):
+def test_modulated_group_norm_is_norm_then_film(layout, size, dtype, tol):
+    """Every path of GroupNorm.modulated (sums with FiLM, the batch folded into the channels with FiLM in its
+    affine, PyTorch's channels-last kernel then FiLM) against the norm then FiLM in fp32; the same layout out."""
     norm = randomize_(GroupNorm(8, 32))
-    x = torch.randn(3, 32, 6, 10) * 2 + 0.5
-    x = channels_last(x) if layout == "channels_last" else x
+    x = torch.randn(3, 32, *size) * 2 + 0.5
     scale, shift = torch.randn(3, 32), torch.randn(3, 32)
-    expected = F.group_norm(x.contiguous(), 8, norm.weight, norm.bias, norm.eps) * (1 + scale[:, :, None, None]) \
+    expected = F.group_norm(x, 8, norm.weight, norm.bias, norm.eps) * (1 + scale[:, :, None, None]) \
         + shift[:, :, None, None]
-    torch.testing.assert_close(norm.modulated(x, scale, shift), expected, rtol=1e-5, atol=1e-5)
+    x = channels_last(x) if layout == "channels_last" else x
+    with torch.inference_mode():
+        out = norm.to(dtype).modulated(x.to(dtype), scale.to(dtype), shift.to(dtype))
+    assert out.dtype == dtype and is_channels_last(out) == (layout == "channels_last")
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+
+
+def test_modulated_group_norm_gradients_match_norm_then_film():
+    """Under autograd (training) the folded FiLM gives the gradients of the norm then FiLM."""
+    grads = []
+    for folded in (True, False):
+        norm = randomize_(GroupNorm(8, 32))
+        torch.manual_seed(0)
+        x, scale, shift = (torch.randn(*s, requires_grad=True) for s in ((3, 32, 6, 10), (3, 32), (3, 32)))
+        out = norm.modulated(x, scale, shift) if folded else \
+            norm(x) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        (out * torch.linspace(-1, 1, 60).view(6, 10)).sum().backward()
+        grads.append([x.grad, scale.grad, shift.grad, norm.weight.grad, norm.bias.grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_stacked_time_mlps_follow_weight_changes():

@@ -15,9 +15,10 @@ input channels-last and every block keeps that layout:
   sums (two reductions that vectorise along the channels, then a few (B, C) ops) and applies them in
   one fused multiply-add. PyTorch's own channels-last GroupNorm loops over a group's 4 channels at
   each position there: 250–1,000 µs against 25–40 µs for NCHW at 8×8 and 16×16 (bf16), where this
-  path takes about 100 µs. Small bf16 inputs without FiLM go through PyTorch's NCHW kernel instead, a
-  copy each way (`NCHW_ROUND_TRIP_MAX_NUMEL`). From 1,024 positions on, PyTorch's kernel is fast and
-  is used.
+  path takes about 100 µs. Small bf16 inputs go through PyTorch's NCHW kernel instead, a copy each way
+  (`NCHW_ROUND_TRIP_MAX_NUMEL`); with a residual block's FiLM, as one norm of the batch folded into the
+  channels whose affine carries the FiLM (`GroupNorm.modulated`). From 1,024 positions on, PyTorch's
+  kernel is fast and is used.
 - Attention blocks read the image as tokens (B, N, C), which channels-last memory already is.
 
 Training and anything else under autograd keeps the NCHW path: the packed op has no backward, and
@@ -58,8 +59,9 @@ NATIVE_GROUP_NORM_MIN_POSITIONS = 1024
 # channels 50-81 against 79-105 µs, but 16×16 × 128 218 against 166 µs; inside a sampling step the sums'
 # fp32 copies cost more than alone (the tokens of 8 × 192 × 16×16 took 0.73 ms to copy and square), and a
 # bf16 step of the shipped model took 0.944-0.964x with this limit at 2**17 and another 1-2% less at
-# 2**19 (which takes every norm below 32×32 there). In fp32 the round trip is slower or level, and with
-# FiLM it is too (the multiply-add is one more pass there). Measured on a 2-core AVX-512 CPU.
+# 2**19 (which takes every norm below 32×32 there). In fp32 the round trip is slower or level. With FiLM
+# as a multiply-add after it, one more pass, it was level too; with FiLM folded into the norm's affine
+# (GroupNorm.modulated) a bf16 step took 0.97-0.98x. Measured on a 2-core AVX-512 CPU.
 NCHW_ROUND_TRIP_MAX_NUMEL = 2**19
 
 _packed: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDictionary()
@@ -140,9 +142,13 @@ class GroupNorm(nn.GroupNorm):
     def uses_sums(self, x: torch.Tensor) -> bool:
         return is_channels_last(x) and x.shape[2] * x.shape[3] < NATIVE_GROUP_NORM_MIN_POSITIONS and self.affine
 
+    def round_trips(self, x: torch.Tensor) -> bool:
+        """Whether a small channels-last x is normed by PyTorch's NCHW kernel, a copy each way."""
+        return x.dtype == torch.bfloat16 and x.numel() <= NCHW_ROUND_TRIP_MAX_NUMEL
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_sums(x):
-            if x.dtype == torch.bfloat16 and x.numel() <= NCHW_ROUND_TRIP_MAX_NUMEL:
+            if self.round_trips(x):
                 y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
                 return y.contiguous(memory_format=torch.channels_last)
             return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
@@ -151,12 +157,22 @@ class GroupNorm(nn.GroupNorm):
     def any_layout(self, x: torch.Tensor) -> torch.Tensor:
         """self(x), in whichever layout it comes out of cheapest: for a caller that reads it as (B, C, N)
         through a matmul, which takes either. A small bf16 channels-last x then skips the copy back."""
-        if self.uses_sums(x) and x.dtype == torch.bfloat16 and x.numel() <= NCHW_ROUND_TRIP_MAX_NUMEL:
+        if self.uses_sums(x) and self.round_trips(x):
             return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
         return self(x)
 
     def modulated(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """self(x)·(1 + scale) + shift for scale, shift (B, C): FiLM, fused into the norm where it can be."""
-        if self.uses_sums(x):
+        if self.uses_sums(x) and not self.round_trips(x):
             return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps, (scale, shift))
-        return self(x) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        if is_channels_last(x) and not self.uses_sums(x):  # PyTorch's channels-last kernel is fast here
+            return self(x) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        # One GroupNorm of the batch folded into the channels: (1, B·C, H, W) in B·G groups holds each sample's
+        # groups, and its per-channel affine is then per (sample, channel), FiLM folded in: one pass, not three.
+        B, C, H, W = x.shape
+        gain = 1 + scale
+        weight = gain if self.weight is None else self.weight * gain
+        bias = shift if self.bias is None else torch.addcmul(shift, self.bias, gain)
+        y = F.group_norm(x.contiguous().view(1, B * C, H, W), B * self.num_groups, weight.reshape(B * C),
+                         bias.reshape(B * C), self.eps).view(B, C, H, W)
+        return y.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else y
