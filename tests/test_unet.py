@@ -426,3 +426,15 @@ def test_x_repeats_errors_say_what_to_pass(tiny):
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="x_repeats must be an int >= 1"):
             tiny(x, t, torch.randn(2, 5, 32), x_repeats=bad)
+
+
+def test_python_m_unet_describes_the_layers_and_times_a_guided_step(capsys):
+    """`python -m unet`: every attention layer with its recorded map, and a guided step as sampling runs it."""
+    from unet.__main__ import main
+    main(["--preset", "tiny", "--tokens", "5"])
+    out = capsys.readouterr().out
+    unet = UNet(UNetConfig.preset("tiny"))
+    for name in unet.attention_layers:
+        assert name in out
+    assert "cross" in out and ", 5)" in out  # a cross-attention map over the 5 tokens was recorded
+    assert "one guided step of one image at" in out and " ms on " in out
