@@ -143,21 +143,20 @@ class GroupNorm(nn.GroupNorm):
         return is_channels_last(x) and x.shape[2] * x.shape[3] < NATIVE_GROUP_NORM_MIN_POSITIONS and self.affine
 
     def round_trips(self, x: torch.Tensor) -> bool:
-        """Whether a small channels-last x is normed by PyTorch's NCHW kernel, a copy each way."""
-        return x.dtype == torch.bfloat16 and x.numel() <= NCHW_ROUND_TRIP_MAX_NUMEL
+        """Whether x (small, channels-last, bf16) is normed by PyTorch's NCHW kernel, a copy each way."""
+        return self.uses_sums(x) and x.dtype == torch.bfloat16 and x.numel() <= NCHW_ROUND_TRIP_MAX_NUMEL
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.round_trips(x):
+            return self.any_layout(x).contiguous(memory_format=torch.channels_last)
         if self.uses_sums(x):
-            if self.round_trips(x):
-                y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
-                return y.contiguous(memory_format=torch.channels_last)
             return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def any_layout(self, x: torch.Tensor) -> torch.Tensor:
         """self(x), in whichever layout it comes out of cheapest: for a caller that reads it as (B, C, N)
         through a matmul, which takes either. A small bf16 channels-last x then skips the copy back."""
-        if self.uses_sums(x) and self.round_trips(x):
+        if self.round_trips(x):
             return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
         return self(x)
 
