@@ -332,3 +332,43 @@ def test_conv_falls_back_where_the_packed_op_refuses_the_dtype(monkeypatch):
     x = channels_last(torch.randn(2, 8, 6, 6)).to(torch.bfloat16)
     with torch.inference_mode():
         torch.testing.assert_close(conv(x), torch.nn.Conv2d.forward(conv, x))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_upsample_phase_conv_is_nearest_then_conv(layout, dtype, tol):
+    """Without autograd Upsample runs as one 2×2 conv per output phase, interleaved: the same function as
+    nearest-neighbour then the 3×3 conv, in x's layout; it follows weight changes and adds no state."""
+    from unet.blocks import Upsample
+    up = randomize_(Upsample(16))
+    x = torch.randn(2, 16, 5, 7)
+
+    def expected():
+        return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight.float(),
+                        up.conv.bias.float(), padding=1)
+
+    up = up.to(dtype)
+    inp = (channels_last(x) if layout == "channels_last" else x).to(dtype)
+    with torch.inference_mode():
+        out = up(inp)
+    assert out.shape == (2, 16, 10, 14) and out.dtype == dtype and is_channels_last(out) == (layout == "channels_last")
+    torch.testing.assert_close(out.float(), expected().detach(), rtol=tol, atol=tol)
+    with torch.no_grad():
+        up.conv.weight.mul_(-1)  # an optimizer step or load_state_dict: the phase conv must follow
+        out = up(inp)
+    torch.testing.assert_close(out.float(), expected().detach(), rtol=tol, atol=tol)
+    assert set(up.state_dict()) == {"conv.weight", "conv.bias"}
+    copy.deepcopy(up)
+
+
+def test_upsample_under_autograd_is_the_plain_form():
+    from unet.blocks import Upsample
+    up = randomize_(Upsample(8))
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    up(x).square().sum().backward()
+    grads = [x.grad, up.conv.weight.grad]
+    x2 = x.detach().clone().requires_grad_(True)
+    up.zero_grad()
+    up.conv(F.interpolate(x2, scale_factor=2.0, mode="nearest")).square().sum().backward()
+    for a, b in zip(grads, [x2.grad, up.conv.weight.grad], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
