@@ -504,7 +504,7 @@ class Upsample(nn.Module):
     Without autograd (sampling) the same function runs as four 2×2 convolutions on x itself, one per
     output phase (row and column parity), in one conv with 4·C outputs (`phase_conv`), then interleaved:
     4 taps an output instead of 9, 2.25× fewer multiply-adds than the 3×3 conv over the upsampled image
-    (a bf16 call 0.63-0.66× the time, fp32 0.56-0.59×, at batch 8, 8×8 × 128 and 16×16 × 64 channels,
+    (a bf16 call 0.59-0.66× the time, fp32 0.56-0.59×, at batch 8, 8×8 × 128 and 16×16 × 64 channels,
     measured on a 2-core AVX-512 CPU). Training keeps the plain form.
     """
 
