@@ -77,6 +77,12 @@ def wants_channels_last(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
 
 
+def versions(module: nn.Module) -> tuple:
+    """(data pointer, version, dtype) of each of a module's own parameters: the key of a cache derived from them.
+    Any in-place change (an optimizer step, load_state_dict), a new tensor or a cast changes it."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in module._parameters.values() if p is not None)
+
+
 def packed_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) for channels-last x on a CPU without autograd, with the weight packed once, in x's dtype.
 
@@ -85,7 +91,7 @@ def packed_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     for F.conv2d at every call, here once per weight version).
     """
     w, b = conv.weight, conv.bias
-    key = (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version), x.dtype, tuple(x.shape))
+    key = (versions(conv), x.dtype, tuple(x.shape))
     entry = _packed.get(conv)
     if entry is None or entry[0] != key:
         packed = torch.ops.mkldnn._reorder_convolution_weight(

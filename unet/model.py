@@ -42,7 +42,7 @@ from unet.blocks import (
     timestep_embedding,
     zero_,
 )
-from unet.channels_last import Conv2d, GroupNorm, wants_channels_last
+from unet.channels_last import Conv2d, GroupNorm, versions, wants_channels_last
 
 
 @dataclass(frozen=True)
@@ -355,7 +355,7 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
             return {}
         blocks = self._film_blocks
         linears = [b.time_mlp[1] for b in blocks]
-        key = tuple((m.weight.data_ptr(), m.weight._version, m.bias._version, m.weight.dtype) for m in linears)
+        key = tuple(versions(m) for m in linears)
         if self._stacked_films is None or self._stacked_films[0] != key:
             self._stacked_films = (key, torch.cat([m.weight for m in linears]).detach(),
                                    torch.cat([m.bias for m in linears]).detach())
