@@ -19,6 +19,23 @@ def test_residual_block_matches_seed(in_ch, out_ch, t_dim):
     torch.testing.assert_close(ours(x, t_emb), ref(x, t_emb), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("in_ch,out_ch", [(32, 64), (64, 32)])
+def test_residual_block_gradients_match_seed(in_ch, out_ch):
+    """Under autograd a projected skip adds onto conv2's output in one batched matmul: the same output and
+    the same gradients for x and every parameter (both biases included) as the seed's 1×1 conv plus add."""
+    ref = randomize_(seed.ResidualBlock(in_ch, out_ch, 16))
+    ours = ResidualBlock(in_ch, out_ch, 16)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, t_emb, g = torch.randn(2, in_ch, 8, 6), torch.randn(2, 16), torch.randn(2, out_ch, 8, 6)
+    grads = []
+    for block in (ours, ref):
+        inp = x.clone().requires_grad_(True)
+        (block(inp, t_emb) * g).sum().backward()
+        grads.append([inp.grad] + [p.grad for _, p in sorted(block.named_parameters())])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("size", [(4, 4), (8, 8), (16, 16), (6, 10), (32, 40)])
 @pytest.mark.parametrize("heads", [1, 4, 8])
 def test_attention_block_matches_seed(size, heads):

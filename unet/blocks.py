@@ -132,8 +132,22 @@ class ResidualBlock(nn.Module):
             h = self.norm2.modulated(h, scale, shift)  # norm2(h)·(1 + scale) + shift
         else:
             h = self.norm2(h)
+        if torch.is_grad_enabled() and x.device.type == "cpu" and isinstance(self.skip_connection, nn.Conv2d):
+            return self._conv2_plus_projected_skip(act(h), x)
         h = self.conv2(act(h))
         return h + self.skip_connection(x)
+
+    def _conv2_plus_projected_skip(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """conv2(h) + skip_connection(x) for NCHW tensors under autograd: the 1×1 skip as one batched matmul
+        that adds onto conv2's output, both biases in the conv. oneDNN's 1×1 convolution backward ran 3-7×
+        its forward at 32×32 (batch 32); this form: a U-Net training step 0.98-1.00× fp32, 0.97-0.98× bf16 autocast
+        (2-core AVX-512 CPU)."""
+        skip = self.skip_connection
+        B, C_in = x.shape[:2]
+        y = F.conv2d(h, self.conv2.weight, self.conv2.bias + skip.bias, padding=self.conv2.padding)
+        C_out = y.shape[1]
+        weight = skip.weight.view(C_out, C_in).expand(B, C_out, C_in)
+        return torch.baddbmm(y.flatten(2), weight, x.flatten(2)).view(y.shape)
 
 
 class AttentionBlock(nn.Module):
