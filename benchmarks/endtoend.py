@@ -18,7 +18,7 @@
    does not install them.
 3. Achieved GFLOP/s of one guided sampling step (4 images under 2 texts each, as the pipeline calls the
    U-Net: the layers before the text at batch 4, the rest at batch 8) and one training step (batch 64, forward +
-   backward + AdamW, as train.py runs it), FLOPs counted by torch.utils.flop_counter, against this
+   backward + fused AdamW, as train.py runs it), FLOPs counted by torch.utils.flop_counter, against this
    machine's matmul peak measured in the same run (2048² matmuls). Targets: ≥ 70% of peak; bf16 ≥ 2× fp32.
 
 The model is --model (default: the shipped weights/default); timings do not depend on its weights.
@@ -179,7 +179,7 @@ def step_throughput(unet: torch.nn.Module, repeats: int, bf16: bool = True) -> d
 
     xb, tb, cb = torch.randn(64, 3, S, S), torch.randint(0, 1000, (64,)), torch.randn(64, ctx_len, D)
     train_net = copy.deepcopy(unet).float().train()
-    opt = torch.optim.AdamW(train_net.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW(train_net.parameters(), lr=1e-6, fused=True)  # as train.py steps on a CPU
 
     def train_step(autocast: bool):
         def fn():
