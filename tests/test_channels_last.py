@@ -363,28 +363,33 @@ def test_upsample_phase_conv_is_nearest_then_conv(layout, dtype, tol):
 
 def test_upsample_under_autograd_matches_the_plain_form():
     """Under autograd the phase weights are derived in the graph: the output and the gradients of x, the
-    weight and the bias are those of nearest-neighbour then the 3×3 conv; under bf16 autocast within twice
-    the plain form's own rounding error (both against fp32)."""
+    weight and the bias are those of nearest-neighbour then the 3×3 conv; under bf16 autocast and with bf16
+    weights (layout guidance in the app) within twice the plain form's own rounding error (against fp32)."""
     from unet.blocks import Upsample
     torch.manual_seed(0)
     up = randomize_(Upsample(8))
     x = torch.randn(2, 8, 4, 6)
     g = torch.randn(2, 8, 8, 12)
 
-    def run(fn, autocast=False):
-        inp = x.clone().requires_grad_(True)
-        up.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = fn(inp)
+    def run(fn, mode="fp32"):
+        module = copy.deepcopy(up).to(torch.bfloat16) if mode == "bf16 weights" else up
+        inp = x.to(module.conv.weight.dtype).detach().requires_grad_(True)
+        module.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            out = fn(module, inp)
         (out.float() * g).sum().backward()
-        return out.float(), inp.grad, up.conv.weight.grad, up.conv.bias.grad
+        return [t.float() for t in (out, inp.grad, module.conv.weight.grad, module.conv.bias.grad)]
 
-    def plain(inp):
-        return up.conv(F.interpolate(inp, scale_factor=2.0, mode="nearest"))
+    def phases(module, inp):
+        return module(inp)
+
+    def plain(module, inp):
+        return module.conv(F.interpolate(inp, scale_factor=2.0, mode="nearest"))
 
     want = run(plain)
     assert want[0].shape == (2, 8, 8, 12)
-    for a, b in zip(run(up), want, strict=True):
+    for a, b in zip(run(phases), want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for a, b, c in zip(run(up, autocast=True), run(plain, autocast=True), want, strict=True):
-        assert (a - c).abs().max() <= 2 * (b - c).abs().max() + 1e-3
+    for mode in ("autocast", "bf16 weights"):
+        for a, b, c in zip(run(phases, mode), run(plain, mode), want, strict=True):
+            assert (a - c).abs().max() <= 2 * (b - c).abs().max() + 1e-3, mode

@@ -514,12 +514,13 @@ _PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0]
 
 def phase_weights(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 3×3 conv's (C, C, 3, 3) weight and bias → the 2×2 conv (4·C outputs, padding 1) whose output block
-    2a + b is phase (a, b) of nearest-upsampling then that conv; differentiable."""
-    taps = _PHASE_TAPS.to(weight.device, weight.dtype)
+    2a + b is phase (a, b) of nearest-upsampling then that conv, in the weight's dtype; differentiable.
+    The sums of up to four weights are taken in fp32 and rounded once (bf16 weights; under autocast, by the conv)."""
+    taps = _PHASE_TAPS.to(weight.device)
     C = weight.shape[0]
-    with torch.autocast(weight.device.type, enabled=False):  # sums of fp32 weights, rounded once by the conv
-        phases = torch.einsum("aru,ocuv,bsv->abocrs", taps, weight, taps)  # (2, 2, C, C, 2, 2)
-    return phases.reshape(4 * C, C, 2, 2), bias.repeat(4)
+    with torch.autocast(weight.device.type, enabled=False):
+        phases = torch.einsum("aru,ocuv,bsv->abocrs", taps, weight.float(), taps)  # (2, 2, C, C, 2, 2)
+    return phases.reshape(4 * C, C, 2, 2).to(weight.dtype), bias.repeat(4)
 
 
 def phases_of(out: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -569,7 +570,7 @@ class Upsample(nn.Module):
         if entry is None or entry[0] != key:
             C = w.shape[0]
             with torch.inference_mode(False), torch.no_grad():  # plain tensors: the packed conv reads versions
-                weight, bias = phase_weights(w.detach().float(), bias.detach())
+                weight, bias = phase_weights(w.detach(), bias.detach())
                 conv = Conv2d(C, 4 * C, kernel_size=2, padding=1, device=w.device, dtype=w.dtype)
                 conv.weight.copy_(weight)
                 conv.bias.copy_(bias)
