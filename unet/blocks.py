@@ -515,11 +515,13 @@ _PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0]
 def phase_weights(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 3×3 conv's (C, C, 3, 3) weight and bias → the 2×2 conv (4·C outputs, padding 1) whose output block
     2a + b is phase (a, b) of nearest-upsampling then that conv, in the weight's dtype; differentiable.
-    The sums of up to four weights are taken in fp32 and rounded once (bf16 weights; under autocast, by the conv)."""
-    taps = _PHASE_TAPS.to(weight.device)
+    The sums of up to four weights are taken in at least fp32 and rounded once (bf16 weights; under autocast,
+    by the conv)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    taps = _PHASE_TAPS.to(weight.device, dtype)
     C = weight.shape[0]
     with torch.autocast(weight.device.type, enabled=False):
-        phases = torch.einsum("aru,ocuv,bsv->abocrs", taps, weight.float(), taps)  # (2, 2, C, C, 2, 2)
+        phases = torch.einsum("aru,ocuv,bsv->abocrs", taps, weight.to(dtype), taps)  # (2, 2, C, C, 2, 2)
     return phases.reshape(4 * C, C, 2, 2).to(weight.dtype), bias.repeat(4)
 
 
