@@ -19,7 +19,8 @@
 3. Achieved GFLOP/s of one guided sampling step (4 images under 2 texts each, as the pipeline calls the
    U-Net: the layers before the text at batch 4, the rest at batch 8) and one training step (batch 64, forward +
    backward + fused AdamW, as train.py runs it), FLOPs counted by torch.utils.flop_counter, against this
-   machine's matmul peak measured in the same run (2048² matmuls). Targets: ≥ 70% of peak; bf16 ≥ 2× fp32.
+   machine's matmul peak measured in the same run (2048² matmuls, the faster of torch.mm and oneDNN's matmul).
+   Targets: ≥ 70% of peak; bf16 ≥ 2× fp32. The step's convolutions timed alone bound both from above.
 
 The model is --model (default: the shipped weights/default); timings do not depend on its weights.
 """
@@ -41,6 +42,7 @@ from benchmarks.common import as_sampled, interleaved_medians, write_section
 from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from diffusion.pipeline import TextToImagePipeline
 from diffusion.precision import cpu_has_fast_bf16
+from unet.channels_last import Conv2d
 
 PROMPT = "a red circle above a blue square"
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,11 +131,45 @@ def cold_starts(model: str, python: Path | str, runs: int) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in results) for k in results[0]}
 
 
-def matmul_peak(dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
-    """GFLOP/s of an n×n×n matmul: this machine's practical peak for `dtype` at the current thread count."""
+def matmul_peaks(dtype: torch.dtype, repeats: int, n: int = 2048) -> dict[str, float]:
+    """GFLOP/s of an n×n×n matmul by each CPU matmul kernel PyTorch runs: torch.mm (MKL's sgemm for fp32 on
+    x86, oneDNN for bf16) and, where this build has it, oneDNN's matmul called directly (the kernel behind
+    inductor's packed linear). The machine's practical peak is the faster: on an AVX-512 Zen 4 host oneDNN
+    ran fp32 at 1.1-1.2x torch.mm's rate, and the U-Net's own oneDNN convolutions beyond torch.mm's."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    seconds = interleaved_medians({"mm": lambda: torch.mm(a, b)}, repeats=repeats, budget_s=10)["mm"]
-    return 2 * n**3 / seconds / 1e9
+    fns = {"torch.mm": lambda: torch.mm(a, b)}
+    weight = b.t().contiguous()  # linear(a, weight) = a @ b
+    try:
+        torch.testing.assert_close(torch.ops.mkldnn._linear_pointwise(a[:64], weight, None, "none", [], ""),
+                                   torch.mm(a[:64], b), rtol=2e-2, atol=2e-1 * n**0.5)
+        fns["oneDNN matmul"] = lambda: torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError, AssertionError):
+        pass  # a build without oneDNN, or one whose op refuses this dtype: torch.mm alone
+    seconds = interleaved_medians(fns, repeats=repeats, budget_s=15)
+    return {k: 2 * n**3 / s / 1e9 for k, s in seconds.items()}
+
+
+def convolution_throughput(step, repeats: int) -> tuple[int, float]:
+    """(calls, GFLOP/s) of the convolutions one call of `step` runs, each timed alone on a copy of the input
+    it got (same shape, dtype and layout, so the same oneDNN kernel): the rate of the step's densest work
+    without the rest around it, an upper bound for the step's own."""
+    calls = []
+
+    def keep(module, args, output):
+        if isinstance(module, Conv2d):
+            calls.append((module, args[0].clone(), output.numel()))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(keep)
+    try:
+        step()
+    finally:
+        handle.remove()
+    flops = seconds = 0.0
+    with torch.inference_mode():
+        for conv, x, outputs in calls:
+            flops += 2 * outputs * conv.weight[0].numel()  # multiply-adds of each output: C_in/groups · kh · kw
+            seconds += interleaved_medians({"conv": lambda c=conv, x=x: c(x)}, repeats=repeats, budget_s=2)["conv"]
+    return len(calls), flops / seconds / 1e9
 
 
 def counted_flops(fn) -> int:
@@ -142,8 +178,9 @@ def counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def step_throughput(unet: torch.nn.Module, repeats: int, bf16: bool = True) -> dict[str, tuple[float, float]]:
-    """(GFLOP per call, GFLOP/s achieved) for sampling and training steps in fp32 and, with bf16, in bf16."""
+def step_throughput(unet: torch.nn.Module, repeats: int, bf16: bool = True) -> tuple[dict, dict]:
+    """(GFLOP per call, GFLOP/s achieved) for sampling and training steps in fp32 and, with bf16, in bf16; and
+    (calls, GFLOP/s) of each sampling step's convolutions timed alone (`convolution_throughput`)."""
     ctx_len, D = 12, unet.config.context_dim
     S = unet.config.sample_size
     out = {}
@@ -175,6 +212,7 @@ def step_throughput(unet: torch.nn.Module, repeats: int, bf16: bool = True) -> d
         for net in nets:
             net.cpu_channels_last = True
         times = interleaved_medians(sampling, repeats=repeats, budget_s=30)
+        convs = {k: convolution_throughput(fn, repeats) for k, fn in sampling.items()}
     out.update({k: (flops[k] / 1e9, flops[k] / times[k] / 1e9) for k in sampling})
 
     xb, tb, cb = torch.randn(64, 3, S, S), torch.randint(0, 1000, (64,)), torch.randn(64, ctx_len, D)
@@ -196,7 +234,7 @@ def step_throughput(unet: torch.nn.Module, repeats: int, bf16: bool = True) -> d
     flops = {k: counted_flops(fn) for k, fn in training.items()}
     times = interleaved_medians(training, repeats=max(3, repeats // 3), warmup=1, budget_s=60)
     out.update({k: (flops[k] / 1e9, flops[k] / times[k] / 1e9) for k in training})
-    return out
+    return out, convs
 
 
 def main(argv=None) -> None:
@@ -252,19 +290,31 @@ def main(argv=None) -> None:
                          f"| {c['first_maps']:.1f} s |")
             print(lines[-1], flush=True)
 
-    peaks = {"fp32": matmul_peak(torch.float32, repeats * 2)}
+    kernels = {"fp32": matmul_peaks(torch.float32, repeats * 2)}
     if fast_bf16:
-        peaks["bf16"] = matmul_peak(torch.bfloat16, repeats * 2)
-    steps = step_throughput(unet, repeats * 2, bf16=fast_bf16)
-    peak_line = (f"bf16 {peaks['bf16']:.0f} GFLOP/s ({peaks['bf16'] / peaks['fp32']:.2f}×)." if fast_bf16 else
-                 "bf16 not measured: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so the app runs "
-                 "in fp32 here.")
+        kernels["bf16"] = matmul_peaks(torch.bfloat16, repeats * 2)
+    peaks = {dtype: max(rates.values()) for dtype, rates in kernels.items()}
+    steps, convs = step_throughput(unet, repeats * 2, bf16=fast_bf16)
     lines += ["", "### 3. Achieved GFLOP/s against the measured matmul peak", "",
-              f"Matmul peak (2048² × 2048, {torch.get_num_threads()} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-              + peak_line, "", "| step | GFLOP per step | GFLOP/s | % of peak |", "|---|---|---|---|"]
+              f"Matmul peak (2048² × 2048, {torch.get_num_threads()} threads; the faster of the matmul kernels, "
+              "each GFLOP/s in brackets): " + ", ".join(
+                  f"{dtype} {peaks[dtype]:.0f} GFLOP/s ("
+                  + ", ".join(f"{kernel} {rate:.0f}" for kernel, rate in rates.items()) + ")"
+                  for dtype, rates in kernels.items())
+              + (f"; bf16 ÷ fp32 {peaks['bf16'] / peaks['fp32']:.2f}×." if fast_bf16 else
+                 ". bf16 not measured: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so the app runs "
+                 "in fp32 here."),
+              "", "| step | GFLOP per step | GFLOP/s | % of peak |", "|---|---|---|---|"]
     for name, (gflop, rate) in steps.items():
         peak = peaks["bf16" if "bf16" in name else "fp32"]
         lines.append(f"| {name} | {gflop:.2f} | {rate:.0f} | **{rate / peak * 100:.0f}%** |")
+    calls = next(iter(convs.values()))[0]
+    lines += ["", f"The sampling step's {calls} convolutions, each timed alone on a copy of its input (the same "
+              "oneDNN kernel, without the norms, attention and copies around it): " + ", ".join(
+                  f"{name.removeprefix('sampling ')} {rate:.0f} GFLOP/s "
+                  f"({rate / peaks['bf16' if 'bf16' in name else 'fp32'] * 100:.0f}% of the peak)"
+                  for name, (_, rate) in convs.items())
+              + (f", bf16 ÷ fp32 {convs['sampling bf16'][1] / convs['sampling fp32'][1]:.2f}×." if fast_bf16 else ".")]
     if fast_bf16:
         s32, s16 = steps["sampling fp32"][1], steps["sampling bf16"][1]
         t32, t16 = steps["training fp32"][1], steps["training bf16 autocast"][1]

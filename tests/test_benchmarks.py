@@ -102,10 +102,35 @@ def test_step_throughput_counts_flops_and_leaves_out_bf16_where_the_cpu_has_none
     from unet import UNet, UNetConfig
 
     unet = UNet(UNetConfig.preset("tiny"))
-    steps = endtoend.step_throughput(unet, repeats=1, bf16=False)  # a CPU without bf16 instructions
+    steps, convs = endtoend.step_throughput(unet, repeats=1, bf16=False)  # a CPU without bf16 instructions
     assert set(steps) == {"sampling fp32", "training fp32"}
     assert all(gflop > 0 and rate > 0 for gflop, rate in steps.values())
     assert steps["training fp32"][0] > steps["sampling fp32"][0]  # batch 64 forward + backward vs batch 8
+    assert set(convs) == {"sampling fp32"}
+    calls, rate = convs["sampling fp32"]
+    # the 3×3 and 1×1 convs a step calls as modules (attention's 1×1 projections run as matmuls; each
+    # upsample's conv as its phase conv): some, never more than the U-Net has
+    assert 0 < calls <= sum(isinstance(m, torch.nn.Conv2d) for m in unet.modules()) and rate > 0
+
+
+def test_convolution_throughput_counts_each_call_and_its_multiply_adds(monkeypatch):
+    from unet.channels_last import Conv2d
+
+    net = torch.nn.Sequential(Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), Conv2d(8, 2, 1), Conv2d(2, 2, 3, groups=2))
+    x = torch.randn(2, 4, 6, 6)
+    seconds = iter([0.5, 0.25, 0.25])  # one median per convolution call, in call order
+    monkeypatch.setattr(endtoend, "interleaved_medians", lambda fns, **kw: {k: next(seconds) for k in fns})
+    calls, rate = endtoend.convolution_throughput(lambda: net(x), repeats=1)
+    # multiply-adds × 2: 2·6·6·8 outputs × 4·3·3, 2·6·6·2 × 8, 2·4·4·2 × 1·3·3 (grouped, no padding)
+    flops = 2 * (2 * 36 * 8 * 36 + 2 * 36 * 2 * 8 + 2 * 16 * 2 * 9)
+    assert calls == 3 and rate == pytest.approx(flops / 1.0 / 1e9)
+
+
+def test_matmul_peaks_time_torch_mm_and_onednn_where_present():
+    rates = endtoend.matmul_peaks(torch.float32, repeats=1, n=64)
+    assert "torch.mm" in rates and all(r > 0 for r in rates.values())
+    if torch.backends.mkldnn.is_available():
+        assert "oneDNN matmul" in rates
 
 
 def test_devices_benchmark_of_one_device_adds_its_own_section(tmp_path, monkeypatch):
