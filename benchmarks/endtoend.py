@@ -297,7 +297,7 @@ def main(argv=None) -> None:
     steps, convs = step_throughput(unet, repeats * 2, bf16=fast_bf16)
     lines += ["", "### 3. Achieved GFLOP/s against the measured matmul peak", "",
               f"Matmul peak (2048² × 2048, {torch.get_num_threads()} threads; the faster of the matmul kernels, "
-              "each GFLOP/s in brackets): " + ", ".join(
+              "each kernel's GFLOP/s in parentheses): " + ", ".join(
                   f"{dtype} {peaks[dtype]:.0f} GFLOP/s ("
                   + ", ".join(f"{kernel} {rate:.0f}" for kernel, rate in rates.items()) + ")"
                   for dtype, rates in kernels.items())
