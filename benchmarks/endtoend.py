@@ -27,6 +27,7 @@ The model is --model (default: the shipped weights/default); timings do not depe
 
 import argparse
 import copy
+import functools
 import os
 import socket
 import statistics
@@ -36,13 +37,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import as_sampled, interleaved_medians, write_section
 from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from diffusion.pipeline import TextToImagePipeline
 from diffusion.precision import cpu_has_fast_bf16
-from unet.channels_last import Conv2d
+from unet.channels_last import Conv2d, is_channels_last
 
 PROMPT = "a red circle above a blue square"
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,8 +151,8 @@ def matmul_peaks(dtype: torch.dtype, repeats: int, n: int = 2048) -> dict[str, f
     return {k: 2 * n**3 / s / 1e9 for k, s in seconds.items()}
 
 
-def convolution_throughput(step, repeats: int) -> tuple[int, float]:
-    """(calls, GFLOP/s) of the convolutions one call of `step` runs, each timed alone on a copy of the input
+def convolution_throughput(step, repeats: int) -> tuple[int, float, float]:
+    """(calls, GFLOP, GFLOP/s) of the convolutions one call of `step` runs, each timed alone on a copy of the input
     it got (same shape, dtype and layout, so the same oneDNN kernel): the rate of the step's densest work
     without the rest around it, an upper bound for the step's own."""
     calls = []
@@ -169,7 +171,53 @@ def convolution_throughput(step, repeats: int) -> tuple[int, float]:
         for conv, x, outputs in calls:
             flops += 2 * outputs * conv.weight[0].numel()  # multiply-adds of each output: C_in/groups · kh · kw
             seconds += interleaved_medians({"conv": lambda c=conv, x=x: c(x)}, repeats=repeats, budget_s=2)["conv"]
-    return len(calls), flops / seconds / 1e9
+    return len(calls), flops / 1e9, flops / seconds / 1e9
+
+
+class _RecordConvolutions(TorchDispatchMode):
+    """Records what each convolution a step runs was called with (shapes, dtype, layout, parameters; not the
+    tensors). Below autograd and autocast, so it sees every one, F.conv2d's included, in the dtype it ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default:
+            x, weight, bias, *params = args
+            self.calls.append((x.shape, x.dtype, is_channels_last(x), weight.shape, bias is not None, params,
+                               out.shape))
+        return out
+
+
+def _convolution_forward_backward(x, weight, bias, params, grad) -> None:
+    torch.ops.aten.convolution(x, weight, bias, *params).backward(grad)
+    for t in (x, weight, bias):
+        if t is not None:
+            t.grad = None
+
+
+def training_convolution_throughput(step, repeats: int) -> tuple[int, float, float]:
+    """(calls, GFLOP, GFLOP/s) of the convolutions one training step runs, forward and backward (the input's and the
+    weight's gradients), each timed alone on random tensors of the shapes, dtype and layout it ran with: the
+    rate of a training step's densest work without the rest, an upper bound for the step's own. Recorded
+    below autograd, so the convolutions called through F.conv2d (upsampling's phase weights, a projected
+    skip's conv2) count too."""
+    record = _RecordConvolutions()
+    with record:
+        step()
+    flops = seconds = 0.0
+    for x_shape, dtype, channels_last, w_shape, has_bias, params, out_shape in record.calls:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(x_shape, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+        weight = torch.randn(w_shape, dtype=dtype, requires_grad=True)
+        bias = torch.randn(w_shape[0], dtype=dtype, requires_grad=True) if has_bias else None
+        grad = torch.randn(out_shape, dtype=dtype)
+        run = functools.partial(_convolution_forward_backward, x, weight, bias, params, grad)
+        flops += 3 * 2 * out_shape.numel() * w_shape[1:].numel()  # forward, and the two gradients, as many
+        seconds += interleaved_medians({"conv": run}, repeats=repeats, budget_s=2)["conv"]
+    return len(record.calls), flops / 1e9, flops / seconds / 1e9
 
 
 def counted_flops(fn) -> int:
@@ -180,7 +228,8 @@ def counted_flops(fn) -> int:
 
 def step_throughput(unet: torch.nn.Module, repeats: int, bf16: bool = True) -> tuple[dict, dict]:
     """(GFLOP per call, GFLOP/s achieved) for sampling and training steps in fp32 and, with bf16, in bf16; and
-    (calls, GFLOP/s) of each sampling step's convolutions timed alone (`convolution_throughput`)."""
+    (calls, GFLOP, GFLOP/s) of each step's convolutions timed alone (`convolution_throughput`,
+    `training_convolution_throughput`)."""
     ctx_len, D = 12, unet.config.context_dim
     S = unet.config.sample_size
     out = {}
@@ -233,6 +282,7 @@ def step_throughput(unet: torch.nn.Module, repeats: int, bf16: bool = True) -> t
         training["training bf16 autocast"] = train_step(True)
     flops = {k: counted_flops(fn) for k, fn in training.items()}
     times = interleaved_medians(training, repeats=max(3, repeats // 3), warmup=1, budget_s=60)
+    convs.update({k: training_convolution_throughput(fn, max(3, repeats // 3)) for k, fn in training.items()})
     out.update({k: (flops[k] / 1e9, flops[k] / times[k] / 1e9) for k in training})
     return out, convs
 
@@ -308,13 +358,24 @@ def main(argv=None) -> None:
     for name, (gflop, rate) in steps.items():
         peak = peaks["bf16" if "bf16" in name else "fp32"]
         lines.append(f"| {name} | {gflop:.2f} | {rate:.0f} | **{rate / peak * 100:.0f}%** |")
-    calls = next(iter(convs.values()))[0]
-    lines += ["", f"The sampling step's {calls} convolutions, each timed alone on a copy of its input (the same "
-              "oneDNN kernel, without the norms, attention and copies around it): " + ", ".join(
-                  f"{name.removeprefix('sampling ')} {rate:.0f} GFLOP/s "
-                  f"({rate / peaks['bf16' if 'bf16' in name else 'fp32'] * 100:.0f}% of the peak)"
-                  for name, (_, rate) in convs.items())
-              + (f", bf16 ÷ fp32 {convs['sampling bf16'][1] / convs['sampling fp32'][1]:.2f}×." if fast_bf16 else ".")]
+    for kind, what in (("sampling", "each timed alone on a copy of its input (the same oneDNN kernel, without the "
+                                    "norms, attention and copies around it)"),
+                       ("training", "forward and backward (both gradients), each timed alone on random tensors of "
+                                    "its shapes")):
+        rates = {name: r for name, r in convs.items() if name.startswith(kind)}
+        calls, gflop, _ = rates[f"{kind} fp32"]
+        lines += ["", f"The {kind} step's {calls} convolutions ({gflop:.2f} of its {steps[kind + ' fp32'][0]:.2f} "
+                  f"GFLOP), {what}: " + ", ".join(
+                      f"{name.removeprefix(kind + ' ')} {rate:.0f} GFLOP/s "
+                      f"({rate / peaks['bf16' if 'bf16' in name else 'fp32'] * 100:.0f}% of the peak)"
+                      for name, (_, _, rate) in rates.items())]
+        if len(rates) > 1:  # fp32 first, then bf16
+            fp32_rate, bf16_rate = (rate for _, _, rate in rates.values())
+            lines[-1] += f", bf16 ÷ fp32 {bf16_rate / fp32_rate:.2f}×"
+        lines[-1] += (". At those rates they would take " + ", ".join(
+            f"{conv_gflop / rate * 1e3:.0f} ms of the {name.removeprefix(kind + ' ')} step's "
+            f"{steps[name][0] / steps[name][1] * 1e3:.0f} ms" for name, (_, conv_gflop, rate) in rates.items())
+            + f"; the rest of the step does {(1 - gflop / steps[kind + ' fp32'][0]) * 100:.0f}% of its FLOPs.")
     if fast_bf16:
         s32, s16 = steps["sampling fp32"][1], steps["sampling bf16"][1]
         t32, t16 = steps["training fp32"][1], steps["training bf16 autocast"][1]

@@ -106,8 +106,9 @@ def test_step_throughput_counts_flops_and_leaves_out_bf16_where_the_cpu_has_none
     assert set(steps) == {"sampling fp32", "training fp32"}
     assert all(gflop > 0 and rate > 0 for gflop, rate in steps.values())
     assert steps["training fp32"][0] > steps["sampling fp32"][0]  # batch 64 forward + backward vs batch 8
-    assert set(convs) == {"sampling fp32"}
-    calls, rate = convs["sampling fp32"]
+    assert set(convs) == {"sampling fp32", "training fp32"}
+    assert all(calls > 0 and 0 < gflop < steps[name][0] and rate > 0 for name, (calls, gflop, rate) in convs.items())
+    calls, _, rate = convs["sampling fp32"]
     # the 3×3 and 1×1 convs a step calls as modules (attention's 1×1 projections run as matmuls; each
     # upsample's conv as its phase conv): some, never more than the U-Net has
     assert 0 < calls <= sum(isinstance(m, torch.nn.Conv2d) for m in unet.modules()) and rate > 0
@@ -120,10 +121,26 @@ def test_convolution_throughput_counts_each_call_and_its_multiply_adds(monkeypat
     x = torch.randn(2, 4, 6, 6)
     seconds = iter([0.5, 0.25, 0.25])  # one median per convolution call, in call order
     monkeypatch.setattr(endtoend, "interleaved_medians", lambda fns, **kw: {k: next(seconds) for k in fns})
-    calls, rate = endtoend.convolution_throughput(lambda: net(x), repeats=1)
+    calls, gflop, rate = endtoend.convolution_throughput(lambda: net(x), repeats=1)
     # multiply-adds × 2: 2·6·6·8 outputs × 4·3·3, 2·6·6·2 × 8, 2·4·4·2 × 1·3·3 (grouped, no padding)
     flops = 2 * (2 * 36 * 8 * 36 + 2 * 36 * 2 * 8 + 2 * 16 * 2 * 9)
-    assert calls == 3 and rate == pytest.approx(flops / 1.0 / 1e9)
+    assert calls == 3 and gflop == pytest.approx(flops / 1e9) and rate == pytest.approx(flops / 1.0 / 1e9)
+
+
+def test_training_convolution_throughput_counts_every_convolution_forward_and_backward(monkeypatch):
+    conv = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)
+    weight = torch.randn(2, 8, 1, 1, requires_grad=True)
+    x = torch.randn(2, 4, 6, 6)
+
+    def step():  # a module's convolution and one called through F.conv2d (no bias), as the U-Net's phase convs are
+        torch.nn.functional.conv2d(conv(x), weight).square().mean().backward()
+
+    seconds = iter([0.5, 0.5])
+    monkeypatch.setattr(endtoend, "interleaved_medians", lambda fns, **kw: {k: next(seconds) for k in fns})
+    calls, gflop, rate = endtoend.training_convolution_throughput(step, repeats=1)
+    # 3 × (forward multiply-adds × 2): 2·8·3·3 outputs × 4·3·3, then 2·2·3·3 outputs × 8
+    flops = 3 * 2 * (2 * 8 * 9 * 36 + 2 * 2 * 9 * 8)
+    assert calls == 2 and gflop == pytest.approx(flops / 1e9) and rate == pytest.approx(flops / 1.0 / 1e9)
 
 
 def test_matmul_peaks_time_torch_mm_and_onednn_where_present():
