@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -151,6 +152,18 @@ def matmul_peaks(dtype: torch.dtype, repeats: int, n: int = 2048) -> dict[str, f
     return {k: 2 * n**3 / s / 1e9 for k, s in seconds.items()}
 
 
+def convolution_flops(outputs: int, weight_shape: torch.Size) -> int:
+    """FLOPs of a convolution's forward: 2 × each output's multiply-adds (C_in / groups · kh · kw)."""
+    return 2 * outputs * weight_shape[1:].numel()
+
+
+def timed_alone(runs: list[tuple[Callable[[], object], int]], repeats: int) -> tuple[int, float, float]:
+    """(calls, GFLOP, GFLOP/s) of (function, FLOPs) pairs, each function timed alone (its median)."""
+    flops = sum(f for _, f in runs)
+    seconds = sum(interleaved_medians({"run": fn}, repeats=repeats, budget_s=2)["run"] for fn, _ in runs)
+    return len(runs), flops / 1e9, flops / seconds / 1e9
+
+
 def convolution_throughput(step, repeats: int) -> tuple[int, float, float]:
     """(calls, GFLOP, GFLOP/s) of the convolutions one call of `step` runs, each timed alone on a copy of the input
     it got (same shape, dtype and layout, so the same oneDNN kernel): the rate of the step's densest work
@@ -166,12 +179,9 @@ def convolution_throughput(step, repeats: int) -> tuple[int, float, float]:
         step()
     finally:
         handle.remove()
-    flops = seconds = 0.0
     with torch.inference_mode():
-        for conv, x, outputs in calls:
-            flops += 2 * outputs * conv.weight[0].numel()  # multiply-adds of each output: C_in/groups · kh · kw
-            seconds += interleaved_medians({"conv": lambda c=conv, x=x: c(x)}, repeats=repeats, budget_s=2)["conv"]
-    return len(calls), flops / 1e9, flops / seconds / 1e9
+        return timed_alone([(functools.partial(conv, x), convolution_flops(outputs, conv.weight.shape))
+                            for conv, x, outputs in calls], repeats)
 
 
 class _RecordConvolutions(TorchDispatchMode):
@@ -207,17 +217,16 @@ def training_convolution_throughput(step, repeats: int) -> tuple[int, float, flo
     record = _RecordConvolutions()
     with record:
         step()
-    flops = seconds = 0.0
+    runs = []
     for x_shape, dtype, channels_last, w_shape, has_bias, params, out_shape in record.calls:
         layout = torch.channels_last if channels_last else torch.contiguous_format
         x = torch.randn(x_shape, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
         weight = torch.randn(w_shape, dtype=dtype, requires_grad=True)
         bias = torch.randn(w_shape[0], dtype=dtype, requires_grad=True) if has_bias else None
         grad = torch.randn(out_shape, dtype=dtype)
-        run = functools.partial(_convolution_forward_backward, x, weight, bias, params, grad)
-        flops += 3 * 2 * out_shape.numel() * w_shape[1:].numel()  # forward, and the two gradients, as many
-        seconds += interleaved_medians({"conv": run}, repeats=repeats, budget_s=2)["conv"]
-    return len(record.calls), flops / 1e9, flops / seconds / 1e9
+        runs.append((functools.partial(_convolution_forward_backward, x, weight, bias, params, grad),
+                     3 * convolution_flops(out_shape.numel(), w_shape)))  # forward, and two gradients as large
+    return timed_alone(runs, repeats)
 
 
 def counted_flops(fn) -> int:
