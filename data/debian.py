@@ -77,11 +77,21 @@ def render_svg(path: Path, size: int) -> Image.Image:
         import cairosvg
     except ImportError as err:
         raise RuntimeError("rendering SVG pictures needs cairosvg: pip install -r requirements-dev.txt") from err
+    from defusedxml import EntitiesForbidden
+
     data = Path(path).read_bytes()
-    with Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, url=str(path)))) as probe:
+    try:
+        natural = cairosvg.svg2png(bytestring=data)
+        unsafe = False
+    except EntitiesForbidden:
+        # Illustrator and old Inkscape files declare their namespaces as XML entities, which cairosvg's
+        # safe parser refuses. These files come from Debian's archive, not from a user: parse them with
+        # entities allowed (still without a base URL, so no other file is read).
+        natural, unsafe = cairosvg.svg2png(bytestring=data, unsafe=True), True
+    with Image.open(io.BytesIO(natural)) as probe:
         w, h = probe.size
     scale = size / max(w, h, 1)
-    png = cairosvg.svg2png(bytestring=data, url=str(path), output_width=max(1, round(w * scale)),
+    png = cairosvg.svg2png(bytestring=data, unsafe=unsafe, output_width=max(1, round(w * scale)),
                            output_height=max(1, round(h * scale)))
     return Image.open(io.BytesIO(png)).convert("RGBA")
 
