@@ -46,8 +46,9 @@ class Stamp:
 
 
 def clean_caption(text: str) -> str:
-    """A stamp's English description as a caption: typographic quotes and the final full stop dropped,
-    whitespace collapsed, case kept as written (the tokenizer lowercases)."""
+    """A stamp's English description as a caption: quotation marks and the final full stop dropped, a
+    typographic apostrophe made plain ("Grandma's"), whitespace collapsed, case kept (the tokenizer lowercases)."""
+    text = re.sub(r"(?<=\w)[’‘](?=\w)", "'", text)
     text = re.sub(r"[“”„\"‘’«»]", "", text)
     text = re.sub(r"\s+", " ", text).strip()
     return text.removesuffix(".").strip()
