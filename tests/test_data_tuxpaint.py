@@ -54,6 +54,7 @@ def test_splits_and_subsets_are_deterministic():
 
 
 def test_clean_caption():
-    assert clean_caption("  A US 5 cent piece ($.05) called a “nickel.”  ") == "A US 5 cent piece ($.05) called a nickel"
+    cleaned = clean_caption("  A US 5 cent piece ($.05) called a “nickel.”  ")
+    assert cleaned == "A US 5 cent piece ($.05) called a nickel"
     assert clean_caption("Grandma’s old rag doll.") == "Grandma's old rag doll"
     assert clean_caption("The ‘Fuji’ apple.") == "The Fuji apple"
