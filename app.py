@@ -58,7 +58,8 @@ SAMPLES_WIDTH = 640  # about the samples gallery's width on a laptop screen, for
 ALL_LAYERS = "all"
 MEAN_HEADS = -1
 
-KNOWN_WORDS_SHOWN = 60  # the most used caption words listed in "What this model knows"
+KNOWN_WORDS_SHOWN = 60  # "What this model knows": the most used caption words listed …
+WHOLE_WORDS_SHOWN = 400  # … or, for a model without a caption summary, its tokenizer's whole words
 FUNCTION_WORDS = {"a", "an", "the", "of", "to", "on", "in", "at", "and", "<start>", "<end>"}
 NORMALIZATIONS = [
     ("per word (min–max)", "minmax"),
@@ -163,7 +164,8 @@ def knows_note(pipe: TextToImagePipeline, limit: int = KNOWN_WORDS_SHOWN) -> str
                    f"different words**, and draws what they described. The words they used most (times used): "
                    f"{shown}{f', … and {more:,} more' if more > 0 else ''}.")
     else:
-        shown = ", ".join(whole[:400]) + (f", … and {len(whole) - 400:,} more" if len(whole) > 400 else "")
+        more = len(whole) - WHOLE_WORDS_SHOWN
+        shown = ", ".join(whole[:WHOLE_WORDS_SHOWN]) + (f", … and {more:,} more" if more > 0 else "")
         learned = (f"This model's folder has no summary of its training captions ({CAPTIONS_FILE}), so what they "
                    f"said is not known here; its tokenizer's whole words are the best guide: {shown}.")
     tokenizer = (f"Its tokenizer holds **{len(whole):,} whole words**; other words are split into pieces, and a "

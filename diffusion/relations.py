@@ -123,6 +123,7 @@ def _match(words: list[str], i: int, phrases) -> tuple[str, ...] | None:
 
 
 def _head(words: list[str], said: tuple[int, ...]) -> tuple[int, ...]:
+    """The word indices of `said` that carry its meaning (the relation loss grounds those in training)."""
     return tuple(j for j in said if words[j] not in JOINING_WORDS)
 
 

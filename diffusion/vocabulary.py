@@ -21,12 +21,14 @@ from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from diffusion import grammar
+from diffusion.grammar import CORE_WORDS as SHAPES_CORE_WORDS
+from diffusion.grammar import EXAMPLES as SHAPES_EXAMPLES
+from diffusion.grammar import NAME as SHAPES
 
 CAPTIONS_FILE = "captions.json"
 FORMAT = 1  # bumped when a field changes meaning
 MAX_EXAMPLES = 64
-GRAMMARS = (grammar.NAME,)  # the caption grammars layout guidance reads
+GRAMMARS = (SHAPES,)  # the caption grammars layout guidance reads
 
 
 @dataclass
@@ -34,7 +36,7 @@ class CaptionSummary:
     """The training captions of a model, summarised.
 
     Attributes:
-        num_captions: how many captions training read (repeats included).
+        num_captions: how many training captions were summarised (repeats included).
         examples: up to `MAX_EXAMPLES` distinct captions, spread evenly over the training order.
         word_counts: {word: uses}, most used first; words are lowercased and split as the model's
             tokenizer splits them (EncodedPrompts.words), punctuation left out.
@@ -148,7 +150,7 @@ def layout_grammar(summary: CaptionSummary | None, known_whole: Collection[str])
     """
     if summary is not None:
         return summary.grammar
-    return grammar.NAME if grammar.CORE_WORDS <= set(known_whole) else None
+    return SHAPES if SHAPES_CORE_WORDS <= set(known_whole) else None
 
 
 def layout_off_note(summary: CaptionSummary | None) -> str:
@@ -184,4 +186,4 @@ def example_prompts(summary: CaptionSummary | None, layout: str | None, count: i
     if summary is not None and summary.examples:
         fitting = [e for e in summary.examples if max_chars is None or len(e) <= max_chars]
         return spread(fitting, count)
-    return list(grammar.EXAMPLES[:count]) if layout == grammar.NAME else []
+    return list(SHAPES_EXAMPLES[:count]) if layout == SHAPES else []
