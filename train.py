@@ -47,9 +47,11 @@ from transformers import CLIPTokenizer
 from conditioning.text_encoder import TEXT_TRAINING, TextEncoder
 from conditioning.tokenizer import save_clip_tokenizer
 from data.loading import LoadConfig, batch_indices, load_captioned
+from diffusion.grammar import NAME as SHAPES
 from diffusion.grounding import GroundingRecorder, grounding_loss, relation_loss, relation_pairs, token_targets
 from diffusion.pipeline import TextToImagePipeline
 from diffusion.precision import DTYPES, cpu_has_fast_bf16, cpu_name
+from diffusion.vocabulary import CAPTIONS_FILE, CaptionSummary
 from unet import UNet, UNetConfig
 
 EXPORT_DTYPES = ("fp16", "fp32")
@@ -192,15 +194,18 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, keep: int,
-                    tokenizer=None) -> Path:
+                    tokenizer=None, captions: CaptionSummary | None = None) -> Path:
     """Write to a temporary folder, then rename: a killed run never leaves a half checkpoint that resume picks.
-    A grown tokenizer is saved in it too (tokenizer/), in CLIP's format."""
+    A grown tokenizer (tokenizer/, in CLIP's format) and the captions' summary (captions.json) go in it too,
+    so --export-only writes the same pipeline folder the run's end does."""
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if tokenizer is not None:
         save_clip_tokenizer(tokenizer, tmp / "tokenizer")
+    if captions is not None:
+        captions.save(tmp)
     for name, group in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{name}.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -311,11 +316,13 @@ def hardware(device: torch.device) -> str:
 
 
 def export(unet: UNet, text_encoder: TextEncoder, noise_scheduler: DDPMScheduler, cfg: TrainConfig, step: int,
-           seconds: float, precision: str, hardware_name: str, loss: float, name: str = "pipeline") -> Path:
-    """Write OUT/<name>: the given (EMA) U-Net, the text encoder, the noise schedule and a model card."""
+           seconds: float, precision: str, hardware_name: str, loss: float, name: str = "pipeline",
+           captions: CaptionSummary | None = None) -> Path:
+    """Write OUT/<name>: the given (EMA) U-Net, the text encoder, the noise schedule, a model card and the
+    summary of the captions it learned (what the app shows as what the model knows)."""
     dest = Path(cfg.out) / name
     card = model_card(cfg, unet, step, seconds, precision, hardware_name, loss)
-    pipe = TextToImagePipeline(unet.eval(), text_encoder, dict(noise_scheduler.config), card)
+    pipe = TextToImagePipeline(unet.eval(), text_encoder, dict(noise_scheduler.config), card, captions=captions)
     pipe.save_pretrained(dest, unet_dtype=DTYPES[cfg.export_dtype])
     (dest / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return dest
@@ -348,8 +355,9 @@ def export_checkpoint(cfg: TrainConfig) -> Path:
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(shadow[str(i)])
+    captions = CaptionSummary.load(path) if (path / CAPTIONS_FILE).is_file() else None
     return export(unet, text_encoder, noise_scheduler, run, step, state["seconds"], resolve_precision(run),
-                  state.get("hardware", "unknown hardware"), state["loss"], name)
+                  state.get("hardware", "unknown hardware"), state["loss"], name, captions)
 
 
 # -- settings that fit the data ----------------------------------------------------------------------
@@ -503,6 +511,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         added = text_encoder.grow(captions, cfg.min_word_count)
         accelerator.print(f"tokenizer: {len(added)} of the captions' words are now whole tokens "
                           f"({len(text_encoder.tokenizer)} tokens), e.g. {', '.join(added[:8])}")
+    # The shapes set (generated, or a folder data.shapes wrote: it has the `objects` column) is in the grammar
+    # layout guidance reads; anyone else's captions are not.
+    grammar = SHAPES if is_shapes(cfg) or "objects" in dataset.hf.column_names else None
+    summary = CaptionSummary.from_captions(captions, grammar, tokenizer=text_encoder.tokenizer,
+                                           source=f"train.py --data {cfg.data} (column {cfg.caption_column!r})")
     text_params = text_encoder.set_trainable(cfg.text_encoder_training)
     text_encoder.to(accelerator.device)
     unet_params = [p for p in unet.parameters() if p.requires_grad]
@@ -604,11 +617,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             if text_params:  # the text side trains: its weights and the grown tokenizer resume with the run
                 tensors["text_encoder"] = text_encoder.model.state_dict()
             save_checkpoint(out / "checkpoints", done, tensors, state, cfg.keep_checkpoints,
-                            tokenizer=text_encoder.tokenizer if text_params else None)
+                            tokenizer=text_encoder.tokenizer if text_params else None, captions=summary)
         if accelerator.is_main_process and (done % cfg.validate_every == 0 or done == cfg.steps):
             with swapped_in_ema(ema, params):
                 pipe = TextToImagePipeline(accelerator.unwrap_model(unet), text_encoder,
-                                           dict(noise_scheduler.config))
+                                           dict(noise_scheduler.config), captions=summary)
                 grid = validation_grid(pipe, cfg.validation_prompts, cfg.seed, cfg.validation_steps,
                                        out / "samples" / f"step_{done:06d}.png")
             if tensorboard:
@@ -623,7 +636,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         final = accelerator.unwrap_model(unet)
         ema.copy_to(params)  # export the EMA weights
         export(final, text_encoder, noise_scheduler, cfg, cfg.steps, time.perf_counter() - t_start, precision,
-               hardware(accelerator.device), loss_value)
+               hardware(accelerator.device), loss_value, captions=summary)
         accelerator.print(f"exported {dest}")
         if cfg.push_to_hub:
             from huggingface_hub import create_repo, upload_folder

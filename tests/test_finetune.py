@@ -132,6 +132,11 @@ def test_one_line_fine_tune_learns_the_words_and_exports_a_clip_that_loads_anywh
     trained = model.state_dict()
     assert any(not torch.equal(base[k], trained[k]) for k in base if base[k].shape == trained[k].shape)
     assert pipe("a polar bear", steps=2, seed=0).images[0].size == (16, 16)
+    # what the app shows as what the model knows: its own captions, and no shapes guidance on them
+    assert pipe.captions.grammar is None and pipe.captions.word_counts["polar"] == 2
+    assert set(pipe.captions.examples) == set(OWN) and pipe.layout_grammar is None
+    assert not pipe("a polar bear", steps=2, seed=0).warnings  # words it learned are not "unknown"
+    assert any("giraffe" in w for w in pipe("a polar giraffe", steps=2, seed=0).warnings)
 
 
 def test_fine_tune_resumes_the_text_side_exactly(own_folder, monkeypatch):
@@ -158,6 +163,7 @@ def test_fine_tune_resumes_the_text_side_exactly(own_folder, monkeypatch):
     # --export-only from the checkpoint gives the run's own export (EMA weights, grown tokenizer)
     train.main(["--out", str(own_folder / "resumed"), "--export-only", "--export-dtype", "fp32"])
     pipe = TextToImagePipeline.from_pretrained(own_folder / "resumed" / "pipeline", dtype="fp32")
+    assert pipe.captions is not None and pipe.captions.examples  # the summary travels in the checkpoint
     ema = load_file(own_folder / "resumed" / "checkpoints" / "step_000004" / "ema.safetensors")
     text_params = [p for p in pipe.text_encoder.model.parameters()]
     unet_params = [p for p in pipe.unet.parameters() if p.requires_grad]
