@@ -78,7 +78,7 @@ class TrainConfig:
     steps: int | None = None
     lr: float | None = None               # the U-Net's peak learning rate
     warmup: int | None = None
-    text_encoder_training: str = "auto"   # frozen | embeddings | full | auto (embeddings when fine-tuning our small CLIP)
+    text_encoder_training: str = "auto"   # frozen | embeddings | full | auto (embeddings: fine-tuning our CLIP)
     text_lr: float | None = None          # the text encoder's peak learning rate (its transformer)
     embedding_lr: float | None = None     # the token embeddings' peak learning rate (new words start untrained)
     grow_tokenizer: bool | None = None    # make the captions' words whole tokens; None: when the text side trains
@@ -263,6 +263,16 @@ def check_resolution(unet: UNet, resolution: int) -> None:
                          f"use e.g. {round(resolution / f) * f}.")
 
 
+def at_resolution(unet: UNet, size: int) -> UNet:
+    """The same U-Net (weights and architecture), sampling at `size` px by default: the levels with
+    attention, fixed when it was built through attention_resolution, stay the same."""
+    c = unet.config
+    levels = [level for level in range(len(c.channel_mults)) if c.level_has_attention(level)]
+    resized = UNet(replace(c, sample_size=size, attention_resolution=size // 2 ** min(levels) if levels else 0))
+    resized.load_state_dict(unet.state_dict())  # strict: nothing was added or reshaped
+    return resized.train(unet.training)
+
+
 def resolve_data(cfg: TrainConfig) -> str:
     """"shapes" or "shapes:N" → generate N (default 50,000) training images once into cache/; else as given."""
     if not (cfg.data == "shapes" or cfg.data.startswith("shapes:")):
@@ -348,6 +358,8 @@ def export_checkpoint(cfg: TrainConfig) -> Path:
     run = TrainConfig(**{**state["config"], "out": cfg.out, "export_dtype": cfg.export_dtype, "export_only": False,
                          "export_step": None})
     unet, text_encoder, noise_scheduler = build(run)
+    if run.resolution != unet.config.sample_size:  # a fine-tune at another size samples at it
+        unet = at_resolution(unet, run.resolution)
     if (path / "tokenizer").is_dir():  # the run grew the tokenizer: its embedding table has those rows
         text_encoder.use_tokenizer(CLIPTokenizer.from_pretrained(path / "tokenizer"))
     params = [p for p in unet.parameters() if p.requires_grad] + text_encoder.set_trainable(run.text_encoder_training)
@@ -504,6 +516,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     unet, text_encoder, noise_scheduler = build(cfg)
     cfg = replace(cfg, resolution=cfg.resolution or (unet.config.sample_size if cfg.init else 32))
     check_resolution(unet, cfg.resolution)
+    if cfg.init and cfg.resolution != unet.config.sample_size:
+        accelerator.print(f"{cfg.init}'s U-Net was trained at {unet.config.sample_size} px; it is fine-tuned at "
+                          f"{cfg.resolution} px and samples at {cfg.resolution} px from now on.")
+        unet = at_resolution(unet, cfg.resolution)
     dataset = load_captioned(resolve_data(cfg), LoadConfig(resolution=cfg.resolution, image_column=cfg.image_column,
                                                   caption_column=cfg.caption_column,
                                                   object_masks=cfg.grounding_weight > 0))

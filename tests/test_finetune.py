@@ -183,3 +183,24 @@ def test_validation_prompts_come_from_the_captions():
     prompts = train.validation_prompts(["A yellow lemon", "A red kangaroo", "A frog", "An old clock", "A tree"] * 2)
     assert prompts[:2] == ["A yellow lemon", "A red kangaroo"][: len(prompts[:2])]
     assert "a yellow kangaroo" in prompts
+
+
+def test_a_fine_tune_at_another_resolution_samples_at_it(own_folder):
+    out = own_folder / "bigger"
+    fine_tune(own_folder, out, "--steps", "2", "--resolution", "32")  # the tiny --init U-Net was built at 16 px
+    pipe = TextToImagePipeline.from_pretrained(out / "pipeline", dtype="fp32")  # loads strictly
+    base = tiny_pipeline().unet.config
+    levels = range(len(base.channel_mults))
+    assert pipe.unet.config.sample_size == 32
+    assert [pipe.unet.config.level_has_attention(i) for i in levels] == [base.level_has_attention(i) for i in levels]
+    assert pipe("a red apple", steps=2, seed=0).images[0].size == (32, 32)
+
+
+def test_at_resolution_keeps_the_weights_and_the_levels_with_attention():
+    unet = tiny_pipeline().unet  # 16 px, attention at its 8 px level only
+    x, t, context = torch.randn(1, 3, 24, 24), torch.tensor([10]), torch.randn(1, 5, unet.config.context_dim)
+    for size in (8, 24, 64):
+        resized = train.at_resolution(unet, size)
+        assert resized.config.sample_size == size
+        assert [resized.config.level_has_attention(i) for i in (0, 1)] == [False, True]
+        assert torch.equal(resized(x, t, context), unet(x, t, context))
