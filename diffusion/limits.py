@@ -17,6 +17,8 @@ boolean. Coercing "20" to 20 would also coerce "1e308" and "nan", and an API cli
 import math
 from dataclasses import dataclass
 
+from diffusion.prompts import parse_emphasis
+
 # A 2-vCPU Space runs one request at a time: these bound how long one user holds the queue, and how much
 # memory one run's maps take (they grow with images × layers; see app.py's MapsBudget).
 MAX_PROMPT_CHARS = 300
@@ -115,6 +117,20 @@ class Text:
 
 
 @dataclass(frozen=True)
+class Prompt(Text):
+    """Prompt text whose (word:weight) emphasis also parses (diffusion/prompts.py), so a bad weight is named
+    as the prompt's fault before sampling starts."""
+
+    def parse(self, name: str, value) -> str:
+        text = super().parse(name, value)
+        try:
+            parse_emphasis(text)
+        except ValueError as e:
+            raise InvalidInput(f"{name}: {e}") from None
+        return text
+
+
+@dataclass(frozen=True)
 class Choice:
     """One of a fixed set of values."""
 
@@ -142,4 +158,4 @@ class Flag:
         return value
 
 
-Check = Whole | Real | Text | Choice | Flag
+Check = Whole | Real | Text | Prompt | Choice | Flag

@@ -204,8 +204,10 @@ class AttentionMaps:
             paths.append(directory / f"image{i}.png")
             # min-max is scale-invariant: the absolute maps give the per-word display maps without
             # aggregating every layer again.
-            for word, heat in normalize_maps(words[i], "minmax").items():
+            for j, (word, heat) in enumerate(normalize_maps(words[i], "minmax").items()):
                 path = directory / f"image{i}_{_safe(word)}.png"
+                if path.exists():  # two long words alike in their first 64 characters
+                    path = path.with_stem(f"{path.stem}_{j}")
                 overlay(image, heat, size=size).save(path)
                 paths.append(path)
         return paths
@@ -231,8 +233,10 @@ def display_size(image_size: tuple[int, int], longer_side: int) -> tuple[int, in
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def _safe(word: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in word)
+def _safe(word: str, max_chars: int = 64) -> str:
+    """A word as part of a file name: letters and digits kept, at most max_chars of them (a 300-letter word
+    would pass the file system's 255-byte limit on names)."""
+    return "".join(ch if ch.isalnum() else "_" for ch in word[:max_chars])
 
 
 def normalize_maps(maps: dict[str, torch.Tensor], mode: str = "minmax") -> dict[str, torch.Tensor]:
