@@ -250,8 +250,10 @@ def captioned_folder(root: Path, colours: dict[str, tuple[int, int, int]], size:
 
 
 def test_retrieval_ranks_the_captions_own_picture():
-    pictures = torch.stack([torch.full((3, 16, 16), v) for v in (-1.0, 0.0, 0.5, 1.0)])
-    samples = pictures[[2, 0]] + 0.05 * torch.randn(2, 3, 16, 16)
+    # 0.6 is nearer 1.0 than 0.0 and -1.0 nearer 0.0 than 0.6: no ties for the noise to break
+    pictures = torch.stack([torch.full((3, 16, 16), v) for v in (-1.0, 0.0, 0.6, 1.0)])
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    samples = pictures[[2, 0]] + 0.05 * noise
     assert evaluate.rank_of_own(samples, pictures, [2, 0]) == [0, 0]
     assert evaluate.rank_of_own(samples, pictures, [3, 1]) == [1, 1]  # second nearest
 
