@@ -927,6 +927,7 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
                         [agent_sample, agent_strip, agent_words], api_name="word_maps", concurrency_id="sampling",
                         **raw)
         demo.unload(end_session)
+    demo.maps_budget, demo.cache_keeper = budget, cache  # for monitoring and tests
 
     # One sampling run at a time on 2 vCPUs; max_size bounds how many wait (one more is told the queue is full,
     # and everyone waiting sees their place and the expected wait: Gradio's status over the outputs).
