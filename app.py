@@ -224,9 +224,27 @@ def validated(fn: Callable) -> Callable:
 
 def with_limits(fn: Callable) -> Callable:
     """Fill an API handler's docstring placeholders ({steps}) with its checks' allowed values ("a whole number
-    from 1 to 100"): the API page and the MCP tool descriptions state the limits of CHECKS, and only those."""
-    fn.__doc__ = fn.__doc__.format_map({name: check.describe() for name, check in CHECKS.items()})
+    from 1 to 100"), and write each argument of its Args section on one line: the API page and the MCP tool
+    descriptions state the limits of CHECKS, and only those. (Gradio's docstring parser reads one line per
+    argument: the rest of a wrapped description, often its limits, would be lost.)"""
+    fn.__doc__ = one_line_args(fn.__doc__.format_map({name: check.describe() for name, check in CHECKS.items()}))
     return fn
+
+
+def one_line_args(doc: str) -> str:
+    """A Google-style docstring with each argument of its Args section joined onto one line."""
+    out, in_args, indent = [], False, None
+    for line in inspect.cleandoc(doc).splitlines():
+        stripped, depth = line.strip(), len(line) - len(line.lstrip())
+        if stripped in ("Args:", "Returns:"):
+            in_args, indent = stripped == "Args:", None
+        elif in_args and stripped:
+            indent = depth if indent is None else indent
+            if depth > indent:  # a continuation line
+                out[-1] += " " + stripped
+                continue
+        out.append(line)
+    return "\n".join(out)
 
 
 @validated
@@ -234,6 +252,29 @@ def check_generate(prompt: str, negative_prompt: str, steps: int, guidance: floa
                    sampler: str, num_images: int, relation_guidance: float, object_guidance: float) -> None:
     """The generate form's checks alone (validated runs them), as the first step of the browser's Generate:
     a bad request shows a toast and leaves the last samples on screen (an error in generate blanks them)."""
+
+
+# -- agents (MCP) ------------------------------------------------------------------------------------
+# Gradio's MCP server (launch(mcp_server=True)) calls every tool through one gradio_client of its own, so all
+# agents share one session. The tools that read a session's last run (attention, self_attention, export_maps)
+# would show one agent another's run, and generate, which leaves its run there, fails over MCP in Gradio 6.31
+# unless the client asks for progress (its State output is popped from a one-item list): they stay off the MCP
+# tool list (API clients, each with its own session, keep them all), and a generate called over MCP anyway keeps
+# no maps in that shared session. word_maps gives an agent a sample and where its words looked, in one call.
+MCP_USER = ("x-gradio-user", "mcp")  # the header Gradio's MCP client sends with every call
+MCP_NOTE = ("Over MCP no maps are kept (every agent shares one session): word_maps returns a sample and where "
+            "its words looked, in one call.")
+
+
+def session_tool(fn: Callable) -> Callable:
+    """Keep an endpoint that writes or reads the session's last run off the MCP tool list. Gradio lists a function as a
+    tool when it has no _mcp_type or _mcp_type "tool" (what gr.mcp.tool sets); tests/test_app_mcp.py checks it."""
+    fn._mcp_type = "session"
+    return fn
+
+
+def over_mcp(request: gr.Request | None) -> bool:
+    return request is not None and request.headers.get(MCP_USER[0]) == MCP_USER[1]
 
 
 # -- bounded disk and memory ----------------------------------------------------------------------
@@ -499,8 +540,10 @@ def map_options(layer: str, time_bin: int, head: int) -> dict:
             "head": None if head == MEAN_HEADS else head}
 
 
+@session_tool
 @on_torch_thread
 @validated
+@with_limits
 def render_attention(result: GenerationResult, image: int, layer: str, time_bin: int, head: int,
                      normalization: str, special_tokens: bool, negative: bool, alpha: float, word: str):
     """Where each word of the prompt looked in one image of this session's last generate run: one heat-map
@@ -604,8 +647,10 @@ def mark(image: Image.Image, pixel: tuple[int, int], source_size: tuple[int, int
     return out
 
 
+@session_tool
 @on_torch_thread
 @validated
+@with_limits
 def render_self_attention(result: GenerationResult, image: int, time_bin: int, pixel_y: int, pixel_x: int,
                           alpha: float):
     """Where one pixel of an image of this session's last generate run looked, in each self-attention layer
@@ -806,12 +851,15 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
             agent_words = gr.JSON()
 
         # The API's handlers: their parameter names are the API's, their docstrings its (and MCP's) descriptions.
+        @session_tool
         @with_limits
         def generate_images(prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int,
                             randomize_seed: bool, sampler: str, num_images: int, relation_guidance: float,
-                            object_guidance: float, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+                            object_guidance: float, request: gr.Request = None,
+                            progress=gr.Progress()):  # noqa: B008 (Gradio injects both)
             """Generate images from a text prompt with a small text-to-image diffusion model, recording where each
-            word looked. The maps stay in this session for attention, self_attention and export_maps.
+            word looked. The maps stay in this session for attention, self_attention and export_maps (not over
+            MCP: use word_maps).
 
             Args:
                 prompt: what to draw, in words the model knows, e.g. "a red circle above a blue square"; (word:1.5)
@@ -831,14 +879,19 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
             Returns:
                 the samples (256-pixel PNGs captioned with their seeds), the seed used, and a status line.
             """
-            out = generate(pipe, prompt, negative_prompt, steps, guidance, seed, randomize_seed, sampler, num_images,
-                           relation_guidance, object_guidance, progress=progress)
-            budget.hold(out[3])
+            gallery, seed, status, run = generate(pipe, prompt, negative_prompt, steps, guidance, seed, randomize_seed,
+                                                  sampler, num_images, relation_guidance, object_guidance,
+                                                  progress=progress)
             cache.sweep()
-            return out
+            if over_mcp(request):
+                return gallery, seed, f"{status}\n\n{MCP_NOTE}", None
+            budget.hold(run)
+            return gallery, seed, status, run
 
+        @session_tool
         @on_torch_thread
         @validated
+        @with_limits
         def export_maps(result: GenerationResult, self_attention: bool = False) -> str:
             """A zip of the maps of this session's last generate run: maps.json (prompts, tokens, layers, timestep
             bins), maps.npz (per-layer, per-bin cross-attention and per-word maps of every image, float16) and an
