@@ -11,11 +11,11 @@ from the model's own tokenizer and caption summary: nothing here assumes a vocab
 returns the Blocks; the model is loaded once, in `main()`, and nothing heavy happens at import time (as a
 Space runs it).
 
-Named API endpoints (gradio_client; the same are MCP tools at /gradio_api/mcp/): `generate` (samples + seed),
-then, in the same client session, `attention` (per-word overlays, per-head maps of one word, the layer × word
-grid), `self_attention` (where one pixel looked, per self-attention layer) and `export_maps` (a zip of PNG +
-npz + JSON); `word_maps` does it in one call (a sample, its word overlays and where each word looked, as
-numbers), for agents and scripts that keep no session.
+Named API endpoints (gradio_client): `generate` (samples + seed), then, in the same client session,
+`attention` (per-word overlays, per-head maps of one word, the layer × word grid), `self_attention` (where one
+pixel looked, per self-attention layer) and `export_maps` (a zip of PNG + npz + JSON); `word_maps` does it in one
+call (a sample, its word overlays and where each word looked, as numbers), for agents and scripts that keep no
+session: it is the MCP tool at /gradio_api/mcp/ (see "agents" below).
 
 A public Space runs for weeks, for strangers and their scripts: every parameter is checked in one place
 (`validated`, with the limits of diffusion/limits.py) and a bad one gets an error naming it and what is
