@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -193,22 +194,36 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted((s, p) for s, p in found if (p / "state.json").is_file())
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount); the message names the last good one."""
+
+
 def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, keep: int,
                     tokenizer=None, captions: CaptionSummary | None = None) -> Path:
     """Write to a temporary folder, then rename: a killed run never leaves a half checkpoint that resume picks.
     A grown tokenizer (tokenizer/, in CLIP's format) and the captions' summary (captions.json) go in it too,
-    so --export-only writes the same pipeline folder the run's end does."""
+    so --export-only writes the same pipeline folder the run's end does. A write that fails (a full disk)
+    removes its temporary folder and raises CheckpointWriteError; older checkpoints are pruned only after
+    the new one is in place, so the last good one is untouched."""
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if tokenizer is not None:
-        save_clip_tokenizer(tokenizer, tmp / "tokenizer")
-    if captions is not None:
-        captions.save(tmp)
-    for name, group in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{name}.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    for stale in root.glob(".tmp_step_*"):  # left by a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        if tokenizer is not None:
+            save_clip_tokenizer(tokenizer, tmp / "tokenizer")
+        if captions is not None:
+            captions.save(tmp)
+        for name, group in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{name}.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = checkpoints(root)
+        kept = (f"The last good checkpoint, {last[-1][1]} (step {last[-1][0]}), is intact: free some space and "
+                "re-run the same command to resume from it." if last else "No earlier checkpoint was written.")
+        raise CheckpointWriteError(f"could not write the step-{step} checkpoint to {root}: {e}. {kept}") from e
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for _, old in checkpoints(root)[:-keep]:
@@ -717,8 +732,11 @@ def main(argv=None) -> None:
     cfg = parse_args(argv)
     if cfg.export_only:
         print(f"exported {export_checkpoint(cfg)}")
-    else:
+        return
+    try:
         train(cfg)
+    except CheckpointWriteError as e:  # a full disk: say what is safe and what to do, not a traceback
+        sys.exit(f"train.py stopped: {e}")
 
 
 if __name__ == "__main__":

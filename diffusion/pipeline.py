@@ -24,6 +24,7 @@ from PIL import Image
 
 from conditioning.text_encoder import TextEncoder
 from diffusion.layout import check_strengths, layout_guide, relation_notes
+from diffusion.limits import MAX_STEPS
 from diffusion.maps import AttentionMaps
 from diffusion.precision import inference_dtype
 from diffusion.prompts import parse_emphasis, token_weights
@@ -38,8 +39,6 @@ from diffusion.vocabulary import (
     whole_words,
 )
 from unet import AttentionStore, UNet
-
-MAX_STEPS = 1000
 
 
 @dataclass

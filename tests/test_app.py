@@ -10,7 +10,9 @@ import json
 import os
 import socket
 import threading
+import time
 import zipfile
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
@@ -52,42 +54,84 @@ def result(pipe):
 
 
 def form(**overrides):
-    """Arguments of check_request, valid unless overridden."""
+    """Arguments of the generate form (check_generate), valid unless overridden."""
     args = {"prompt": "a red circle", "negative_prompt": "", "steps": 20, "guidance": 4.0, "seed": 0,
-            "num_images": 4, "sampler": "dpm++"}
+            "randomize_seed": False, "sampler": "dpm++", "num_images": 4, "relation_guidance": 50.0,
+            "object_guidance": 20.0}
     return {**args, **overrides}
 
 
 # -- in-process ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, message", [
-    ({"prompt": "x" * 301}, "limit is 300"),
-    ({"negative_prompt": "x" * 301}, "negative prompt has 301 characters"),
+    ({"prompt": "x" * 301}, "prompt has 301 characters; the limit is 300"),
+    ({"negative_prompt": "x" * 301}, "negative_prompt has 301 characters"),
     ({"prompt": "   "}, "prompt is empty"),
-    ({"steps": 0}, "steps must be a whole number from 1 to 100"),
+    ({"prompt": None}, "prompt must be non-empty text of at most 300 characters; got nothing"),
+    ({"steps": 0}, "steps must be a whole number from 1 to 100; got 0"),
     ({"steps": 101}, "steps must be a whole number from 1 to 100"),
     ({"steps": 2.5}, "steps must be a whole number"),
-    ({"num_images": 9}, "number of images must be a whole number from 1 to 8"),
-    ({"num_images": 0}, "number of images"),
-    ({"guidance": 20.5}, "guidance must be between 0 and 20"),
-    ({"guidance": -1}, "guidance must be between 0 and 20"),
+    ({"steps": "NaN"}, "steps must be a whole number from 1 to 100; got 'NaN' \\(text\\)"),
+    ({"steps": True}, "steps must be a whole number from 1 to 100; got True \\(a boolean\\)"),
+    ({"num_images": 9}, "num_images must be a whole number from 1 to 8"),
+    ({"num_images": [1, 2]}, "num_images must be a whole number from 1 to 8; got \\[1, 2\\] \\(a list\\)"),
+    ({"guidance": 20.5}, "guidance must be a number from 0 to 20"),
+    ({"guidance": float("inf")}, "guidance must be a number from 0 to 20; got inf"),
     ({"seed": -1}, "seed must be a whole number from 0 to 2147483647"),
     ({"seed": 2**31}, "seed must be a whole number from 0 to 2147483647"),
-    ({"sampler": "plms"}, "unknown sampler 'plms'"),
-    ({"relation_guidance": -5}, "relation guidance must be between 0 \\(off\\) and 200"),
-    ({"relation_guidance": 250}, "relation guidance must be between 0 \\(off\\) and 200"),
-    ({"object_guidance": -1}, "object guidance must be between 0 \\(off\\) and 100"),
-    ({"object_guidance": float("nan")}, "object guidance must be between 0 \\(off\\) and 100"),
+    ({"randomize_seed": "yes"}, "randomize_seed must be true or false"),
+    ({"sampler": "plms"}, "sampler must be one of 'ddim', 'ddpm', 'dpm\\+\\+', 'euler'; got 'plms'"),
+    ({"relation_guidance": -5}, "relation_guidance must be a number from 0 to 200 \\(0 turns it off\\)"),
+    ({"relation_guidance": 250}, "relation_guidance must be a number from 0 to 200"),
+    ({"object_guidance": -1}, "object_guidance must be a number from 0 to 100 \\(0 turns it off\\)"),
+    ({"object_guidance": float("nan")}, "object_guidance must be a number from 0 to 100"),
 ])
-def test_limits_raise_errors_that_name_the_limit(bad, message):
-    app.check_request(**form())  # the valid form passes
+def test_limits_raise_errors_that_name_the_parameter_and_the_limit(bad, message):
+    app.check_generate(**form())  # the valid form passes
     with pytest.raises(gr.Error, match=message):
-        app.check_request(**form(**bad))
+        app.check_generate(**form(**bad))
+
+
+def test_the_pipeline_and_the_app_share_one_step_limit(pipe):
+    from diffusion import limits, pipeline
+
+    assert pipeline.MAX_STEPS is limits.MAX_STEPS and app.MAX_STEPS is limits.MAX_STEPS
+    with pytest.raises(ValueError, match=f"steps must be between 1 and {limits.MAX_STEPS}"):
+        pipe("a red circle", steps=limits.MAX_STEPS + 1)
+
+
+def test_a_handler_parameter_without_a_check_is_refused_when_the_app_is_built():
+    def handler(prompt: str, colour: str) -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"handler has parameters without a check: \['colour'\]"):
+        app.validated(handler)
+
+
+def test_every_event_of_the_app_takes_raw_inputs(pipe):
+    """Gradio's preprocessing raised unexplained errors on bad API values: no event of the app's may use it, so
+    every value reaches the validation layer as sent (tests/test_app_fuzz.py holds every endpoint to it).
+    gr.Examples' own event is Gradio's, private, and sends an example's index."""
+    demo = app.build_demo(pipe)
+    try:
+        ours = [fn for fn in demo.fns.values() if fn.fn is not None and fn.fn.__module__ == "app"]
+        assert len(ours) > 10 and [fn.name for fn in ours if fn.preprocess] == []
+    finally:
+        demo.close()
+
+
+def test_an_unexpected_failure_is_answered_as_a_bug_not_an_unexplained_error():
+    @app.validated
+    def broken(prompt: str) -> None:
+        raise KeyError("oops")
+
+    with pytest.raises(gr.Error, match=r"broken failed \(KeyError: 'oops'\)\. This is a bug in the app"):
+        broken("a red circle")
 
 
 def test_generate_refuses_out_of_range_requests_before_sampling(pipe):
-    with pytest.raises(gr.Error, match="limit is 300"):
+    with pytest.raises(gr.Error, match="prompt has 301 characters; the limit is 300"):
         app.generate(pipe, "x" * 301, "", 2, 4.0, 0, False, "ddim", 1, progress=NoProgress())
-    with pytest.raises(gr.Error, match="outside 0..10"):  # the pipeline's ValueError, passed on as gr.Error
+    with pytest.raises(gr.Error, match="prompt: emphasis weight 11.0 in '\\(red:11\\)' is outside 0..10"):
         app.generate(pipe, "a (red:11) circle", "", 2, 4.0, 0, False, "ddim", 1, progress=NoProgress())
 
 
@@ -228,11 +272,17 @@ def test_word_selector_follows_image_negative_and_special_toggles(result):
     assert negative["choices"] == ["<start>", "green", "triangle", "<end>"] and negative["value"] == "green"
 
 
-def test_explorer_rejects_bad_choices(result):
+def test_explorer_rejects_bad_choices_with_the_bounds_of_the_sessions_run(result):
     args = [result, 0, app.ALL_LAYERS, 0, app.MEAN_HEADS, "minmax", False, False, 0.6, None]
-    for index, bad, message in [(1, 2, "image must be"), (2, "down.9.cross_attn", "unknown layer"),
-                                (3, 4, "time bin"), (4, 2, "head must be"), (5, "max", "normalisation"),
-                                (8, 1.5, "alpha")]:
+    for index, bad, message in [
+        (1, 2, r"image must be a whole number from 0 to 1 \(0 is the first image\); got 2"),  # 2 images
+        (2, "down.9.cross_attn", "layer must be one of 'all', 'down.1.0.cross_attn'"),
+        (3, 4, r"time_bin must be a whole number from 0 to 3 \(0: all steps\)"),  # 3 steps: 3 bins
+        (4, 2, r"head must be a whole number from -1 to 1 \(-1: the mean of heads\)"),
+        (5, "max", "normalization must be one of 'minmax', 'absolute', 'tokens'; got 'max'"),
+        (8, 1.5, "alpha must be a number from 0 to 1; got 1.5"),
+        (9, "x" * 101, "word has 101 characters; the limit is 100"),
+    ]:
         with pytest.raises(gr.Error, match=message):
             app.render_attention(*args[:index], bad, *args[index + 1:])
     with pytest.raises(gr.Error, match="generate images first"):
@@ -256,21 +306,44 @@ def test_self_attention_per_layer_and_pixel_clicks(result):
     assert target.size == (256, 256)
     other = app.render_self_attention(result, 0, 0, 12, 2, 0.6)[1]
     assert not np.array_equal(np.asarray(other[1][0]), np.asarray(gallery[1][0]))
-    with pytest.raises(gr.Error, match="inside the 16×16 image"):
+    with pytest.raises(gr.Error, match=r"pixel_y must be a whole number from 0 to 15 \(a row of the 16-pixel"):
         app.render_self_attention(result, 0, 0, 16, 0, 0.6)
     click = gr.SelectData(None, {"index": [255, 40], "value": None})  # (x, y) on the 256 px display
     assert app.click_pixel(result, 0, click) == (2, 15)
 
 
-def test_export_zip_has_png_npz_and_json(result):
-    path = app.export_maps(result)
+def test_export_zip_has_png_npz_and_json(result, tmp_path):
+    cache = app.CacheKeeper(tmp_path, app.Settings())
+    path = cache.export(result, self_attention=False)
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
         meta = json.loads(z.read("maps.json"))
         arrays = np.load(io.BytesIO(z.read("maps.npz")))
-        assert "image1.words" in arrays.files
+        assert "image1.words" in arrays.files and arrays["image1.words"].dtype == np.float16
+        assert not [k for k in arrays.files if "self_attn" in k]  # only when asked: 95% of the bytes
     assert {"maps.json", "maps.npz", "image0.png", "image1_red.png"} <= names
     assert meta["seed"] == 11 and meta["negative_prompts"] == ["green triangle"] * 2
+    assert Path(path).is_relative_to(tmp_path / "exports") and len(list(tmp_path.rglob("*.png"))) == 0  # zip only
+    with zipfile.ZipFile(cache.export(result, self_attention=True)) as z:
+        arrays = np.load(io.BytesIO(z.read("maps.npz")))
+        layer = result.attention.layers("self")[0]
+        assert arrays[f"image0.{layer}"].shape == (3, 64, 64) and layer in json.loads(z.read("maps.json"))[
+            "exported_layers"]
+
+
+def test_a_word_longer_than_a_file_name_exports(pipe, tmp_path):
+    res = app.generate(pipe, "a" * 300, "", 1, 4.0, 0, False, "ddim", 1)[3]  # found by tests/test_app_fuzz.py
+    with zipfile.ZipFile(app.CacheKeeper(tmp_path, app.Settings()).export(res, self_attention=False)) as z:
+        assert max(len(name) for name in z.namelist()) < 100
+
+
+def test_exports_are_kept_up_to_max_exports_oldest_first(result, tmp_path):
+    cache = app.CacheKeeper(tmp_path, app.Settings(max_exports=2))
+    paths = []
+    for _ in range(4):
+        paths.append(Path(cache.export(result, self_attention=False)))
+        time.sleep(0.01)  # distinct modification times
+    assert [p.exists() for p in paths] == [False, False, True, True]
 
 
 def test_main_without_a_model_says_how_to_get_one(tmp_path, capsys):
@@ -331,14 +404,19 @@ def test_live_generate_then_maps_come_back(server):
 
 def test_live_bad_input_is_an_error_and_the_server_keeps_answering(server):
     client = Client(server, verbose=False)
-    with pytest.raises(AppError, match="limit is 300"):
+    with pytest.raises(AppError, match="prompt has 400 characters; the limit is 300"):
         client.predict("x" * 400, "", 2, 4.0, 5, False, "ddim", 1, api_name="/generate")
-    with pytest.raises(AppError, match="less than minimum value 0"):  # the slider's own bound, named by Gradio
+    with pytest.raises(AppError, match=r"relation_guidance must be a number from 0 to 200 \(0 turns it off\); "
+                                       r"got -1"):
         client.predict(PROMPT, "", 2, 4.0, 5, False, "ddim", 1, -1, api_name="/generate")
     with pytest.raises(AppError, match="generate images first"):
         client.predict(0, "all", 0, -1, "minmax", False, False, 0.6, "", api_name="/attention")
     _, seed, _ = client.predict("a red circle", "", 1, 4.0, 3, False, "ddim", 1, api_name="/generate")
     assert seed == 3
+    with pytest.raises(AppError, match=r"pixel_x must be a whole number from 0 to 15 .*got 'NaN' \(text\)"):
+        client.predict(pixel_x="NaN", api_name="/self_attention")  # this session has maps now
+    with pytest.raises(AppError, match=r"num_images must be a whole number from 1 to 8; got \[1, 2\]"):
+        client.predict(prompt="a red circle", num_images=[1, 2], api_name="/generate")
 
 
 def test_all_torch_work_runs_on_one_thread():
@@ -358,5 +436,5 @@ def test_all_torch_work_runs_on_one_thread():
     assert outer == inner and outer.startswith("torch-compute")
     wrapper_code = app.on_torch_thread(lambda: None).__code__
     for handler in (app.load_pipeline, app.warm_up, app.generate, app.render_attention, app.render_self_attention,
-                    app.export_maps):
+                    app.word_maps_report, app.MapsBudget.hold):
         assert handler.__code__ is wrapper_code, handler.__name__

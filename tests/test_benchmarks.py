@@ -189,3 +189,28 @@ def test_unet_benchmark_fixed_cost_step_is_one_guided_image_at_8x8(monkeypatch):
     assert set(ms) == {"ours", "diffusers"} and all(v > 0 for v in ms.values())
     # one image under its two texts; ours gets it once (x_repeats=2), the peer the doubled batch
     assert set(shapes) == {("UNet", (1, 3, 8, 8), (2, 12, 256)), ("UNet2DConditionModel", (1, 3, 8, 8), (2, 12, 256))}
+
+
+def test_server_percentiles_interpolate_as_numpy_does():
+    import numpy as np
+
+    from benchmarks.server import percentiles
+
+    seconds = [0.3, 1.2, 0.7, 5.0, 0.9, 2.2, 0.4]
+    assert percentiles(seconds) == pytest.approx(tuple(np.percentile(seconds, [50, 90, 99])))
+
+
+@pytest.mark.slow  # app.py as a process of its own, and a few dozen requests: ~30 s on 2 cores
+def test_server_benchmark_serves_concurrent_sessions_and_measures_the_app_process(tmp_path):
+    from benchmarks import server
+    from tests.tiny import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    latency, figures, counts = server.run(str(tmp_path / "model"), requests=24, clients=3)
+    assert counts["all"] == 24 and counts["generate"] >= 3  # every session starts with a generate
+    assert sum(counts[kind] for kind in server.MIX) == 24
+    assert all(0 < p50 <= p90 <= p99 for p50, p90, p99 in latency.values()) and "all" in latency
+    assert 100 < figures["rss_end"] <= figures["rss_peak"]  # MB of a process that holds torch and a model
+    assert 0 < figures["cache_peak"] and figures["cache_end"] <= figures["cache_peak"]
+    text = server.table(latency, figures, counts, 24, 3, "tiny")
+    assert "| generate | " in text and "| all | 24 |" in text and "resident memory, peak" in text

@@ -236,7 +236,31 @@ class TestMaps:
         arrays = np.load(tmp_path / "maps.npz", allow_pickle=False)
         layer = result.attention.layers("cross")[0]
         assert arrays[f"image0.{layer}"].shape[0] == 3  # one map per timestep bin
-        assert arrays["image1.words"].shape == (3, 16, 16)
+        assert arrays["image1.words"].shape == (3, 16, 16) and arrays["image1.words"].dtype == np.float16
+        assert not [k for k in arrays.files if "self_attn" in k]  # only when asked
+        assert meta["exported_layers"] == result.attention.layers("cross")
+        result.attention.export(tmp_path / "with_self", self_attention=True)
+        arrays = np.load(tmp_path / "with_self" / "maps.npz", allow_pickle=False)
+        self_layer = result.attention.layers("self")[0]
+        N = arrays[f"image0.{self_layer}"].shape[1]
+        assert arrays[f"image0.{self_layer}"].shape == (3, N, N)
+        np.testing.assert_allclose(arrays[f"image0.{self_layer}"].astype(np.float32).sum(-1), 1, atol=3e-3)
+
+    def test_word_summary_says_where_each_word_looked(self, result):
+        summary = result.attention.word_summary(0)
+        assert list(summary) == list(result.attention.word_maps(0))
+        assert sum(w["share"] for w in summary.values()) == pytest.approx(1, abs=0.01)
+        H, W = result.attention.image_size
+        for word in summary.values():
+            assert 0 <= word["peak"][0] < H and 0 <= word["peak"][1] < W
+            assert 0 <= word["centre"][0] <= H - 1 and 0 <= word["centre"][1] <= W - 1
+            assert word["region"] in {"top left", "top", "top right", "left", "centre", "right", "bottom left",
+                                      "bottom", "bottom right"}
+
+        from diffusion.maps import _region
+
+        assert [_region(0.1, 0.1), _region(0.5, 0.5), _region(0.99, 0.5), _region(0.5, 1.0)] == [
+            "top left", "centre", "bottom", "right"]
 
 
 def test_memory_of_maps_is_flat_in_steps(pipe):

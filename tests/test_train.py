@@ -1,10 +1,12 @@
 """Training: a few-step CLI run exports a pipeline that samples; kill-and-resume equals an uninterrupted run."""
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,8 +89,24 @@ def test_export_only_writes_the_newest_checkpoints_ema_weights(setup):
         train.main(["--out", str(out), "--export-step", "2"])
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run(setup, monkeypatch):
+@pytest.fixture(scope="module")
+def straight(setup):
+    """An uninterrupted 4-step run (checkpoints at steps 2 and 4): what every interrupted run must end equal to."""
     train.main(args(setup, setup / "straight", "--steps", "4"))
+    return setup / "straight"
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two step-4 checkpoints hold the same tensors (to 1e-6; in practice bit for bit)."""
+    for name in ("unet", "text_encoder", "ema", "optimizer"):  # fine-tuning trains the text side too
+        x = load_file(a / "checkpoints" / "step_000004" / f"{name}.safetensors")
+        y = load_file(b / "checkpoints" / "step_000004" / f"{name}.safetensors")
+        assert x.keys() == y.keys(), name
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(setup, straight, monkeypatch):
 
     calls = {"n": 0}
     real_loss = train.diffusion_loss
@@ -105,12 +123,76 @@ def test_kill_and_resume_matches_an_uninterrupted_run(setup, monkeypatch):
     assert [s for s, _ in train.checkpoints(setup / "resumed" / "checkpoints")] == [2]
     monkeypatch.setattr(train, "diffusion_loss", real_loss)
     train.main(args(setup, setup / "resumed", "--steps", "4"))
+    assert_same_weights(straight, setup / "resumed")
 
-    for name in ("unet", "text_encoder", "ema", "optimizer"):  # fine-tuning trains the text side too
-        a = load_file(setup / "straight" / "checkpoints" / "step_000004" / f"{name}.safetensors")
-        b = load_file(setup / "resumed" / "checkpoints" / "step_000004" / f"{name}.safetensors")
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+def run_train(argv: list[str], pause: str | None = None, marker: Path | None = None) -> subprocess.Popen:
+    """A real train.py process (through tests/killable_train.py when it is to pause at a point), with this
+    process's thread count, so that its arithmetic is the in-process run's."""
+    root = Path(train.__file__).parent
+    cmd = ([sys.executable, "tests/killable_train.py", pause, str(marker), "--"] if pause
+           else [sys.executable, "train.py"])
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([*cmd, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=root)
+
+
+def kill_when_paused(proc: subprocess.Popen, marker: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists():
+        assert proc.poll() is None, f"train.py ended before its pause:\n{proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "train.py never reached its pause"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no exception, no cleanup: the process just stops
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow  # three train.py processes: ~30 s on 2 cores
+def test_a_process_killed_mid_run_and_mid_checkpoint_resumes_to_the_same_weights(setup, straight, tmp_path):
+    out = setup / "killed"
+    argv = args(setup, out, "--steps", "4")
+    # SIGKILL in the middle of step 3, after the step-2 checkpoint …
+    kill_when_paused(run_train(argv, "step:3", tmp_path / "mid-run"), tmp_path / "mid-run")
+    assert [s for s, _ in train.checkpoints(out / "checkpoints")] == [2]
+    # … then, resumed, again while it writes the step-4 checkpoint (its first tensor file written) …
+    kill_when_paused(run_train(argv, "checkpoint:4", tmp_path / "mid-save"), tmp_path / "mid-save")
+    assert [s for s, _ in train.checkpoints(out / "checkpoints")] == [2]  # the half-written one is not picked
+    assert list((out / "checkpoints" / ".tmp_step_000004").glob("*.safetensors"))
+    # … and the third process resumes from step 2 and ends where the uninterrupted run did.
+    proc = run_train(argv)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert "(step 2)" in output and "resuming from" in output
+    assert [s for s, _ in train.checkpoints(out / "checkpoints")] == [2, 4]
+    assert not list((out / "checkpoints").glob(".tmp_step_*"))  # the half-written folder is cleaned up
+    assert_same_weights(straight, out)
+
+
+def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint_and_says_so(setup, straight, monkeypatch, capsys):
+    out = setup / "full-disk"
+    real_save = train.save_file
+
+    def disk_fills_at_step_4(tensors, path, *a, **kw):
+        if ".tmp_step_000004" in str(path) and path.name != "unet.safetensors":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(train, "save_file", disk_fills_at_step_4)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args(setup, out, "--steps", "4"))
+    message = str(stopped.value.code)
+    good = out / "checkpoints" / "step_000002"
+    assert message.startswith("train.py stopped: could not write the step-4 checkpoint")
+    assert "No space left on device" in message
+    assert f"The last good checkpoint, {good} (step 2), is intact" in message and "re-run" in message
+    assert [s for s, _ in train.checkpoints(out / "checkpoints")] == [2]
+    assert not list((out / "checkpoints").glob(".tmp_step_*"))  # no half checkpoint takes up the space
+    # intact: the run resumes from it, once there is room, and ends as if nothing had happened
+    monkeypatch.setattr(train, "save_file", real_save)
+    train.main(args(setup, out, "--steps", "4"))
+    assert "resuming from" in capsys.readouterr().out
+    assert_same_weights(straight, out)
 
 
 def test_fine_tuning_can_add_context_layers_and_a_position_embedding(setup):
