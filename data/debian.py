@@ -78,12 +78,12 @@ def render_svg(path: Path, size: int) -> Image.Image:
     except ImportError as err:
         raise RuntimeError("rendering SVG pictures needs cairosvg: pip install -r requirements-dev.txt") from err
     data = Path(path).read_bytes()
-    with Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, url=str(path)))) as probe:
-        w, h = probe.size
-    scale = size / max(w, h, 1)
-    png = cairosvg.svg2png(bytestring=data, url=str(path), output_width=max(1, round(w * scale)),
-                           output_height=max(1, round(h * scale)))
-    return Image.open(io.BytesIO(png)).convert("RGBA")
+    # Width first (cairosvg keeps the aspect ratio when given one side); a portrait picture comes out taller
+    # than `size` and is drawn again by its height. Never at the SVG's own size: some declare 13,000 px.
+    image = Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, url=str(path), output_width=size)))
+    if image.height > size:
+        image = Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, url=str(path), output_height=size)))
+    return image.convert("RGBA")
 
 
 def load_picture(path: Path, size: int = 256) -> Image.Image:
