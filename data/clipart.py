@@ -57,7 +57,7 @@ SPLITS = ("train", "heldout")
 HELDOUT_PERCENT = 5
 RENDER_SCALE = 4        # draw at 4x the output side, then downsample: thin lines stay visible
 NEAR_EMPTY_INK = 0.02   # below this share of non-white pixels the picture is a speck or a blank
-CATEGORY_CAP = 450      # at most this many pictures per top folder ...
+CATEGORY_CAP = 300      # at most this many pictures per top folder (~15% of the set) ...
 CATEGORY_CAPS = {"computer": 60}  # ... and far fewer of the 2,158 computer icons
 CAPTION_CAP = 12        # at most this many pictures share one `text` (226 playing cards are all "a card")
 
@@ -87,9 +87,12 @@ _ICON_THEME = re.compile(r"\bicons?\b|\btheme\b|iconset|flat icon collection", r
 # Titles naming the collection the file came in; the keywords and folder may still say what it shows.
 _COLLECTION = re.compile(r"various cliparts|svg road signs|aiga_symbol_signs|australian maps|gradient collection"
                          r"|homes clipart|map symbols|boating rules illustration", re.I)
+# Collection titles that do say what every picture in them is.
+COLLECTION_NOUNS = {"svg road signs": "road sign", "road signs": "road sign", "australian maps": "map",
+                    "homes clipart": "house"}
 # "Clipart by Nicu Buculei - pear": a template title, copied unchanged onto apples, lemons and plums.
 _TEMPLATE = re.compile(r"^\s*clip\s*art by [^-]+-\s*", re.I)
-_NOISE = re.compile(r"hand[- ]drawn|\S+@\S+|https?://\S+|www\.\S+|hash\(0x[0-9a-f]+\)|0x[0-9a-f]+|\([^)]*\bemail\b[^)]*\)"
+_NOISE = re.compile(r"hand[- ]drawn|body[- ]part|\S+@\S+|https?://\S+|www\.\S+|hash\(0x[0-9a-f]+\)|0x[0-9a-f]+|\([^)]*\bemail\b[^)]*\)"
                     r"|\(b and w\)|\bb&w\b", re.I)
 
 
@@ -171,11 +174,18 @@ def tokens(text: str, drop: frozenset[str] = frozenset()) -> list[str]:
     text = re.sub(r"([a-z])([A-Z])", r"\1 \2", text).replace("_", " ").replace("-", " ").lower()
     words = [w for w in re.findall(r"[a-z]+(?:'[a-z]+)?", text) if len(w) > 1 or w == "a"]
     words = [w for w in words if w not in W.META_WORDS and w not in drop]
-    words = " ".join(W.BROAD_ALIASES.get(w, W.TRANSLATIONS.get(w, w)) for w in words).split()
+    # compounds before and after translating: "pallone aerestatico" is one thing, "pallone" alone a ball
+    words = " ".join(W.BROAD_ALIASES.get(w, W.TRANSLATIONS.get(w, w)) for w in _merge(words)).split()
+    merged = _merge(words)
+    return [w for j, w in enumerate(merged) if j == 0 or w != merged[j - 1]]  # "gatto cat" -> "cat cat" -> "cat"
+
+
+def _merge(words: list[str]) -> list[str]:
+    """Known compounds as one token, longest first: "hot air balloon" before "balloon"."""
     merged: list[str] = []
     i = 0
     while i < len(words):
-        for n in (3, 2, 1):  # longest known compound first: "hot air balloon" before "balloon"
+        for n in (3, 2, 1):
             chunk = " ".join(words[i:i + n])
             if len(words[i:i + n]) == n and chunk in W.PHRASES:
                 merged.append(W.PHRASES[chunk])
@@ -184,7 +194,7 @@ def tokens(text: str, drop: frozenset[str] = frozenset()) -> list[str]:
         else:
             merged.append(words[i])
             i += 1
-    return [w for j, w in enumerate(merged) if j == 0 or w != merged[j - 1]]  # "gatto cat" -> "cat cat" -> "cat"
+    return merged
 
 
 def noun_phrase(words: list[str], max_words: int = 6) -> list[str] | None:
@@ -331,17 +341,22 @@ def subject_of(clip: Clip) -> Subject | None:
     folder = _folder_noun(clip)
     template = bool(_TEMPLATE.match(clip.title))
     title_phrase = None
-    if not _is_author_title(clip) and not _COLLECTION.search(clip.title):
+    if clip.title.lower() in COLLECTION_NOUNS:
+        title_phrase = [COLLECTION_NOUNS[clip.title.lower()]]
+    elif not _is_author_title(clip) and not _COLLECTION.search(clip.title):
         title_phrase = noun_phrase(tokens(_TEMPLATE.sub("", clip.title), _author_words(clip)))
     if template and title_phrase is not None:
         confirmed = {_singular(w) for w in [*specific_kw, *broad_kw, folder or ""]}
         head = _singular(_head(title_phrase))
         title_phrase = [head] if head in confirmed else None
-    candidates = [title_phrase, _description_phrase(clip), *([w] for w in specific_kw), [folder] if folder else None]
-    specific = [c for c in candidates if _specific(c)]
-    broad = [c for c in [*candidates, *([w] for w in broad_kw)]
-             if c and _kind(c[-1]) == "broad" and c != [c[-1]] or c and c[0] in W.BROAD_ALONE]
-    if not specific and _is_author_title(clip):
+    description = _description_phrase(clip)
+    # The title's own words first, even when broad ("Dream Flower" is "a flower", though a keyword says
+    # "rainbow"); keyword nouns are often things near the subject or in its story.
+    titled = [c for c in (title_phrase, description) if _specific(c)] + [c for c in (title_phrase,) if c]
+    specific = titled + [c for c in [*([w] for w in specific_kw), [folder] if folder else None] if _specific(c)]
+    broad = [c for c in [description, [folder] if folder else None, *([w] for w in broad_kw)]
+             if c and (_kind(c[-1]) == "broad" and c != [c[-1]] or c[0] in W.BROAD_ALONE)]
+    if not any(_specific(c) for c in specific) and _is_author_title(clip):
         return None  # "an animal" from the keywords is too little to keep a file whose title is a name
     chosen = specific[0] if specific else broad[0] if broad else None
     if chosen is None:
@@ -370,7 +385,9 @@ def with_article(phrase: str) -> str:
 
 def _article(words: list[str]) -> str:
     """The article for a noun group: '', 'a', 'an' or 'the'."""
-    group = [*words[:next((i for i, w in enumerate(words) if w in W.CONNECTORS), len(words))]]
+    nouns = [i for i, w in enumerate(words) if _kind(w) in ("noun", "broad")]  # "green and yellow fireworks"
+    end = next((i for i, w in enumerate(words) if w in W.CONNECTORS and nouns and i > nouns[0]), len(words))
+    group = words[:end]
     head = _head(group) if any(_kind(w) in ("noun", "broad") for w in group) else group[-1]
     if head in W.THE_NOUNS:
         return "the"
@@ -383,11 +400,14 @@ def _article(words: list[str]) -> str:
 
 
 def with_colour(phrase: list[str], colour: str) -> list[str] | None:
-    """The colour before the first noun or modifier (after opinion/size words: "a bored brown dog", "a red
-    soccer ball", "a brown wooden chair"), or None when the
-    phrase already names a colour or joins several things ("a cup of coffee" has no single colour)."""
+    """The colour before the first noun or modifier, after opinion and size words ("a bored brown dog",
+    "a red soccer ball", "a brown wooden chair"). None when the phrase already names a colour or joins
+    several things ("a cup of coffee" has no single colour). People get no colour word, which would read
+    as skin colour: a black filled person is "a silhouette of a woman", any other colour is left out."""
     if any(w in W.COLOUR_WORDS or w in W.THE_NOUNS or _kind(w) == "conn" for w in phrase):
         return None
+    if _singular(_head(phrase)) in W.PEOPLE_NOUNS:
+        return ["silhouette", "of", *phrase] if colour == "black" else None
     at = next(i for i, w in enumerate(phrase) if _kind(w) in ("noun", "broad", "mod"))
     return [*phrase[:at], colour, *phrase[at:]]
 
@@ -426,8 +446,9 @@ def ink_share(image: Image.Image) -> float:
 def dominant_colour(image: Image.Image) -> str | None:
     """The colour word of the drawn pixels when one colour clearly dominates, else None.
 
-    Black counts only for filled silhouettes (a quarter of the square), so line drawings, which are
-    mostly black outline around white fill, get no colour. Gray and white never name a picture's colour.
+    Black counts only for filled silhouettes (a quarter to 60% of the square), so line drawings, which are
+    mostly black outline around white fill, and pictures on a dark background get no colour. Gray and
+    white never name a picture's colour.
     """
     hsv = np.asarray(image.convert("HSV")).reshape(-1, 3).astype(np.float32)
     ink = np.asarray(image.convert("RGB")).reshape(-1, 3).min(axis=-1) < 230
@@ -443,7 +464,7 @@ def dominant_colour(image: Image.Image) -> str | None:
     name, count = Counter(names.tolist()).most_common(1)[0]
     share_of_ink, share_of_image = count / len(names), count / len(ink)
     if name == "black":
-        return name if share_of_ink >= 0.7 and share_of_image >= 0.25 else None
+        return name if share_of_ink >= 0.7 and 0.25 <= share_of_image <= 0.6 else None  # more: a dark background
     if name == "gray":
         return None
     return name if share_of_ink >= 0.6 and share_of_image >= 0.08 else None

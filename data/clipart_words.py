@@ -65,7 +65,7 @@ NOUNS = _words("""
     wreath
     barn bridge cabin castle chalet church factory fountain house hut igloo lighthouse mosque
     pyramid school skyscraper temple tower windmill
-    beach cloud comet desert earth flame fire hill island lake lightning moon mountain planet rainbow
+    beach cloud comet desert earth landscape flame fire hill island lake lightning moon mountain planet rainbow
     river rock snow snowman star sun sunset volcano wave
     arrow circle heart square triangle
     armchair barcode capacitor certificate chessboard clef crayon diode disc drop feather flask gemstone
@@ -85,9 +85,14 @@ BROAD_ALONE = BROAD_NOUNS - {"sign", "symbol"}
 BROAD_ALIASES = {"mammal": "animal", "feline": "animal", "canine": "animal", "beverage": "drink",
                  "bug": "insect", "human": "person"}
 
+# People: a colour word before them would read as skin colour (see data.clipart.with_colour).
+PEOPLE_NOUNS = _words("man woman boy girl baby child kid lady guy person teenager bride groom king queen prince "
+                      "princess nurse doctor chef pilot sailor soldier dancer hiker skier surgeon fireman "
+                      "policeman cowboy astronaut")
+
 # Words a caption may use before a noun, besides colours (adjective order: these come before the colour).
 ADJECTIVES = _words("""
-    angry big bored broken closed crazy crying cute dancing empty fancy fat flying full funny giant happy
+    angry big bored broken female male closed crazy crying cute dancing empty fancy fat flying full funny giant happy
     hot hungry jumping laughing little long old open pretty round running sad scary shiny sitting sleeping
     small smiling spicy spiky standing striped sweet tall tiny tropical walking whole wild young
     """)
@@ -124,7 +129,7 @@ IRREGULAR_PLURALS = {"men": "man", "women": "woman", "children": "child", "peopl
                      "pantyhose": "pantyhose",
                      "scissors": "scissors", "binoculars": "binoculars", "shorts": "shorts",
                      "fireworks": "fireworks", "fries": "fries", "maracas": "maraca", "dominoes": "domino"}
-ALWAYS_PLURAL = _words("scissors binoculars glasses sunglasses shorts fireworks fries maracas dice")
+ALWAYS_PLURAL = _words("scissors binoculars glasses sunglasses shorts fireworks fries maracas dice lips")
 
 # Several title words that name one thing; they are read as one noun.
 PHRASES = {
@@ -154,7 +159,10 @@ PHRASES = {
     "compact disc": "compact disc", "cd": "compact disc", "football pitch": "football field",
     "yin yang": "yin and yang symbol", "jin jang": "yin and yang symbol", "french horn": "french horn",
     "quaver": "music note", "treble staff": "music staff", "chess": "chess piece", "chess piece": "chess piece",
-    "chess board": "chessboard", "chessboard": "chessboard", "bar code": "barcode", "ice cube": "ice cube",
+    "chess board": "chessboard", "chessboard": "chessboard", "bar code": "barcode",
+    "satellite dish": "satellite dish", "shoe print": "shoe print", "pallone aerestatico": "hot air balloon",
+    "pallone aerostatico": "hot air balloon", "ruota dentata": "gear", "shopping cart": "shopping cart",
+    "ice cube": "ice cube",
     "penny": "coin", "orange wedge": "orange wedge", "orange slice": "orange slice",
     "orange juice": "orange juice", "oranges": "oranges", "stamper": "rubber stamp", "dossier": "folder",
     "biohazard": "biohazard symbol", "ladybird": "ladybug", "sand castle": "sandcastle",
