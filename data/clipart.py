@@ -92,7 +92,7 @@ COLLECTION_NOUNS = {"svg road signs": "road sign", "road signs": "road sign", "a
                     "homes clipart": "house"}
 # "Clipart by Nicu Buculei - pear": a template title, copied unchanged onto apples, lemons and plums.
 _TEMPLATE = re.compile(r"^\s*clip\s*art by [^-]+-\s*", re.I)
-_NOISE = re.compile(r"hand[- ]drawn|body[- ]part|\S+@\S+|https?://\S+|www\.\S+|hash\(0x[0-9a-f]+\)|0x[0-9a-f]+|\([^)]*\bemail\b[^)]*\)"
+_NOISE = re.compile(r"hand[- ]drawn|body[- ]part|martin luther king|\S+@\S+|https?://\S+|www\.\S+|hash\(0x[0-9a-f]+\)|0x[0-9a-f]+|\([^)]*\bemail\b[^)]*\)"
                     r"|\(b and w\)|\bb&w\b", re.I)
 
 
@@ -291,12 +291,15 @@ def _is_author_title(clip: Clip) -> bool:
 
 
 def _keyword_nouns(clip: Clip) -> tuple[list[str], list[str]]:
-    """Specific and broad nouns among the keywords, singular, in their order (a keyword may hold several
-    words). A keyword naming a top folder ("computer", "button") files the picture, so it is only broad."""
+    """Specific and broad nouns among the keywords, singular, in their order: each keyword's head noun
+    ("map_symbol" is a symbol, not a map). A keyword naming a top folder ("computer", "button") files the
+    picture, so it is only broad."""
     specific: list[str] = []
     broad: list[str] = []
     for keyword in clip.keywords:
-        for word in map(_singular, tokens(keyword)):
+        phrase = noun_phrase(tokens(keyword))
+        if phrase:
+            word = _singular(_head(phrase))
             kind = _kind(word)
             target = broad if kind == "broad" or (kind == "noun" and word in CATEGORY_WORDS) else (
                 specific if kind == "noun" else None)

@@ -160,6 +160,7 @@ PHRASES = {
     "yin yang": "yin and yang symbol", "jin jang": "yin and yang symbol", "french horn": "french horn",
     "quaver": "music note", "treble staff": "music staff", "chess": "chess piece", "chess piece": "chess piece",
     "chess board": "chessboard", "chessboard": "chessboard", "bar code": "barcode",
+    "grass hopper": "grasshopper",
     "satellite dish": "satellite dish", "shoe print": "shoe print", "pallone aerestatico": "hot air balloon",
     "pallone aerostatico": "hot air balloon", "ruota dentata": "gear", "shopping cart": "shopping cart",
     "ice cube": "ice cube",

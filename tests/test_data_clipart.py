@@ -180,15 +180,24 @@ def test_a_folder_that_is_not_an_earlier_build_is_left_alone(package, tmp_path):
     ("Earth and North Star", "the earth"),
     ("greenArrow_01", "a green arrow"),
     ("Copper the Beagle", "a beagle"),
+    ("Grass Hopper", "a grasshopper"),
+    ("Martin Luther King Jr. memorial", None),
 ])
 def test_titles_become_plain_noun_phrases(title, expected):
     phrase = clipart.noun_phrase(clipart.tokens(title))
-    assert clipart.with_article(" ".join(phrase)) == expected
+    assert (phrase and clipart.with_article(" ".join(phrase))) == expected
 
 
 @pytest.mark.parametrize("title", ["Various Cliparts", "Macchina", "Debian Nuskool", "R16 sibmission"])
 def test_titles_without_an_english_noun_give_no_phrase(title):
     assert clipart.noun_phrase(clipart.tokens(title)) is None
+
+
+def test_a_keyword_gives_its_head_noun_and_a_folder_word_only_files_the_picture():
+    clip = clipart.Clip(source="unsorted/x.svg", category="unsorted", title="x", description="",
+                        keywords=("map_symbol", "people", "grass hopper", "food"), creator="")
+    # "map_symbol" is a symbol (not a map); "people" and "food" name top folders
+    assert clipart._keyword_nouns(clip) == (["grasshopper"], ["symbol", "person"])
 
 
 def _item(source, text, category="food", digest=None):
