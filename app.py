@@ -5,8 +5,11 @@
     python app.py --model owner/name --port 7861   # a hub id (downloaded once, then cached)
 
 The UI is wiring only: sampling and attention recording live in `diffusion.pipeline`, map
-aggregation and overlays in `diffusion.maps`. `build_demo(pipe)` returns the Blocks; the model is
-loaded once, in `main()`, and nothing heavy happens at import time (as a Space runs it).
+aggregation and overlays in `diffusion.maps`, and what the loaded model knows (its example prompts, its
+words, the prompt words it never saw, whether layout guidance reads its prompts) in `diffusion.vocabulary`,
+from the model's own tokenizer and caption summary: nothing here assumes a vocabulary. `build_demo(pipe)`
+returns the Blocks; the model is loaded once, in `main()`, and nothing heavy happens at import time (as a
+Space runs it).
 
 Named API endpoints (gradio_client): `generate` (samples + seed), then, in the same client session,
 `attention` (per-word overlays, per-head maps of one word, the layer × word grid), `self_attention`
@@ -17,7 +20,6 @@ import argparse
 import atexit
 import contextvars
 import functools
-import json
 import os
 import shutil
 import sys
@@ -31,11 +33,13 @@ import gradio as gr
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from diffusion.grammar import NAME as SHAPES_GRAMMAR
 from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from diffusion.maps import AttentionMaps, display_size, normalize_maps, overlay
 from diffusion.pipeline import GenerationResult, TextToImagePipeline
 from diffusion.prompts import MAX_WEIGHT
 from diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
+from diffusion.vocabulary import CAPTIONS_FILE, example_prompts, layout_off_note
 
 DEFAULT_MODEL = "weights/default"
 
@@ -54,14 +58,8 @@ SAMPLES_WIDTH = 640  # about the samples gallery's width on a laptop screen, for
 ALL_LAYERS = "all"
 MEAN_HEADS = -1
 
-EXAMPLES = [
-    "a red circle",
-    "a blue square above a yellow triangle",
-    "a yellow cross and a red square",
-    "three yellow circles",
-    "a large orange diamond in the center",
-    "a (red:2) triangle to the right of an orange cross",
-]
+KNOWN_WORDS_SHOWN = 60  # "What this model knows": the most used caption words listed …
+WHOLE_WORDS_SHOWN = 400  # … or, for a model without a caption summary, its tokenizer's whole words
 FUNCTION_WORDS = {"a", "an", "the", "of", "to", "on", "in", "at", "and", "<start>", "<end>"}
 NORMALIZATIONS = [
     ("per word (min–max)", "minmax"),
@@ -70,12 +68,18 @@ NORMALIZATIONS = [
 ]
 NORMALIZATION_LABELS = {value: label for label, value in NORMALIZATIONS}
 
-# How to read the word maps (the grounding loss: diffusion/grounding.py and weights/default/README.md).
-WORDS_NOTE = (
+# How to read the word maps. Models of the shapes grammar were trained with a grounding loss on their colour,
+# shape and size words (diffusion/grounding.py and weights/default/README.md); other models' words were not.
+GROUNDED_WORDS_NOTE = (
     "How to read these: the shipped model was trained to point its colour, shape and size words at their "
     "objects (a grounding loss; see the model card). Other words (*a*, *two*, *above*, *on*, *background*) "
     "were not. Each word's vector also carries the rest of the prompt (CLIP reads left to right, and the "
     "U-Net's context layer mixes the whole prompt), so an ungrounded word often lights up an object named "
+    "near it."
+)
+WORDS_NOTE = (
+    "How to read these: each word's vector carries the rest of the prompt too (CLIP reads left to right, and the "
+    "U-Net's context layers, where it has them, mix the whole prompt), so a word often lights up an object named "
     "near it."
 )
 
@@ -118,7 +122,8 @@ def check_request(prompt: str, negative_prompt: str | None, steps: float, guidan
                   object_guidance: float = 0.0) -> None:
     """Raise gr.Error (shown as a toast, and as AppError to API clients) for a request out of bounds."""
     if not isinstance(prompt, str) or not prompt.strip():
-        raise gr.Error("The prompt is empty: describe the image, e.g. 'a red circle'.")
+        raise gr.Error("The prompt is empty: describe the image in words this model knows (see 'What this "
+                       "model knows' and the examples).")
     for name, text in [("prompt", prompt), ("negative prompt", negative_prompt or "")]:
         if len(text) > MAX_PROMPT_CHARS:
             raise gr.Error(f"The {name} has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}. Shorten it.")
@@ -148,36 +153,27 @@ def upscale(image: Image.Image, size: int = DISPLAY) -> Image.Image:
     return image.resize(display_size(image.size, size), Image.NEAREST)
 
 
-def vocabulary(pipe: TextToImagePipeline) -> list[str]:
-    """Whole alphabetic words of the tokenizer ("red</w>"): what the model can have seen as a word.
-
-    Word-final tokens also include BPE fragments ("ange</w>" of "or" + "ange</w>") and the single
-    letters of the base alphabet; both are dropped: a fragment is the right half of some merge.
-    """
-    tokenizer = pipe.text_encoder.tokenizer
-    if id(tokenizer) not in _VOCABULARIES:
-        _VOCABULARIES[id(tokenizer)] = _whole_words(tokenizer)
-    return _VOCABULARIES[id(tokenizer)]
-
-
-_VOCABULARIES: dict[int, list[str]] = {}  # per tokenizer: the merges are re-read from JSON otherwise
-
-
-def _whole_words(tokenizer) -> list[str]:
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    right_halves = {(m.split(" ") if isinstance(m, str) else m)[1] for m in merges}
-    words = {t[:-4] for t in tokenizer.get_vocab() if t.endswith("</w>") and t not in right_halves}
-    return sorted(w for w in words if w.isalpha() and (len(w) > 1 or w == "a"))
-
-
-def vocabulary_note(pipe: TextToImagePipeline, limit: int = 400) -> str:
-    words = vocabulary(pipe)
-    shown = ", ".join(words[:limit]) + (f", … and {len(words) - limit} more" if len(words) > limit else "")
-    return (
-        f"The text encoder knows **{len(words)} whole words**; the model draws what its training captions "
-        f"described with them. Other words are split into pieces or become the unknown token, and a "
-        f"warning lists them.\n\n{shown}"
-    )
+def knows_note(pipe: TextToImagePipeline, limit: int = KNOWN_WORDS_SHOWN) -> str:
+    """'What this model knows': the words its training captions used most, its tokenizer's whole words, and
+    whether layout guidance reads its prompts."""
+    summary, whole = pipe.captions, pipe.whole_words
+    if summary is not None:
+        shown = ", ".join(f"{w} ({n:,})" for w, n in summary.most_common(limit))
+        more = len(summary.word_counts) - limit
+        learned = (f"It was trained on **{summary.num_captions:,} captions** in **{len(summary.word_counts):,} "
+                   f"different words**, and draws what they described. The words they used most (times used): "
+                   f"{shown}{f', … and {more:,} more' if more > 0 else ''}.")
+    else:
+        more = len(whole) - WHOLE_WORDS_SHOWN
+        shown = ", ".join(whole[:WHOLE_WORDS_SHOWN]) + (f", … and {more:,} more" if more > 0 else "")
+        learned = (f"This model's folder has no summary of its training captions ({CAPTIONS_FILE}), so what they "
+                   f"said is not known here; its tokenizer's whole words are the best guide: {shown}.")
+    tokenizer = (f"Its tokenizer holds **{len(whole):,} whole words**; other words are split into pieces, and a "
+                 f"warning lists the prompt words the model never learned.")
+    off = layout_off_note(summary)
+    layout = ("Layout guidance reads its prompts in the shapes grammar (relations, counts and places)."
+              if pipe.layout_grammar == SHAPES_GRAMMAR else off[0].upper() + off[1:])
+    return "\n\n".join([learned, tokenizer, layout])
 
 
 def model_card_text(pipe: TextToImagePipeline) -> str:
@@ -214,15 +210,15 @@ def generate(pipe: TextToImagePipeline, prompt: str, negative_prompt: str, steps
         raise gr.Error(str(e)) from e
     seconds = time.perf_counter() - start
 
-    warnings = result.warnings + unknown_words(pipe, result)
-    for warning in warnings:
+    for warning in result.warnings:
         gr.Warning(warning)
     gallery = [(upscale(im), f"seed {s}") for im, s in zip(result.images, result.seeds, strict=True)]
     layout = layout_note(result, relation_guidance, object_guidance)
     status = (f"**Seed {result.seed}** (image *i* uses seed {result.seed} + *i* − 1) · {steps} {sampler} steps · "
               f"guidance {float(guidance):g}{layout} · {seconds:.1f} s. "
               "Click a sample to explore it below.")
-    status += "".join(f"\n\n⚠️ {w}" for w in warnings)
+    status += "".join(f"\n\n{note}" for note in result.guidance_notes)
+    status += "".join(f"\n\n⚠️ {w}" for w in result.warnings)
     return gallery, result.seed, status, result
 
 
@@ -230,20 +226,6 @@ def layout_note(result: GenerationResult, relation_guidance: float, object_guida
     """' · relation guidance 50 · object guidance 20' for the status line: the terms that nudged this call."""
     return ((f" · relation guidance {float(relation_guidance):g}" if result.relation_guided else "")
             + (f" · object guidance {float(object_guidance):g}" if result.object_guided else ""))
-
-
-def unknown_words(pipe: TextToImagePipeline, result: GenerationResult) -> list[str]:
-    """Prompt words that are not whole words of the vocabulary.
-
-    A byte-level BPE never falls back to the unknown token (any word splits into known pieces), so the
-    pipeline's own warning rarely fires; a word the model never saw whole is the useful signal.
-    """
-    known = set(vocabulary(pipe))
-    unknown = dict.fromkeys(w for words in result.words for w in words if w.isalpha() and w not in known)
-    if not unknown:
-        return []
-    return [f"unknown words: {', '.join(unknown)}. The model never saw them as whole words, so they steer "
-            f"little; see 'What this model knows'."]
 
 
 # -- attention explorer ---------------------------------------------------------------------------
@@ -460,6 +442,9 @@ def build_demo(pipe: TextToImagePipeline) -> gr.Blocks:
     """The Blocks over one loaded pipeline. Launch it yourself (theme=THEME, css=CSS), as main() does."""
     cross_layers = [n for n, b in pipe.unet.attention_layers.items() if b.kind == "cross"]
     n_heads = min(pipe.unet.attention_layers[n].num_heads for n in cross_layers)
+    shapes = pipe.layout_grammar == SHAPES_GRAMMAR
+    examples = example_prompts(pipe.captions, pipe.layout_grammar, max_chars=MAX_PROMPT_CHARS)
+    layout_off = "" if shapes else f" ({layout_off_note(pipe.captions)})"
 
     with gr.Blocks(title="Look Inside Diffusion", delete_cache=(EXPORT_TTL_S, EXPORT_TTL_S)) as demo:
         result = gr.State(None)  # the last GenerationResult of this session: the explorer re-renders from it
@@ -469,12 +454,17 @@ def build_demo(pipe: TextToImagePipeline) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 with gr.Row():
-                    prompt = gr.Textbox(label="Prompt", placeholder="a blue square above a yellow triangle",
+                    prompt = gr.Textbox(label="Prompt", placeholder=examples[0] if examples else "describe the image",
                                         max_lines=2, scale=5, autofocus=True, elem_id="prompt",
                                         info=f"Emphasis: (word:1.5) strengthens a word's cross-attention, "
                                              f"(word:0.5) weakens it (weights 0–{MAX_WEIGHT:g}).")
                     run = gr.Button("Generate", variant="primary", scale=1, min_width=110)
-                gr.Examples(EXAMPLES, inputs=[prompt], cache_examples=False, label="Examples")
+                if examples:
+                    gr.Examples(examples, inputs=[prompt], cache_examples=False, label="Examples")
+                else:
+                    gr.Markdown(f"No examples: this model's folder has no summary of its training captions "
+                                f"({CAPTIONS_FILE}). Describe an image in the words it was trained on; 'What this "
+                                f"model knows' lists its tokenizer's words.", elem_classes="small-note")
                 with gr.Accordion("Advanced settings", open=False):
                     negative_prompt = gr.Textbox("", label="Negative prompt", max_lines=2,
                                                  info="Replaces the empty prompt of classifier-free guidance; "
@@ -490,16 +480,17 @@ def build_demo(pipe: TextToImagePipeline) -> gr.Blocks:
                         num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
                     relation_guidance = gr.Slider(
                         0, MAX_RELATION_GUIDANCE, value=RELATION_GUIDANCE, step=5, label="Relation guidance",
-                        info="In 'A above B' or 'A to the left of B', nudge the first steps' noise so that A's words "
-                             "look above (left of) B's; 0 turns it off. Other prompts are not touched.")
+                        info="In 'A above B', 'A to the left of B' (or 'A over B', 'A at the top and B at the "
+                             "bottom' …), nudge the first steps' noise so that A's words look above (left of) B's; 0 "
+                             f"turns it off. Other prompts are not touched.{layout_off}")
                     object_guidance = gr.Slider(
                         0, MAX_OBJECT_GUIDANCE, value=OBJECT_GUIDANCE, step=5, label="Object guidance",
                         info="In 'A and B' (two objects or more, no relation), nudge the first steps' noise so "
                              "that every object's words are looked at somewhere (Attend-and-Excite), so none is "
                              "left out; in 'three X', so that X's words look at three places, not four. 0 turns "
-                             "it off. Other prompts are not touched.")
+                             f"it off. Other prompts are not touched.{layout_off}")
                 with gr.Accordion("What this model knows", open=False):
-                    gr.Markdown(vocabulary_note(pipe))
+                    gr.Markdown(knows_note(pipe))
                 with gr.Accordion("Model card", open=False):
                     gr.Markdown(model_card_text(pipe))
             with gr.Column(scale=6):
@@ -529,7 +520,7 @@ def build_demo(pipe: TextToImagePipeline) -> gr.Blocks:
             with gr.Tabs():
                 with gr.Tab("Words"):
                     words = maps_gallery("Where each word looked", 5, elem_id="word-maps")
-                    gr.Markdown(WORDS_NOTE, elem_classes="small-note")
+                    gr.Markdown(GROUNDED_WORDS_NOTE if shapes else WORDS_NOTE, elem_classes="small-note")
                 with gr.Tab("Heads of one word"):
                     word = gr.Dropdown([], value="", label="Word", allow_custom_value=True,
                                        info="Words change with the prompt, the negative-prompt and start/end toggles")

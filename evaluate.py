@@ -2,6 +2,13 @@
 
     python evaluate.py --model weights/default                 # default settings, Markdown + JSON in eval/
     python evaluate.py --model runs/default/pipeline --quick   # a small run (CI)
+    python evaluate.py --model runs/mine/pipeline --retrieval cache/tuxpaint100   # a fine-tune on your pictures
+
+--retrieval FOLDER (any model, any captions): for captions of the folder, is the sample's nearest picture
+the caption's own? Seen captions (train/) look among the training pictures; held-out captions
+(heldout/, which the fine-tune never saw) among training and held-out pictures together. Top-1 and
+top-5 with chance beside them, and foreground pointing: does each content word's map peak on the drawn
+object (pixels that differ from the plain background)?
 
 Prompts are built from the shapes set's caption grammar (data/shapes.py) and scored by its detector,
 which is validated on ground truth at 100% per attribute (python -m data.detector --validate).
@@ -289,6 +296,116 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
             "relation_directions": directions, "examples": examples}
 
 
+# -- retrieval: did a fine-tune learn the user's own captions? ------------------------------------------
+FUNCTION_WORDS = frozenset("a an the of to on in at and or with for is it its by from as this that".split())
+
+
+def pixels_of(folder: str, split: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """(N, 3, R, R) in [-1, 1] as training reads them, and each picture's caption (its `text`)."""
+    from data.loading import LoadConfig, load_captioned
+
+    data = load_captioned(folder, LoadConfig(resolution=resolution, split=split))
+    texts = [data.hf[r]["text"] for r in data.rows]
+    texts = [t if isinstance(t, str) else t[0] for t in texts]
+    return torch.stack([data[i]["pixel_values"] for i in range(len(data))]), texts
+
+
+def signature(images: torch.Tensor) -> torch.Tensor:
+    """What 'nearest picture' compares: 16 × 16 area means, (N, 768). Robust to a pixel's shift."""
+    return torch.nn.functional.adaptive_avg_pool2d(images.float(), 16).flatten(1)
+
+
+def rank_of_own(samples: torch.Tensor, candidates: torch.Tensor, own: list[int]) -> list[int]:
+    """Per sample, the rank (0 = nearest) of its own picture among the candidates, by L2 distance."""
+    d = torch.cdist(signature(samples), signature(candidates))  # (S, N)
+    own_d = d[torch.arange(len(own)), torch.tensor(own)]
+    return (d < own_d[:, None]).sum(dim=1).tolist()
+
+
+def foreground(image: torch.Tensor, threshold: float = 0.1) -> np.ndarray:
+    """(H, W) bool: pixels that differ from the image's border colour (the plain background)."""
+    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)  # (3, 4R)
+    background = border.median(dim=1).values[:, None, None]
+    return ((image - background).abs().amax(dim=0) > 2 * threshold).numpy()
+
+
+def evaluate_retrieval(pipe: TextToImagePipeline, folder: str, max_captions: int = 96, steps: int = 20,
+                       guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0, batch: int = 16,
+                       sheet: Path | None = None) -> dict:
+    """Sample one image per caption (seen: up to max_captions of train/, spread; held-out: heldout/) and
+    score top-1/top-5 retrieval of the caption's own picture, and content words' foreground pointing.
+    `sheet`: also write a PNG of the first seen captions' samples beside their own pictures."""
+    size = pipe.unet.config.sample_size
+    train, train_texts = pixels_of(folder, "train", size)
+    splits = {"seen": (train, train_texts, 0)}
+    try:
+        held, held_texts = pixels_of(folder, "heldout", size)
+        splits["heldout"] = (torch.cat([train, held]), held_texts, len(train))
+    except ValueError:
+        pass  # no held-out split: seen captions only
+    report, pointing, t0 = {}, [], time.perf_counter()
+    for name, (candidates, texts, offset) in splits.items():
+        n_picks = min(max_captions, len(texts))
+        picks = sorted({k * len(texts) // n_picks for k in range(n_picks)})  # spread through the split
+        samples = []
+        for start in range(0, len(picks), batch):
+            chunk = picks[start:start + batch]
+            result = pipe([texts[i] for i in chunk], num_images=1, steps=steps, guidance_scale=guidance,
+                          sampler=sampler, seed=seed + start, record_attention=True)
+            for j, image in enumerate(result.images):
+                x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                samples.append(x)
+                fg = foreground(x)
+                if 0.02 < fg.mean() < 0.9:  # a plain background and something drawn on it
+                    for word, heat in result.attention.word_maps(j, normalize="absolute").items():
+                        if word.isalpha() and word not in FUNCTION_WORDS:
+                            y, xx = np.unravel_index(int(heat.float().argmax()), heat.shape)
+                            pointing.append(bool(fg[y, xx]))
+        ranks = rank_of_own(torch.stack(samples), candidates, [offset + i for i in picks])
+        if sheet is not None and name == "seen":
+            contact_sheet(samples[:16], [candidates[i] for i in picks[:16]], sheet)
+        n = len(candidates)
+        report[name] = {"captions": len(picks), "candidates": n,
+                        "top1": sum(r < 1 for r in ranks) / len(ranks), "top5": sum(r < 5 for r in ranks) / len(ranks),
+                        "chance_top1": 1 / n, "chance_top5": min(1.0, 5 / n),
+                        "examples": [{"caption": texts[i], "rank": r} for i, r in zip(picks[:12], ranks, strict=False)]}
+    report["foreground_pointing"] = {"score": sum(pointing) / max(1, len(pointing)), "words": len(pointing)}
+    report["settings"] = {"folder": folder, "steps": steps, "guidance": guidance, "sampler": sampler, "seed": seed,
+                          "seconds": round(time.perf_counter() - t0, 1)}
+    return report
+
+
+def contact_sheet(samples: list[torch.Tensor], own: list[torch.Tensor], path: Path, scale: int = 4) -> None:
+    """Pairs side by side, four pairs a row: each sample, then the picture its caption describes."""
+    from PIL import Image
+
+    def pil(x: torch.Tensor) -> Image.Image:
+        return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+    side = samples[0].shape[-1] * scale
+    rows = math.ceil(len(samples) / 4)
+    out = Image.new("RGB", (4 * (2 * side + side // 4), rows * (side + side // 8)), "white")
+    for k, (a, b) in enumerate(zip(samples, own, strict=True)):
+        x, y = (k % 4) * (2 * side + side // 4), (k // 4) * (side + side // 8)
+        out.paste(pil(a).resize((side, side), Image.NEAREST), (x, y))
+        out.paste(pil(b).resize((side, side), Image.NEAREST), (x + side, y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
+
+
+def retrieval_markdown(report: dict, model: str) -> str:
+    lines = [f"## Retrieval of `{model}` on `{report['settings']['folder']}`", "",
+             "| captions | n | candidates | top-1 (chance) | top-5 (chance) |", "|---|---|---|---|---|"]
+    for name in ("seen", "heldout"):
+        if name in report:
+            r = report[name]
+            lines.append(f"| {name} | {r['captions']} | {r['candidates']} | {r['top1']:.2f} ({r['chance_top1']:.3f}) "
+                         f"| {r['top5']:.2f} ({r['chance_top5']:.3f}) |")
+    fp = report["foreground_pointing"]
+    lines += ["", f"Foreground pointing of content words: {fp['score']:.2f} ({fp['words']} words).", ""]
+    return "\n".join(lines)
+
+
 def markdown(report: dict, model: str) -> str:
     s = report["scores"]
     lines = [f"## Evaluation of `{model}`", "", "| task | score | 95% interval | images |", "|---|---|---|---|"]
@@ -351,7 +468,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--clip", default="weights/default/clip", help="CLIP for the CLIP-score ('' to skip)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="U-Net compute type")
     parser.add_argument("--quick", action="store_true", help="2 prompts per task, 2 images each, 10 steps")
+    parser.add_argument("--retrieval", metavar="FOLDER", default=None,
+                        help="score retrieval on a captioned folder (train/ + heldout/) instead of the shapes tasks")
+    parser.add_argument("--max-captions", type=int, default=96, help="with --retrieval: captions per split")
     args = parser.parse_args(argv)
+    if args.retrieval:
+        pipe = TextToImagePipeline.from_pretrained(args.model, dtype=args.dtype)
+        report = evaluate_retrieval(pipe, args.retrieval, args.max_captions, args.steps, args.guidance,
+                                    args.sampler, args.seed, sheet=Path(args.out) / "retrieval.png")
+        report["model"] = args.model
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "retrieval.json").write_text(json.dumps(report, indent=2))
+        (out / "retrieval.md").write_text(retrieval_markdown(report, args.model))
+        print(retrieval_markdown(report, args.model))
+        return report
     if args.quick:
         args.per_task, args.images_per_prompt, args.steps = 2, 2, 10
     torch.set_num_threads(torch.get_num_threads())

@@ -13,6 +13,7 @@ token).
     out = enc.encode(["a red circle", ""])   # out.context (2, 5, D), out.mask (2, 5)
 """
 
+import json
 import logging as _logging
 import os
 from dataclasses import dataclass
@@ -22,7 +23,11 @@ import transformers
 from tokenizers import decoders
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from conditioning.tokenizer import END_OF_WORD, save_clip_tokenizer
+from conditioning.tokenizer import END_OF_WORD, grow_tokenizer, save_clip_tokenizer
+
+# What `TextEncoder.set_trainable` can train: nothing (a pretrained CLIP that already knows the words),
+# the token embeddings alone, or the whole text model.
+TEXT_TRAINING = ("frozen", "embeddings", "full")
 
 
 @dataclass
@@ -56,7 +61,8 @@ class EncodedPrompts:
 
 
 class TextEncoder:
-    """A frozen `CLIPTextModel` with its `CLIPTokenizer` (the fast, `tokenizers`-backed one).
+    """A `CLIPTextModel` with its `CLIPTokenizer` (the fast, `tokenizers`-backed one); frozen unless
+    `set_trainable` says otherwise (fine-tuning on someone's own captions).
 
     Args:
         model: the text model; it is put in eval mode and its parameters stop requiring grad.
@@ -118,11 +124,58 @@ class TextEncoder:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    def grow(self, captions: list[str], min_count: int = 1) -> list[str]:
+        """Make the captions' words whole tokens (`conditioning.tokenizer.grow_tokenizer`); returns the words added.
+
+        The embedding table grows to the new vocabulary. Each new token (a word, or a piece on the way
+        to one) starts as the mean of the two tokens its merge joins, so a new word starts near what the
+        model read from its letters; old tokens keep their rows and their ids.
+        """
+        tokenizer, added = grow_tokenizer(self.tokenizer, captions, min_count=min_count)
+        if not added:
+            return added
+        old = self.tokenizer.get_vocab()
+        merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+        new_vocab = tokenizer.get_vocab()
+        self.use_tokenizer(tokenizer)
+        table = self.model.get_input_embeddings().weight  # (V, D)
+        with torch.no_grad():
+            for pair in merges:  # merge order: a token's two parts always come before it
+                a, b = pair if isinstance(pair, list) else pair.split(" ")
+                if a + b not in old:
+                    table[new_vocab[a + b]] = (table[new_vocab[a]] + table[new_vocab[b]]) / 2
+        return added
+
+    def use_tokenizer(self, tokenizer: CLIPTokenizer) -> None:
+        """Switch to a grown copy of this tokenizer (e.g. a fine-tune's checkpoint): the embedding table
+        takes its size; rows of new tokens are whatever is loaded into them next."""
+        self.model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        self.tokenizer = tokenizer
+        self._special_tokens = set(tokenizer.all_special_tokens)
+
+    def set_trainable(self, what: str) -> list[torch.nn.Parameter]:
+        """Train `what` of TEXT_TRAINING ("frozen", "embeddings" or "full"); returns the trainable parameters.
+
+        "embeddings" trains the token table only (Textual-Inversion-like: the words move, the
+        transformer that reads them stays); "full" trains every weight of the text model.
+        """
+        if what not in TEXT_TRAINING:
+            raise ValueError(f"text encoder training {what!r}: choose one of {', '.join(TEXT_TRAINING)}.")
+        self.model.requires_grad_(what == "full")
+        self.model.get_input_embeddings().requires_grad_(what != "frozen")
+        self.model.train(what != "frozen")
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.model.parameters())
+
     def encode(self, prompts: list[str] | str) -> EncodedPrompts:
         """Tokenise and embed prompts; "" gives the unconditional embedding (start + end tokens).
 
         Returns context (B, L, D) and mask (B, L) with L = the longest (truncated) prompt of the batch,
-        plus per-prompt tokens, word ids, words, truncation flags and unknown words.
+        plus per-prompt tokens, word ids, words, truncation flags and unknown words. The context carries
+        gradients only while the text encoder is being trained (`set_trainable`).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -136,7 +189,7 @@ class TextEncoder:
         mask = batch["attention_mask"].to(self.device).bool()  # (B, L)
         # no_grad rather than inference_mode: the context feeds the U-Net's trainable k/v projections,
         # and autograd refuses to save inference-mode tensors for backward.
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             context = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
 
         truncated = [len(ids) > self.max_length for ids in full["input_ids"]]

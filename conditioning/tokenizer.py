@@ -19,7 +19,9 @@ it is split into known pieces, never reported as unknown, even if no caption eve
 """
 
 import json
+import math
 import os
+import re
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, models, trainers
@@ -100,3 +102,84 @@ def save_clip_tokenizer(tokenizer: CLIPTokenizer, directory: str | os.PathLike) 
     with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")  # the header line CLIP's merges.txt starts with
         f.writelines(f"{' '.join(pair) if isinstance(pair, list) else pair}\n" for pair in model["merges"])
+
+
+def caption_words(captions: Iterable[str], tokenizer: CLIPTokenizer) -> dict[str, int]:
+    """How often each word occurs in `captions`, split the way `tokenizer` splits (lowercased)."""
+    backend = tokenizer.backend_tokenizer
+    counts: dict[str, int] = {}
+    for caption in captions:
+        text = backend.normalizer.normalize_str(caption) if backend.normalizer is not None else caption
+        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text):
+            counts[piece] = counts.get(piece, 0) + 1
+    return counts
+
+
+def grow_tokenizer(tokenizer: CLIPTokenizer, captions: Iterable[str], *, min_count: int = 1,
+                   max_new: int = 4096) -> tuple[CLIPTokenizer, list[str]]:
+    """A tokenizer that also reads the captions' words as whole tokens, and the words it added.
+
+    The old vocabulary keeps its ids (new tokens are appended after the special tokens) and its merges
+    keep their ranks, so every text the old tokenizer read splits the same way unless it contains a new
+    word. A new word is spelt by appending merges to the end of the list: BPE first applies the old
+    merges, which split the word into the pieces the old tokenizer gave it, then the new ones join those
+    pieces left to right into one token. Words are added most frequent first, each spelt with the merges
+    of the words before it, so they cannot interfere.
+
+    Args:
+        tokenizer: a CLIP-format BPE tokenizer (ours, `train_clip_bpe`'s).
+        captions: the user's captions.
+        min_count: words used fewer times stay split into pieces.
+        max_new: at most this many new words (the most frequent).
+    Only lowercase ASCII words of letters and digits are added (their byte-level spelling is themselves).
+    """
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
+        raise ValueError("grow_tokenizer needs a CLIP-format BPE tokenizer (vocab.json + merges.txt with </w>).")
+    vocab: dict[str, int] = dict(model["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    counts = caption_words(captions, tokenizer)
+    wanted = sorted((w for w, n in counts.items() if n >= min_count and re.fullmatch(r"[a-z0-9]{2,}", w)
+                     and w + END_OF_WORD not in vocab), key=lambda w: (-counts[w], w))[:max_new]
+    added = []
+    for word in wanted:
+        pieces = _bpe(word, ranks)
+        if any(p not in vocab for p in pieces):
+            continue  # a character outside the alphabet: the word stays as it was
+        while len(pieces) > 1:  # join left to right: (p1, p2) -> p1p2, then (p1p2, p3) ...
+            pair = (pieces[0], pieces[1])
+            merged = pair[0] + pair[1]
+            if pair not in ranks:
+                ranks[pair] = len(merges)
+                merges.append(pair)
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged, *pieces[2:]]
+        added.append(word)
+    grown = CLIPTokenizer(vocab=vocab, merges=merges, unk_token=tokenizer.unk_token,
+                          model_max_length=tokenizer.model_max_length)
+    split = [w for w in added if len(grown.tokenize(w)) != 1]
+    if split:  # cannot happen if _bpe agrees with the tokenizers library
+        raise RuntimeError(f"grow_tokenizer: {split[:3]} still split into several tokens.")
+    return grown, added
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces CLIP's BPE splits `word` into with merges `ranks` (lowest rank merged first)."""
+    pieces = list(word[:-1]) + [word[-1] + END_OF_WORD]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(pieces, pieces[1:], strict=False))]
+        rank, _ = min(pairs)
+        if rank == math.inf:
+            break
+        best = next(pair for pair in zip(pieces, pieces[1:], strict=False) if ranks.get(pair) == rank)
+        out, i = [], 0
+        while i < len(pieces):  # merge every occurrence of the best pair, left to right
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == best:
+                out.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                out.append(pieces[i])
+                i += 1
+        pieces = out
+    return pieces

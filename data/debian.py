@@ -77,12 +77,24 @@ def render_svg(path: Path, size: int) -> Image.Image:
         import cairosvg
     except ImportError as err:
         raise RuntimeError("rendering SVG pictures needs cairosvg: pip install -r requirements-dev.txt") from err
+    from defusedxml import EntitiesForbidden
+
     data = Path(path).read_bytes()
-    # Width first (cairosvg keeps the aspect ratio when given one side); a portrait picture comes out taller
-    # than `size` and is drawn again by its height. Never at the SVG's own size: some declare 13,000 px.
-    image = Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, url=str(path), output_width=size)))
+    try:
+        return _svg_at_size(cairosvg, data, size, unsafe=False, url=str(path))
+    except EntitiesForbidden:
+        # Illustrator and old Inkscape files declare their namespaces as XML entities, which cairosvg's
+        # safe parser refuses. These files come from Debian's archive, not from a user: parse them with
+        # entities allowed, but without a base URL, so no other file is read.
+        return _svg_at_size(cairosvg, data, size, unsafe=True, url=None)
+
+
+def _svg_at_size(cairosvg, data: bytes, size: int, unsafe: bool, url: str | None) -> Image.Image:
+    """Width first (cairosvg keeps the aspect ratio when given one side); a portrait picture comes out taller
+    than `size` and is drawn again by its height. Never at the SVG's own size: some declare 13,000 px."""
+    image = Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, url=url, unsafe=unsafe, output_width=size)))
     if image.height > size:
-        image = Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, url=str(path), output_height=size)))
+        image = Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, url=url, unsafe=unsafe, output_height=size)))
     return image.convert("RGBA")
 
 

@@ -43,25 +43,21 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-KINDS = ("circle", "square", "triangle", "diamond", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
-           "cross": "crosses"}
+from diffusion.grammar import COLOURS as COLOUR_WORDS
+from diffusion.grammar import CONVERSE, KINDS, NUMBER_WORDS, PLACE_WORDS, PLURALS, POSITION_WORDS, RELATIONS
+from diffusion.grammar import SIZES as SIZE_WORDS
+
+# The caption grammar's words (kinds, colours, sizes, relations, places, numbers) live in diffusion/grammar.py,
+# where the grounding loss and layout guidance read them; here is what the generator draws with them.
 # Hues far apart in RGB and far from every background (min distance ~150), so a nearest-palette
 # rule on the object's interior pixels is exact and antialiased edges stay separable.
-COLOURS = {"red": (220, 38, 38), "orange": (245, 135, 20), "yellow": (235, 210, 35),
-           "green": (30, 160, 60), "blue": (40, 90, 225), "purple": (145, 55, 195)}
+COLOURS = dict(zip(COLOUR_WORDS, [(220, 38, 38), (245, 135, 20), (235, 210, 35), (30, 160, 60), (40, 90, 225),
+                                  (145, 55, 195)], strict=True))  # red, orange, yellow, green, blue, purple
 BACKGROUNDS = {"white": (255, 255, 255), "light gray": (205, 205, 205), "dark gray": (45, 45, 45),
                "black": (0, 0, 0)}
 # Sizes are box sides as fractions of the image side; one cell is 1/3.
-SIZES = {"small": (0.19, 0.21), "large": (0.27, 0.30)}
-RELATIONS = ("above", "below", "left of", "right of")
-CONVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}  # A rel B == B conv A
+SIZES = dict(zip(SIZE_WORDS, [(0.19, 0.21), (0.27, 0.30)], strict=True))  # small, large
 SPLITS = ("train", "validation", "test", "heldout")
-POSITION_WORDS = {(0, 0): "in the top left", (0, 1): "at the top", (0, 2): "in the top right",
-                  (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
-                  (2, 0): "in the bottom left", (2, 1): "at the bottom", (2, 2): "in the bottom right"}
-NUMBER_WORDS = {2: "two", 3: "three"}
-PLACE_WORDS = ("top", "bottom", "left", "right", "center")  # the words of POSITION_WORDS that name a place
 
 GRID = 256      # geometry quantum: 1/256 of the image side (1/8 px at 32 px: exact in float and JSON)
 MARGIN = 4      # in GRID units from each cell edge: 0.5 px at 32 px, so neighbours are >= 1 px apart
@@ -369,10 +365,22 @@ def captions_for(scene: Scene, rng: random.Random, config: ShapesConfig) -> list
     return list(dict.fromkeys(texts))  # dedupe, keep order
 
 
+def _caption_rng(config: ShapesConfig, split: str, index: int) -> random.Random:
+    """The RNG that picks an image's phrasings and its `text` caption (one per index, like its scene's)."""
+    return random.Random(f"captions/{config.seed}/{split}/{index}")
+
+
+def split_captions(config: ShapesConfig, split: str, count: int) -> list[str]:
+    """Every phrasing of the first `count` scenes of a split, scene by scene: the `captions` column that
+    training reads, without drawing the images (for a model's caption summary, diffusion/vocabulary.py)."""
+    return [c for index in range(count)
+            for c in captions_for(sample_scene(config, split, index), _caption_rng(config, split, index), config)]
+
+
 def make_example(config: ShapesConfig, split: str, index: int) -> tuple[Image.Image, dict]:
     """Image and metadata row (without file_name) for one index of one split."""
     scene = sample_scene(config, split, index)
-    caption_rng = random.Random(f"captions/{config.seed}/{split}/{index}")
+    caption_rng = _caption_rng(config, split, index)
     captions = captions_for(scene, caption_rng, config)
     row = {"text": caption_rng.choice(captions), "captions": captions, "background": scene.background,
            "objects": [o.to_json() for o in scene.objects],

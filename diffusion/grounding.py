@@ -38,14 +38,10 @@ Shapes: B images, L tokens, R image side, N = h·w positions of a layer, P relat
 import torch
 import torch.nn.functional as F
 
-from data.shapes import COLOURS, KINDS, NUMBER_WORDS, PLACE_WORDS, PLURALS, RELATIONS, SIZES
+from diffusion.grammar import COLOURS, COUNTS, NOUNS, PLACE_WORDS, SIZES
+from diffusion.relations import read_relations
 from unet.attention import AttentionRecorder
 
-NOUNS = frozenset(KINDS) | frozenset(PLURALS.values())
-COUNTS = {word: n for n, word in NUMBER_WORDS.items()}  # "two" -> 2
-RELATION_HEADS = {r.split()[0]: r.split()[1:] for r in RELATIONS}  # "left of" -> "left", then ["of"]
-# The relation's axis (0 rows, 1 columns) and +1 where A's coordinate is the smaller (image y grows down).
-RELATION_AXES = {"above": (0, 1.0), "below": (0, -1.0), "left": (1, 1.0), "right": (1, -1.0)}
 RELATION_MARGIN = 1 / 6  # half a grid cell, the offset evaluation's detector asks of a relation
 
 
@@ -87,8 +83,9 @@ def token_targets(encoding, object_masks: list[torch.Tensor], object_words: list
     for b in range(B):
         words = encoding.words[b]
         named_by = [[k for k, ws in enumerate(object_words[b]) if w in ws] for w in words]
+        relation_words = {j for r in read_relations(words).relations for j in r.head}  # "above"; "left" of "left of"
         for wid, w in enumerate(words):
-            if _relation_length(words, wid):
+            if wid in relation_words:
                 named_by[wid] = _subject(words, wid, object_words[b]) if relations else []
             elif w in PLACE_WORDS and object_places is not None:
                 there = [k for k, p in enumerate(object_places[b]) if w in p]
@@ -111,13 +108,6 @@ def _subject(words: list[str], wid: int, object_words: list[set[str]]) -> list[i
     return [k for k, ws in enumerate(object_words) if phrase <= ws]
 
 
-def _relation_length(words: list[str], wid: int) -> int:
-    """How many words the relation starting at words[wid] has ("above" 1, "left of" 2); 0 if none does.
-    The "left" of "in the top left" is a place, not a relation: no "of" follows it."""
-    rest = RELATION_HEADS.get(words[wid])
-    return 1 + len(rest) if rest is not None and words[wid + 1:wid + 1 + len(rest)] == rest else 0
-
-
 def _noun_before(words: list[str], wid: int) -> int | None:
     """The index of the last kind word (singular or plural) before words[wid], or None."""
     return next((j for j in range(wid - 1, -1, -1) if words[j] in NOUNS), None)
@@ -137,9 +127,10 @@ def phrase_count(words: list[str], noun: int) -> int:
     return COUNTS.get(words[start - 1], 1) if start > 0 else 1
 
 
-def has_relation(words: list[str]) -> bool:
-    """Whether a caption's words hold a relation ("above", "to the left of"; not the place "in the top left")."""
-    return any(_relation_length(words, wid) for wid in range(len(words)))
+def has_relation(words: list[str], places: bool = False) -> bool:
+    """Whether a caption's words hold a relation ("above", "to the left of"; not the place "in the top left"
+    alone). places: two placed objects count too ("A at the top and B at the bottom"; diffusion/relations.py)."""
+    return bool(read_relations(words, places).relations)
 
 
 def phrase_tokens(encoding, b: int, noun: int, num_tokens: int) -> torch.Tensor:
@@ -150,9 +141,12 @@ def phrase_tokens(encoding, b: int, noun: int, num_tokens: int) -> torch.Tensor:
     return row
 
 
-def relation_pairs(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                       torch.Tensor]:
+def relation_pairs(encoding, num_tokens: int, places: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every "A <relation> B" in the B captions, as the tokens of A's and B's noun phrases.
+
+    Relations are read however they are said ("over", "on top of", "to the left of" …; with places=True
+    also "A at the top and B at the bottom"): diffusion/relations.py.
 
     Returns:
         a_tokens, b_tokens (P, L) float, 1 on the tokens of A's (B's) phrase; prompt (P,) long, the
@@ -161,19 +155,12 @@ def relation_pairs(encoding, num_tokens: int) -> tuple[torch.Tensor, torch.Tenso
     """
     a_tokens, b_tokens, prompt, axis, sign = [], [], [], [], []
     for b, words in enumerate(encoding.words):
-        for wid, w in enumerate(words):
-            length = _relation_length(words, wid)
-            if not length:
-                continue
-            before = _noun_before(words, wid)
-            after = next((j for j in range(wid + length, len(words)) if words[j] in NOUNS), None)
-            if before is None or after is None:
-                continue
-            a_tokens.append(phrase_tokens(encoding, b, before, num_tokens))
-            b_tokens.append(phrase_tokens(encoding, b, after, num_tokens))
+        for relation in read_relations(words, places).relations:
+            a_tokens.append(phrase_tokens(encoding, b, relation.a, num_tokens))
+            b_tokens.append(phrase_tokens(encoding, b, relation.b, num_tokens))
             prompt.append(b)
-            axis.append(RELATION_AXES[w][0])
-            sign.append(RELATION_AXES[w][1])
+            axis.append(relation.axis)
+            sign.append(relation.sign)
     none = torch.zeros(0, num_tokens)
     return (torch.stack(a_tokens) if prompt else none, torch.stack(b_tokens) if prompt else none,
             torch.tensor(prompt, dtype=torch.long), torch.tensor(axis, dtype=torch.long),

@@ -6,13 +6,14 @@
     result.attention.word_maps(0)   # {"red": (H, W) map, "circle": …} for the first image
 
 Folder layout (diffusers pipeline style): unet/ (config.json + model.safetensors), text_encoder/,
-tokenizer/, scheduler/scheduler_config.json (the training noise schedule), README.md (model card).
+tokenizer/, scheduler/scheduler_config.json (the training noise schedule), README.md (model card),
+captions.json (a summary of the training captions: what the model knows, diffusion/vocabulary.py).
 """
 
 import copy
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +23,20 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from conditioning.text_encoder import TextEncoder
-from diffusion.layout import layout_guide
+from diffusion.layout import check_strengths, layout_guide, relation_notes
 from diffusion.maps import AttentionMaps
 from diffusion.precision import inference_dtype
 from diffusion.prompts import parse_emphasis, token_weights
 from diffusion.sampling import DEFAULT_SAMPLER, guided_model, make_scheduler, sample
+from diffusion.vocabulary import (
+    CAPTIONS_FILE,
+    CaptionSummary,
+    layout_grammar,
+    layout_off_note,
+    unknown_words,
+    unknown_words_warning,
+    whole_words,
+)
 from unet import AttentionStore, UNet
 
 MAX_STEPS = 1000
@@ -41,6 +51,8 @@ class GenerationResult:
     word_ids: per image, as the text encoder split its prompt. warnings: unknown words, truncation.
     attention: the recorded maps when record_attention=True, else None. relation_guided / object_guided:
     whether relation / object guidance nudged this call (a prompt it applies to and its strength > 0).
+    guidance_notes: what layout guidance could not do ("layout guidance is off: …", a relation phrase it
+    does not read), one line each, for a status line rather than a warning.
     """
 
     images: list[Image.Image]
@@ -54,6 +66,7 @@ class GenerationResult:
     attention: AttentionMaps | None = None
     relation_guided: bool = False
     object_guided: bool = False
+    guidance_notes: list[str] = field(default_factory=list)
 
 
 class TextToImagePipeline:
@@ -64,9 +77,14 @@ class TextToImagePipeline:
         text_encoder: the frozen CLIP text encoder wrapper.
         scheduler_config: the training scheduler's config (a diffusers scheduler config dict).
         model_card: the README.md written beside the weights, if any.
+        captions: the summary of the captions it was trained on (diffusion/vocabulary.py), saved beside the
+            weights as captions.json: the app's examples, what the model knows, the unknown-word check and
+            whether layout guidance reads its prompts come from it. None for a folder without one (the
+            tokenizer's whole words stand in).
     """
 
-    def __init__(self, unet: UNet, text_encoder: TextEncoder, scheduler_config: dict, model_card: str | None = None):
+    def __init__(self, unet: UNet, text_encoder: TextEncoder, scheduler_config: dict, model_card: str | None = None,
+                 captions: CaptionSummary | None = None):
         if unet.config.context_dim != text_encoder.hidden_size:
             raise ValueError(
                 f"the U-Net reads text of width {unet.config.context_dim} but the text encoder produces "
@@ -76,6 +94,8 @@ class TextToImagePipeline:
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.model_card = model_card
+        self.captions = captions
+        self._whole_words: tuple[object, int, list[str]] | None = None  # (tokenizer, its size, its whole words)
         # Recording attaches a store to the shared U-Net's blocks: calls from several threads (a server's
         # workers, a warm-up) take turns, so one call's maps never land in another's store.
         self._lock = threading.Lock()
@@ -98,7 +118,8 @@ class TextToImagePipeline:
         text_encoder = TextEncoder.from_pretrained(str(path))
         scheduler_config = dict(DDPMScheduler.load_config(path / "scheduler"))
         card = (path / "README.md").read_text() if (path / "README.md").is_file() else None
-        pipe = cls(unet, text_encoder, scheduler_config, card).to(device)
+        captions = CaptionSummary.load(path) if (path / CAPTIONS_FILE).is_file() else None
+        pipe = cls(unet, text_encoder, scheduler_config, card, captions).to(device)
         return pipe.to(dtype=dtype if isinstance(dtype, torch.dtype) else inference_dtype(pipe.device, dtype))
 
     def save_pretrained(self, path: str | Path, unet_dtype: torch.dtype | None = None) -> None:
@@ -112,6 +133,8 @@ class TextToImagePipeline:
         DDPMScheduler.from_config(self.scheduler_config).save_pretrained(path / "scheduler")
         if self.model_card is not None:
             (path / "README.md").write_text(self.model_card)
+        if self.captions is not None:
+            self.captions.save(path)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "TextToImagePipeline":
         """Move to `device`; cast the U-Net to `dtype` (its inputs are cast to match at every step)."""
@@ -130,6 +153,26 @@ class TextToImagePipeline:
     def dtype(self) -> torch.dtype:
         """The U-Net's compute type (noise, scheduler and images stay fp32)."""
         return next(self.unet.parameters()).dtype
+
+    # -- what the model knows ----------------------------------------------------------------------
+    @property
+    def whole_words(self) -> list[str]:
+        """The tokenizer's whole words, sorted (diffusion.vocabulary.whole_words); read once per tokenizer."""
+        tokenizer = self.text_encoder.tokenizer
+        if self._whole_words is None or self._whole_words[:2] != (tokenizer, len(tokenizer)):
+            self._whole_words = (tokenizer, len(tokenizer), whole_words(tokenizer))
+        return self._whole_words[2]
+
+    @property
+    def known_words(self) -> Collection[str]:
+        """The words this model learned: its training captions' words, or without a caption summary its
+        tokenizer's whole words."""
+        return self.captions.word_counts if self.captions is not None else set(self.whole_words)
+
+    @property
+    def layout_grammar(self) -> str | None:
+        """The caption grammar layout guidance reads this model's prompts in ("shapes"), or None: off."""
+        return layout_grammar(self.captions, self.whole_words)
 
     # -- generation ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -187,6 +230,7 @@ class TextToImagePipeline:
             B = len(plain)
 
             enc = self.text_encoder.encode(negatives + plain)  # rows: B negatives, then B prompts
+            prompt_enc = enc.rows(slice(B, None))
             weights = None
             if any(emphasis):
                 cond = token_weights(enc.words[B:], enc.word_ids[B:], emphasis, enc.mask.shape[1])
@@ -214,9 +258,8 @@ class TextToImagePipeline:
                 if callback is not None:
                     callback(step, t, steps)
 
-            guide = layout_guide(self.unet, enc.rows(slice(B, None)), context[B:], enc.mask[B:].to(self.device),
-                                 None if weights is None else weights[B:], scheduler,
-                                 self.scheduler_config["num_train_timesteps"], relation_guidance, object_guidance)
+            guide, notes = self._layout_guide(prompt_enc, context[B:], None if weights is None else weights[B:],
+                                              scheduler, relation_guidance, object_guidance)
             generator = torch.Generator().manual_seed(seed)  # for stochastic samplers (DDPM)
             with self.unet.cache_text():  # the same text at every step: its keys and values are computed once
                 if store is None:
@@ -227,14 +270,38 @@ class TextToImagePipeline:
 
             result = GenerationResult(
                 images=to_pil(x), seed=seed, seeds=[seed + i for i in range(B)], prompts=plain,
-                tokens=enc.tokens[B:], words=enc.words[B:], word_ids=enc.word_ids[B:], warnings=prompt_warnings(enc, B),
-                relation_guided=guide is not None and guide.relations,
-                object_guided=guide is not None and guide.objects,
+                tokens=prompt_enc.tokens, words=prompt_enc.words, word_ids=prompt_enc.word_ids,
+                warnings=self.prompt_warnings(prompt_enc), relation_guided=guide is not None and guide.relations,
+                object_guided=guide is not None and guide.objects, guidance_notes=notes,
             )
             if store is not None:
                 result.attention = AttentionMaps(store, enc, num_images=B, image_size=(H, W),
                                                  prompts=plain, negative_prompts=negatives, seed=seed, sampler=sampler)
             return result
+
+    def _layout_guide(self, enc, context, token_weights, scheduler, relation: float, objects: float):
+        """The layout guide for the prompts (rows of the prompt half) and the notes for the status line:
+        guidance runs only where the model's vocabulary makes sense of the prompt (its captions are in the
+        shapes grammar); elsewhere nothing of that grammar runs, and one note says so."""
+        check_strengths(relation, objects)
+        if relation == 0 and objects == 0:
+            return None, []
+        if self.layout_grammar is None:
+            return None, [layout_off_note(self.captions)]
+        guide = layout_guide(self.unet, enc, context, enc.mask.to(self.device), token_weights, scheduler,
+                             self.scheduler_config["num_train_timesteps"], relation, objects)
+        return guide, relation_notes(enc) if relation else []
+
+    def prompt_warnings(self, enc) -> list[str]:
+        """User-facing warnings about encoded prompts: words the model never saw, truncation."""
+        out = []
+        known, from_captions = self.known_words, self.captions is not None
+        for words, unreadable, truncated in zip(enc.words, enc.unknown_words, enc.truncated, strict=True):
+            if unknown := unknown_words(words, known, unreadable):
+                out.append(unknown_words_warning(unknown, from_captions))
+            if truncated:
+                out.append("the prompt was longer than the text encoder takes and was cut; shorten it")
+        return list(dict.fromkeys(out))
 
     @staticmethod
     def _negatives(negative_prompt: str | list[str] | None, n: int) -> list[str]:
@@ -247,17 +314,6 @@ class TextToImagePipeline:
                 f"got {len(negative_prompt)} negative prompts for {n} prompts; give one per prompt, or one string."
             )
         return list(negative_prompt)
-
-
-def prompt_warnings(enc, B: int) -> list[str]:
-    """User-facing warnings about the prompts (rows B: of the encoding): unknown words, truncation."""
-    out = []
-    for unknown, truncated in zip(enc.unknown_words[B:], enc.truncated[B:], strict=True):
-        if unknown:
-            out.append(f"unknown to this model's vocabulary: {', '.join(dict.fromkeys(unknown))}")
-        if truncated:
-            out.append("the prompt was longer than the text encoder takes and was cut; shorten it")
-    return list(dict.fromkeys(out))
 
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:

@@ -22,7 +22,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from tests.tiny import tiny_pipeline
+from diffusion.pipeline import TextToImagePipeline
+from tests.tiny import OWN_CAPTIONS, tiny_pipeline
 
 PROMPT = "a red circle above a blue square"
 # Gradio 6.31's queue calls a pandas option that pandas 3 deprecates: not ours to fix.
@@ -150,10 +151,55 @@ def test_unknown_words_are_listed(pipe):
 
 
 def test_vocabulary_lists_whole_words_only(pipe):
-    words = app.vocabulary(pipe)
+    words = pipe.whole_words
     assert {"red", "circle", "above", "square", "a"} <= set(words)
     assert all(w.isalpha() and (len(w) > 1 or w == "a") for w in words)
-    assert "zebra" not in words and "red" in app.vocabulary_note(pipe)
+    assert "zebra" not in words and "red" in app.knows_note(pipe)
+
+
+def examples_of(pipe) -> list[str]:
+    """The prompts of the app's Examples for a model (none when it shows no Examples)."""
+    demo = app.build_demo(pipe)
+    try:
+        return [row[0] for block in demo.blocks.values() if isinstance(block, gr.Dataset) for row in block.samples]
+    finally:
+        demo.close()
+
+
+def test_a_model_of_its_own_words_gets_its_examples_words_and_no_shapes_guidance():
+    own = tiny_pipeline(OWN_CAPTIONS, grammar=None)  # "a polar bear on the ice": a person's own captions
+    examples = examples_of(own)
+    assert examples and set(examples) <= set(OWN_CAPTIONS) and examples[0] == OWN_CAPTIONS[0]
+    knows = app.knows_note(own)
+    assert "**18 captions**" in knows and "polar (6)" in knows and "circle" not in knows
+    assert "Layout guidance is off: this model's captions are not in the shapes grammar" in knows
+    _, _, status, res = app.generate(own, "a red apple above a polar bear", "", 2, 4.0, 0, False, "ddim", 1,
+                                     progress=NoProgress())
+    assert not (res.relation_guided or res.object_guided) and "relation guidance" not in status
+    assert "layout guidance is off: this model's captions are not in the shapes grammar" in status
+    with pytest.warns(UserWarning, match="unknown words: circle"):  # its own captions decide, not the shapes words
+        status = app.generate(own, "a red circle", "", 1, 4.0, 0, False, "ddim", 1, progress=NoProgress())[2]
+    assert "unknown words: circle" in status
+
+
+def test_a_model_without_a_caption_summary_says_so_and_shows_no_shapes_examples():
+    own = tiny_pipeline(OWN_CAPTIONS, grammar=None)
+    bare = TextToImagePipeline(own.unet, own.text_encoder, own.scheduler_config)
+    assert examples_of(bare) == []
+    knows = app.knows_note(bare)
+    assert "no summary of its training captions (captions.json)" in knows and "polar" in knows
+    assert "tokenizer lacks the shapes words" in knows
+
+
+def test_the_shapes_model_keeps_its_guidance_and_shows_its_captions(pipe):
+    assert set(examples_of(pipe)) <= set(pipe.captions.examples)
+    assert "Layout guidance reads its prompts in the shapes grammar" in app.knows_note(pipe)
+    _, _, status, res = app.generate(pipe, "blue square on the left, red circle on the right", "", 2, 4.0, 0, False,
+                                     "ddim", 1, progress=NoProgress())
+    assert res.relation_guided and f"relation guidance {app.RELATION_GUIDANCE:g}" in status
+    _, _, status, res = app.generate(pipe, "a blue square next to a red circle", "", 2, 4.0, 0, False, "ddim", 1,
+                                     progress=NoProgress())
+    assert not res.relation_guided and "'next to' is not a relation this model's guidance understands" in status
 
 
 def test_word_maps_follow_layer_bin_head_and_toggles(result):

@@ -232,3 +232,59 @@ def test_clip_score_prefers_the_true_caption():
     shifted = scorer(images, [row["text"] for _, row in examples[1:] + examples[:1]])  # someone else's caption
     assert all(0 <= s <= 100 for s in true + shifted)
     assert sum(t > s for t, s in zip(true, shifted, strict=True)) >= 6
+
+
+def captioned_folder(root: Path, colours: dict[str, tuple[int, int, int]], size: int = 16) -> Path:
+    """train/ and heldout/ splits of flat-coloured squares on white, captioned by their colour's name."""
+    import json
+
+    for split, names in (("train", list(colours)[:-1]), ("heldout", list(colours)[-1:])):
+        (root / split).mkdir(parents=True)
+        with (root / split / "metadata.jsonl").open("w") as f:
+            for i, name in enumerate(names):
+                im = Image.new("RGB", (size, size), "white")
+                im.paste(colours[name], (3, 3, size - 3, size - 3))
+                im.save(root / split / f"{i}.png")
+                f.write(json.dumps({"file_name": f"{i}.png", "text": f"a {name} thing"}) + "\n")
+    return root
+
+
+def test_retrieval_ranks_the_captions_own_picture():
+    # 0.6 is nearer 1.0 than 0.0 and -1.0 nearer 0.0 than 0.6: no ties for the noise to break
+    pictures = torch.stack([torch.full((3, 16, 16), v) for v in (-1.0, 0.0, 0.6, 1.0)])
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    samples = pictures[[2, 0]] + 0.05 * noise
+    assert evaluate.rank_of_own(samples, pictures, [2, 0]) == [0, 0]
+    assert evaluate.rank_of_own(samples, pictures, [3, 1]) == [1, 1]  # second nearest
+
+
+def test_foreground_is_what_differs_from_the_border():
+    x = torch.ones(3, 16, 16)
+    x[:, 4:8, 4:12] = -1
+    fg = evaluate.foreground(x)
+    assert fg.sum() == 32 and fg[5, 5] and not fg[0, 0]
+
+
+def test_retrieval_report_on_a_real_pipeline(tmp_path, monkeypatch):
+    """A model that draws each caption's own picture scores top-1 = 1 on seen and held-out captions."""
+    colours = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "black": (0, 0, 0)}
+    folder = captioned_folder(tmp_path / "data", colours)
+    pipe = tiny_pipeline()
+    real_call = type(pipe).__call__
+
+    def draws_the_caption(self, prompts, **kw):
+        result = real_call(self, prompts, **kw)
+        for i, prompt in enumerate(prompts):
+            im = Image.new("RGB", (16, 16), "white")
+            im.paste(colours[prompt.split()[1]], (3, 3, 13, 13))
+            result.images[i] = im
+        return result
+
+    monkeypatch.setattr(type(pipe), "__call__", draws_the_caption)
+    report = evaluate.evaluate_retrieval(pipe, str(folder), steps=2, sheet=tmp_path / "sheet.png")
+    assert report["seen"]["top1"] == 1.0 and report["seen"]["captions"] == 3 and report["seen"]["candidates"] == 3
+    assert report["heldout"]["top1"] == 1.0 and report["heldout"]["candidates"] == 4
+    assert report["seen"]["chance_top1"] == pytest.approx(1 / 3)
+    assert 0 <= report["foreground_pointing"]["score"] <= 1 and report["foreground_pointing"]["words"] > 0
+    assert Image.open(tmp_path / "sheet.png").size[0] > 0
+    assert "top-1" in evaluate.retrieval_markdown(report, "tiny")

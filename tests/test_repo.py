@@ -67,6 +67,8 @@ def test_import_direction():
     # DESIGN.md: unet imports nothing of the project; conditioning imports nothing of unet.
     assert imported_project_packages("unet") <= {"unet"}
     assert "unet" not in imported_project_packages("conditioning")
+    # diffusion reads a grammar it is told about (diffusion/grammar.py, a model's captions.json), never a data set
+    assert "data" not in imported_project_packages("diffusion")
 
 
 def test_no_pickles_tracked():

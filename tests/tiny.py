@@ -1,5 +1,7 @@
 """Tiny random models for fast tests: a CLIP-format tokenizer trained on a few captions, a random
-CLIPTextModel of width 32, a tiny U-Net, and a cosine v-prediction training schedule."""
+CLIPTextModel of width 32, a tiny U-Net, a cosine v-prediction training schedule, and the summary of
+those captions. By default the captions are the shapes grammar's (so layout guidance reads the prompts);
+`tiny_pipeline(OWN_CAPTIONS, grammar=None)` is a model of someone's own words."""
 
 import torch
 from diffusers import DDPMScheduler
@@ -8,16 +10,22 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from conditioning.text_encoder import TextEncoder
 from conditioning.tokenizer import train_clip_bpe
 from diffusion.pipeline import TextToImagePipeline
+from diffusion.vocabulary import CaptionSummary
 from unet import UNet, UNetConfig
 
 CAPTIONS = [
     "a red circle", "a blue square above a green triangle", "two yellow circles", "a small purple star",
     "a large orange square on the left", "a red triangle to the right of a blue circle",
 ] * 3
+# A person's own pictures: words of their own, no shapes grammar.
+OWN_CAPTIONS = [
+    "a polar bear on the ice", "a red apple on a table", "two green apples", "a polar bear above the sea",
+    "a brown dog next to a red ball", "a cup of tea on a wooden table",
+] * 3
 
 
-def tiny_text_encoder(hidden_size: int = 32) -> TextEncoder:
-    tokenizer = train_clip_bpe(CAPTIONS, vocab_size=200, model_max_length=16)
+def tiny_text_encoder(hidden_size: int = 32, captions: list[str] = CAPTIONS) -> TextEncoder:
+    tokenizer = train_clip_bpe(captions, vocab_size=200, model_max_length=16)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
@@ -36,7 +44,8 @@ def randomize_(module: torch.nn.Module, seed_value: int = 0, std: float = 0.2) -
     return module
 
 
-def tiny_pipeline() -> TextToImagePipeline:
+def tiny_pipeline(captions: list[str] = CAPTIONS, grammar: str | None = "shapes") -> TextToImagePipeline:
+    """A tiny random pipeline whose tokenizer and caption summary come from `captions`."""
     torch.manual_seed(0)
     unet = UNet(UNetConfig.preset("tiny"))
     with torch.no_grad():  # a random but well-scaled denoiser: outputs stay finite through sampling
@@ -44,4 +53,6 @@ def tiny_pipeline() -> TextToImagePipeline:
             if p.abs().sum() == 0 and name.endswith("weight"):
                 p.normal_(0, 0.02)
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
-    return TextToImagePipeline(unet, tiny_text_encoder(), dict(scheduler.config))
+    text_encoder = tiny_text_encoder(captions=captions)
+    summary = CaptionSummary.from_captions(captions, grammar, tokenizer=text_encoder.tokenizer)
+    return TextToImagePipeline(unet, text_encoder, dict(scheduler.config), captions=summary)
