@@ -89,7 +89,7 @@ _COLLECTION = re.compile(r"various cliparts|svg road signs|aiga_symbol_signs|aus
                          r"|homes clipart|map symbols|boating rules illustration", re.I)
 # Collection titles that do say what every picture in them is.
 COLLECTION_NOUNS = {"svg road signs": "road sign", "road signs": "road sign", "australian maps": "map",
-                    "homes clipart": "house"}
+                    "homes clipart": "house", "people": "person"}  # "people": a series of one-person icons
 # "Clipart by Nicu Buculei - pear": a template title, copied unchanged onto apples, lemons and plums.
 _TEMPLATE = re.compile(r"^\s*clip\s*art by [^-]+-\s*", re.I)
 _NOISE = re.compile(r"hand[- ]drawn|body[- ]part|martin luther king|\S+@\S+|https?://\S+|www\.\S+|hash\(0x[0-9a-f]+\)|0x[0-9a-f]+|\([^)]*\bemail\b[^)]*\)"
@@ -177,7 +177,8 @@ def tokens(text: str, drop: frozenset[str] = frozenset()) -> list[str]:
     # compounds before and after translating: "pallone aerestatico" is one thing, "pallone" alone a ball
     words = " ".join(W.BROAD_ALIASES.get(w, W.TRANSLATIONS.get(w, w)) for w in _merge(words)).split()
     merged = _merge(words)
-    return [w for j, w in enumerate(merged) if j == 0 or w != merged[j - 1]]  # "gatto cat" -> "cat cat" -> "cat"
+    # "gatto cat" -> "cat cat" -> "cat"; "biohazard symbol" -> "biohazard symbol symbol" -> "biohazard symbol"
+    return [w for j, w in enumerate(merged) if j == 0 or not (w == merged[j - 1] or merged[j - 1].endswith(" " + w))]
 
 
 def _merge(words: list[str]) -> list[str]:
@@ -406,8 +407,12 @@ def with_colour(phrase: list[str], colour: str) -> list[str] | None:
     """The colour before the first noun or modifier, after opinion and size words ("a bored brown dog",
     "a red soccer ball", "a brown wooden chair"). None when the phrase already names a colour or joins
     several things ("a cup of coffee" has no single colour). People get no colour word, which would read
-    as skin colour: a black filled person is "a silhouette of a woman", any other colour is left out."""
+    as skin colour: a black filled person is "a silhouette of a woman", any other colour is left out.
+    A mass noun gets none either: milk, coffee and bread are drawn in a carton, cup or bag, whose colour
+    is the one measured ("black milk")."""
     if any(w in W.COLOUR_WORDS or w in W.THE_NOUNS or _kind(w) == "conn" for w in phrase):
+        return None
+    if _head(phrase) in W.MASS_NOUNS:
         return None
     if _singular(_head(phrase)) in W.PEOPLE_NOUNS:
         return ["silhouette", "of", *phrase] if colour == "black" else None

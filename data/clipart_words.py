@@ -17,7 +17,7 @@ def _words(text: str) -> frozenset[str]:
 
 # Specific things: a caption's head noun. Compounds that are one thing ("hot dog") are in PHRASES below.
 NOUNS = _words("""
-    ant angelfish armadillo bat bear beagle bee beetle bison bull bulldog bunny butterfly camel cat
+    ant angelfish antelope armadillo bat bear beagle bee beetle bison bull bulldog bunny butterfly camel cat
     caterpillar chick chicken chimp chipmunk cichlid cobra cow crab crawfish crocodile crow damselfly deer
     dinosaur dog dolphin donkey dragon dragonfly duck eagle echidna elephant elk fawn fox frog gecko giraffe
     goat goldfish gorilla gourami grasshopper gull hedgehog hen hippo horse ibex kangaroo kitten koala
@@ -45,7 +45,7 @@ NOUNS = _words("""
     truck van wagon yacht
     accordion banjo bell cello clarinet drum flute guitar harp maraca oboe piano piccolo saxophone
     tambourine trombone trumpet tuba violin xylophone
-    anchor antenna axe backpack badge bag ball balloon banner barrel basket battery bed bench bin
+    anchor antenna axe backpack badge bag ball balloon banner barrel baseball basket battery bed bench bin
     binoculars blender board bomb book bookmark boombox boomerang boot bottle bow bowl box bracelet brick
     broom brush bucket bulb button cabinet cage calculator calendar camcorder camera candle cannon cap card
     cart cassette chain chair chalkboard chess clipboard clock coat coin comb compass computer cone
@@ -59,7 +59,7 @@ NOUNS = _words("""
     present printer projectile puzzle racket radio rake ribbon ring rope ruler saddle sandal saw
     scale scanner scissors screen screwdriver scroll shield shirt shoe shorts shovel skateboard ski
     sled sledge sneaker snowflake soap sock sofa speaker spoon spyglass stamp stapler stethoscope
-    stool suitcase sunglasses surfboard sword syringe table tambourine tape teacup teapot telephone
+    gun stool suitcase sunglasses surfboard sword syringe table tambourine tape teacup teapot telephone
     telescope television tent thermometer ticket tie tire toaster toilet toothbrush toothpaste torch
     towel trophy trowel tshirt tv umbrella vase wallet wand watch wheel wheelchair whistle wrench
     wreath
@@ -99,7 +99,7 @@ ADJECTIVES = _words("""
 
 # Nouns that only modify another noun here ("soccer ball", "christmas tree"); never a caption's head.
 MODIFIERS = _words("""
-    baseball basketball football golf hockey rugby soccer tennis volleyball billiard bowling yoga karate
+    basketball football golf hockey rugby soccer tennis volleyball billiard bowling yoga karate
     christmas easter halloween birthday wedding valentine party summer winter kitchen office police
     postage plastic metal stone silk wooden peace music musical chemistry space sea
     """)
@@ -129,7 +129,7 @@ IRREGULAR_PLURALS = {"men": "man", "women": "woman", "children": "child", "peopl
                      "pantyhose": "pantyhose",
                      "scissors": "scissors", "binoculars": "binoculars", "shorts": "shorts",
                      "fireworks": "fireworks", "fries": "fries", "maracas": "maraca", "dominoes": "domino"}
-ALWAYS_PLURAL = _words("scissors binoculars glasses sunglasses shorts fireworks fries maracas dice lips")
+ALWAYS_PLURAL = _words("scissors binoculars glasses sunglasses shorts fireworks fries maracas dice lips pantyhose")
 
 # Several title words that name one thing; they are read as one noun.
 PHRASES = {
@@ -169,11 +169,13 @@ PHRASES = {
     "biohazard": "biohazard symbol", "ladybird": "ladybug", "sand castle": "sandcastle",
     "macchina fotografica": "camera", "macchina caffe": "coffee machine", "ferro da stiro": "iron",
     "aeroplane": "airplane", "automobile": "car", "auto": "car", "telly": "television",
+    "bullet hole": "bullet hole", "longsword": "sword", "nodding donkey": "oil pump", "oil pump": "oil pump",
 }
 
 # Italian, French and Spanish title words of the package, translated (head nouns and a few colours).
 # The titles put the noun first ("Cigno di notte nella palude": a swan at night in the marsh).
 TRANSLATIONS = {
+    "antilope": "antelope", "paprika": "pepper", "autos": "cars",
     "acquila": "eagle", "aquila": "eagle", "cigno": "swan", "cigni": "swans", "gallo": "rooster",
     "gallina": "hen", "uccello": "bird", "uccelli": "birds", "gabbiano": "seagull", "gufo": "owl",
     "civetta": "owl", "pinguino": "penguin", "tacchino": "turkey", "farfalla": "butterfly",

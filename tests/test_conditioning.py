@@ -377,8 +377,9 @@ def test_sources_share_every_batch_by_weight_and_read_their_own_rows(tmp_path):
     from conditioning.pretrain_clip import PRESETS, load_sources
 
     art, shapes = make_clipart_folder(tmp_path / "art", 6, 4), make_caption_folder(tmp_path / "shapes", 10, 4)
-    cfg = dataclasses.replace(PRESETS["tiny"], batch_size=8, data_weights=(0.75, 0.25))
+    cfg = dataclasses.replace(PRESETS["tiny"], batch_size=8, data_weights=(0.75, 0.25), augment=(True, False))
     sources = load_sources([art, shapes], cfg)
+    assert sources.augment.tolist() == [True] * 6 + [False] * 10 and sources.mirror_ok.all()
     assert sources.names == ["art", "shapes"] and sources.sizes == [6, 10] and sources.shares == [6, 2]
     assert list(sources.val) == ["art", "shapes"] and len(sources.val["art"]) == 4  # heldout read as validation
     seen = set()
@@ -392,10 +393,28 @@ def test_sources_share_every_batch_by_weight_and_read_their_own_rows(tmp_path):
     # no weights: shares in proportion to the folders' sizes; one folder reads what it always read
     even = load_sources([art, shapes], dataclasses.replace(cfg, data_weights=()))
     assert even.shares == [3, 5]
-    one = load_sources([shapes], dataclasses.replace(cfg, data_weights=()))
+    one = load_sources([shapes], dataclasses.replace(cfg, data_weights=(), augment=()))
     assert one.batch(2, seed=0).tolist() == batch_indices(10, 8, 2, seed=0)
-    with pytest.raises(ValueError, match="one weight per folder"):
+    with pytest.raises(ValueError, match="one per folder"):
         load_sources([art], cfg)
+
+
+def test_zoom_out_keeps_the_whole_drawing_on_white_and_mirrors_only_where_allowed():
+    from conditioning.imagefolder import zoom_out_on_white
+
+    pixels = torch.full((64, 3, 16, 16), 255, dtype=torch.uint8)
+    pixels[:, :, 4:12, 2:6] = 0  # a black bar left of centre
+    out = zoom_out_on_white(pixels, torch.Generator().manual_seed(0), 0.5, flip=torch.arange(64) < 32)
+    assert out.shape == pixels.shape and out.dtype == torch.uint8
+    ink = (out < 128).any(dim=1)  # (B, 16, 16)
+    assert (ink.sum(dim=(1, 2)) >= 0.5 * 0.5 * 32).all()  # the whole bar still in view, at least half size
+    left = ink[:, :, :8].sum(dim=(1, 2)) > ink[:, :, 8:].sum(dim=(1, 2))
+    assert left[32:].all()  # flip not allowed: the bar stays on the left
+    assert not left[:32].all()  # allowed: some are mirrored
+    widths = ink.any(dim=1).sum(dim=1)
+    assert widths.min() < widths.max()  # zoomed by different factors
+    again = zoom_out_on_white(pixels, torch.Generator().manual_seed(0), 0.5, flip=torch.arange(64) < 32)
+    assert torch.equal(out, again)
 
 
 def test_a_grown_tokenizer_keeps_the_old_ids_and_reads_common_words_whole(tokenizer, tmp_path):

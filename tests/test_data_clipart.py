@@ -181,6 +181,13 @@ def test_a_folder_that_is_not_an_earlier_build_is_left_alone(package, tmp_path):
     ("greenArrow_01", "a green arrow"),
     ("Copper the Beagle", "a beagle"),
     ("Grass Hopper", "a grasshopper"),
+    ("Biohazard symbol", "a biohazard symbol"),  # "biohazard" alone is already "biohazard symbol"
+    ("Blue Gun", "a blue gun"),
+    ("Baseball", "a baseball"),
+    ("Autos", "cars"),
+    ("Antilope", "an antelope"),
+    ("nodding donkey", "an oil pump"),
+    ("pantyhose11", "pantyhose"),
     ("Martin Luther King Jr. memorial", None),
 ])
 def test_titles_become_plain_noun_phrases(title, expected):
@@ -198,6 +205,14 @@ def test_a_keyword_gives_its_head_noun_and_a_folder_word_only_files_the_picture(
                         keywords=("map_symbol", "people", "grass hopper", "food"), creator="")
     # "map_symbol" is a symbol (not a map); "people" and "food" name top folders
     assert clipart._keyword_nouns(clip) == (["grasshopper"], ["symbol", "person"])
+
+
+def test_a_series_titled_people_shows_one_person_each_and_mass_nouns_get_no_colour():
+    clip = clipart.Clip(source="computer/icons/people_01a.svg", category="computer", title="people",
+                        description="", keywords=("icon", "people"), creator="Juliane Krug")
+    assert clipart.captions_for(clipart.subject_of(clip), "green") == ["a person"]
+    assert clipart.with_colour(["milk"], "black") is None  # the carton's colour, not the milk's
+    assert clipart.with_colour(["dog"], "brown") == ["brown", "dog"]
 
 
 def _item(source, text, category="food", digest=None):
