@@ -297,7 +297,11 @@ def _keyword_nouns(clip: Clip) -> tuple[list[str], list[str]]:
     picture, so it is only broad."""
     specific: list[str] = []
     broad: list[str] = []
+    # words the title's noise removed ("Martin Luther King Jr."): as keywords they are the name's pieces too
+    removed = {w for m in _NOISE.finditer(clip.title) for w in m.group(0).lower().split()}
     for keyword in clip.keywords:
+        if keyword.lower() in removed:
+            continue
         phrase = noun_phrase(tokens(keyword))
         if phrase:
             word = _singular(_head(phrase))
@@ -368,7 +372,9 @@ def subject_of(clip: Clip) -> Subject | None:
     head = _singular(_head(chosen))
     # The class comes from the keywords or the folder, which file the picture ("mammal", "birds"), never from
     # other keyword nouns, which are often things near it in the picture or in its story.
-    classes = [w for w in [*broad_kw, folder] if w in W.BROAD_ALONE and w != head]
+    classes = [w for w in [*broad_kw, folder] if w in W.BROAD_ALONE and w != head
+               # a smiley, hat or beach filed under people/ is not a person
+               and (w != "person" or head in W.PEOPLE_NOUNS or head == "silhouette")]
     return Subject(phrase=tuple(chosen), broad=classes[0] if classes else None)
 
 

@@ -88,7 +88,7 @@ BROAD_ALIASES = {"mammal": "animal", "feline": "animal", "canine": "animal", "be
 # People: a colour word before them would read as skin colour (see data.clipart.with_colour).
 PEOPLE_NOUNS = _words("man woman boy girl baby child kid lady guy person teenager bride groom king queen prince "
                       "princess nurse doctor chef pilot sailor soldier dancer hiker skier surgeon fireman "
-                      "policeman cowboy astronaut")
+                      "policeman cowboy astronaut ballerina")
 
 # Words a caption may use before a noun, besides colours (adjective order: these come before the colour).
 ADJECTIVES = _words("""
@@ -129,7 +129,8 @@ IRREGULAR_PLURALS = {"men": "man", "women": "woman", "children": "child", "peopl
                      "pantyhose": "pantyhose",
                      "scissors": "scissors", "binoculars": "binoculars", "shorts": "shorts",
                      "fireworks": "fireworks", "fries": "fries", "maracas": "maraca", "dominoes": "domino"}
-ALWAYS_PLURAL = _words("scissors binoculars glasses sunglasses shorts fireworks fries maracas dice lips pantyhose")
+ALWAYS_PLURAL = _words("scissors binoculars glasses sunglasses shorts fireworks fries maracas dice lips pantyhose "
+                       "crossbones")
 
 # Several title words that name one thing; they are read as one noun.
 PHRASES = {
@@ -155,7 +156,8 @@ PHRASES = {
     "santa claus": "santa claus", "father christmas": "santa claus", "fatherchristmas": "santa claus",
     "jack o lantern": "jack-o'-lantern", "firestation": "fire station", "fire station": "fire station",
     "paperbag": "paper bag", "paper bag": "paper bag", "thumbs up": "thumbs-up hand",
-    "crossbones": "skull and crossbones", "callout": "speech bubble", "speech bubble": "speech bubble",
+    "crossbones": "skull and crossbones",
+    "skull and crossbones": "skull and crossbones", "callout": "speech bubble", "speech bubble": "speech bubble",
     "compact disc": "compact disc", "cd": "compact disc", "football pitch": "football field",
     "yin yang": "yin and yang symbol", "jin jang": "yin and yang symbol", "french horn": "french horn",
     "quaver": "music note", "treble staff": "music staff", "chess": "chess piece", "chess piece": "chess piece",

@@ -188,6 +188,7 @@ def test_a_folder_that_is_not_an_earlier_build_is_left_alone(package, tmp_path):
     ("Antilope", "an antelope"),
     ("nodding donkey", "an oil pump"),
     ("pantyhose11", "pantyhose"),
+    ("Crossbones", "a skull and crossbones"),
     ("Martin Luther King Jr. memorial", None),
 ])
 def test_titles_become_plain_noun_phrases(title, expected):
@@ -213,6 +214,19 @@ def test_a_series_titled_people_shows_one_person_each_and_mass_nouns_get_no_colo
     assert clipart.captions_for(clipart.subject_of(clip), "green") == ["a person"]
     assert clipart.with_colour(["milk"], "black") is None  # the carton's colour, not the milk's
     assert clipart.with_colour(["dog"], "brown") == ["brown", "dog"]
+
+
+@pytest.mark.parametrize("source, title, keywords, expected", [
+    ("people/smilies/smiley111.svg", "smiley", ("people", "smiley"), ["a smiley"]),  # not "a person"
+    ("people/beach_trip.svg", "Beach trip", ("people", "beach"), ["a beach"]),
+    ("people/a_happy_boy_01.svg", "A happy boy", ("people", "boy"), ["a happy boy", "a boy", "a person"]),
+    # the name's pieces come back as keywords ("king"): they are not what the picture shows
+    ("people/mlk.svg", "Martin Luther King Jr.", ("martin", "king", "luther", "people"), ["a person"]),
+])
+def test_the_person_class_is_only_for_people(source, title, keywords, expected):
+    clip = clipart.Clip(source=source, category="people", title=title, description="", keywords=keywords,
+                        creator="")
+    assert clipart.captions_for(clipart.subject_of(clip), None) == expected
 
 
 def _item(source, text, category="food", digest=None):
