@@ -5,6 +5,13 @@
     python -m conditioning.pretrain_clip --data cache/shapes32 --out runs/clip --resume   # continue
     python -m conditioning.pretrain_clip --data cache/shapes32 --eval runs/clip           # retrieval top-1
 
+    # the clip-art CLIP: real words from openclipart plus the shapes set, the shipped tokenizer grown with
+    # whole-word tokens for the captions' common words (its old ids kept)
+    python -m data.clipart --out cache/clipart64
+    python -m data.shapes --out cache/shapes64 --size 64 --n-train 20000
+    python -m conditioning.pretrain_clip --preset clipart --data cache/clipart64 cache/shapes64 \
+        --tokenizer weights/default/tokenizer --out runs/clip-clipart
+
 On a CPU shared with other jobs, run it with `nice -n 10` and `OMP_NUM_THREADS=1`: with two cores
 and other processes busy, two oversubscribed threads ran 2.5x slower per step than one thread here.
 
@@ -21,8 +28,15 @@ while training and at the end. `--out` then holds:
     pretrain_config.json  metrics.jsonl  retrieval.json  README.md (model card with the scores)
     checkpoints/step_NNNNNNN/   accelerate save_state (weights in safetensors), for --resume
 
-Images are not augmented: flips would break "left of"/"right of", crops "in the top left". Captions
-are: when the data lists several true phrasings of an image, a fresh one is drawn every step.
+Images are not augmented by default: flips would break "left of"/"right of", crops "in the top left".
+A folder of single drawings on white (clip art) may be (`augment`): each picture zoomed out by a random
+factor, and mirrored where no caption says left or right. Captions are: when the data lists several
+true phrasings of an image, a fresh one is drawn every step.
+
+Several `--data` folders train one model: each batch takes a fixed share from each (`data_weights`,
+default in proportion to their sizes), each folder is scored on its own validation split (`validation`,
+or `heldout` where that is the only held-out split, as in data.clipart), and the first folder's scores
+are the headline ones.
 """
 
 import argparse
@@ -42,9 +56,17 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, get_cosine_schedule_with_warmup
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from conditioning.imagefolder import CLIP_MEAN, CLIP_STD, CaptionedImages, find_split, load_split, to_pixel_values
+from conditioning.imagefolder import (
+    CLIP_MEAN,
+    CLIP_STD,
+    CaptionedImages,
+    find_split,
+    load_split,
+    to_pixel_values,
+    zoom_out_on_white,
+)
 from conditioning.text_encoder import TextEncoder
-from conditioning.tokenizer import save_clip_tokenizer, train_clip_bpe
+from conditioning.tokenizer import grow_tokenizer, save_clip_tokenizer, train_clip_bpe
 from data.loading import batch_indices
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{7})$")
@@ -86,6 +108,17 @@ class PretrainConfig:
     eval_size: int = 1000  # validation pairs scored while training (the final score uses all of them)
     val_holdout: int = 1000  # pairs held out of train when the data has no validation split
     seed: int = 0
+    # several --data folders: each batch's share from each (normalised); empty: in proportion to their sizes
+    data_weights: tuple[float, ...] = ()
+    # a CLIP-format tokenizer folder to grow (old ids kept, conditioning.tokenizer.grow_tokenizer) with a
+    # whole-word token for every caption word used >= min_word_count times; empty: train a BPE from scratch
+    base_tokenizer: str = ""
+    min_word_count: int = 2
+    # per --data folder: True zooms its pictures out on white by a random factor (>= augment_min_scale) and
+    # mirrors those whose captions say neither left nor right (imagefolder.zoom_out_on_white). Only for
+    # pictures of one drawing on white (clip art): the shapes set's captions name positions. Empty: none.
+    augment: tuple[bool, ...] = ()
+    augment_min_scale: float = 0.75
 
 
 PRESETS = {
@@ -95,6 +128,16 @@ PRESETS = {
         max_length=16, text_width=32, text_layers=1, text_heads=2, vision_width=32, vision_layers=1,
         vision_heads=2, projection_dim=32, steps=4, batch_size=8, warmup_steps=1, eval_every=2,
         checkpoint_every=2, candidates=4, eval_size=8, val_holdout=4,
+    ),
+    # clip art at 64 px (8 px patches: 64 patch tokens, as the shapes CLIP's 32 px in 4 px ones) plus the shapes
+    # set; half of each batch is clip art, which has only ~1,900 training pairs against the shapes set's 20,000.
+    # The small widths, measured at batch 128 on one thread of this CPU (bf16): 4.2 M parameters, 1.1 s a step
+    # (~3,300 steps an hour), against 2.9-3.2 s for text 384x6 / vision 256x6 (15.8 M); with so few clip arts
+    # the data, not the width, limits it. 6,000 steps: ~2 h of a free core, ~200 passes over the clip art.
+    "clipart": PretrainConfig(
+        image_size=64, patch_size=8, data_weights=(0.5, 0.5), base_tokenizer="weights/default/tokenizer",
+        augment=(True, False),  # ~1,900 clip arts are seen hundreds of times in a run: vary them
+        steps=6000, warmup_steps=200, eval_every=200,
     ),
 }
 
@@ -129,7 +172,7 @@ def load_splits(data: str | Path, cfg: PretrainConfig) -> tuple[CaptionedImages,
             f"{data}/metadata.jsonl. Make one with `python -m data.shapes --out {data}`."
         )
     train = load_split(train_dir, cfg.image_size)
-    val_dir = find_split(data, "validation")
+    val_dir = find_split(data, "validation") or find_split(data, "heldout")
     if val_dir is not None:
         val = load_split(val_dir, cfg.image_size)
         add_shapes_phrasings(val_dir, val)
@@ -137,6 +180,55 @@ def load_splits(data: str | Path, cfg: PretrainConfig) -> tuple[CaptionedImages,
     if len(train) <= cfg.val_holdout:
         raise ValueError(f"{len(train)} training pairs and no validation split: cannot hold out {cfg.val_holdout}.")
     return train.subset(slice(0, -cfg.val_holdout)), train.subset(slice(-cfg.val_holdout, None))
+
+
+@dataclass
+class Sources:
+    """Several captioned folders as one training set (their train splits one after another) and their
+    validation splits apart; `shares[k]` pairs of every batch come from folder k."""
+
+    names: list[str]
+    train: CaptionedImages
+    offsets: list[int]  # where folder k's pairs start in `train`
+    sizes: list[int]
+    shares: list[int]
+    val: dict[str, CaptionedImages]
+    augment: torch.Tensor  # (len(train),) bool: zoom this pair's picture out on white (cfg.augment)
+    mirror_ok: torch.Tensor  # (len(train),) bool: no caption of this pair says left or right
+
+    def batch(self, step: int, seed: int) -> torch.Tensor:
+        """The rows of `train` read at `step`: each folder walks its own seeded epochs (data.loading.batch_indices;
+        one folder reads what a single-folder run always read)."""
+        rows = [offset + i for k, (offset, size, share) in enumerate(zip(self.offsets, self.sizes, self.shares,
+                                                                          strict=True)) if share
+                for i in batch_indices(size, share, step, seed + 1000 * k)]
+        return torch.tensor(rows)
+
+
+def load_sources(data: list[str | Path], cfg: PretrainConfig) -> Sources:
+    """Every folder's splits (`load_splits`) and the batch shares `cfg.data_weights` asks for."""
+    names = [Path(d).name or str(d) for d in data]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--data folders need distinct names (their scores are reported by name): {names}")
+    for field in ("data_weights", "augment"):
+        values = getattr(cfg, field)
+        if values and len(values) != len(data):
+            raise ValueError(f"{field} {values} gives {len(values)} values for {len(data)} --data folders; "
+                             f"give one per folder.")
+    splits = [load_splits(d, cfg) for d in data]
+    sizes = [len(train) for train, _ in splits]
+    weights = cfg.data_weights or tuple(sizes)
+    exact = [cfg.batch_size * w / sum(weights) for w in weights]
+    shares = [math.floor(x) for x in exact]
+    for k in sorted(range(len(exact)), key=lambda k: shares[k] - exact[k])[: cfg.batch_size - sum(shares)]:
+        shares[k] += 1  # largest remainders first, so the shares add up to the batch size
+    train = CaptionedImages(torch.cat([t.pixels for t, _ in splits]), [x for t, _ in splits for x in t.texts],
+                            [x for t, _ in splits for x in t.captions])
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    augment = torch.tensor([bool(cfg.augment and cfg.augment[k]) for k, size in enumerate(sizes) for _ in range(size)])
+    mirror_ok = torch.tensor([not any(re.search(r"\b(left|right)\b", c) for c in caps) for caps in train.captions])
+    return Sources(names, train, offsets, sizes, shares, {n: v for n, (_, v) in zip(names, splits, strict=True)},
+                   augment, mirror_ok)
 
 
 def add_shapes_phrasings(split_dir: Path, data: CaptionedImages, draws: int = 512) -> bool:
@@ -214,11 +306,18 @@ def retrieval_top1(
     t2i_hits = [data.texts[q] in data.captions[o + r] for q, (o, r) in enumerate(zip(offsets, t2i, strict=True))]
     i2t_hits = [data.texts[o + r] in data.captions[q] for q, (o, r) in enumerate(zip(offsets, i2t, strict=True))]
     same = torch.arange(candidates).repeat(groups)
+    # chance: the hit rate of a random pick, i.e. the share of a group's images (captions) that would count
+    t2i_chance = [sum(data.texts[q] in data.captions[o + j] for j in range(candidates)) / candidates
+                  for q, o in enumerate(offsets)]
+    i2t_chance = [sum(data.texts[o + j] in data.captions[q] for j in range(candidates)) / candidates
+                  for q, o in enumerate(offsets)]
     return {
         "text_to_image_top1": sum(t2i_hits) / n,
         "image_to_text_top1": sum(i2t_hits) / n,
         "text_to_image_top1_exact": (torch.tensor(t2i) == same).float().mean().item(),
         "image_to_text_top1_exact": (torch.tensor(i2t) == same).float().mean().item(),
+        "text_to_image_chance": sum(t2i_chance) / n,
+        "image_to_text_chance": sum(i2t_chance) / n,
         "pairs": n,
         "candidates": candidates,
     }
@@ -227,7 +326,23 @@ def retrieval_top1(
 def format_scores(scores: dict) -> str:
     return (f"retrieval top-1 among {scores['candidates']} ({scores['pairs']} pairs): "
             f"text->image {scores['text_to_image_top1']:.3f}, image->text {scores['image_to_text_top1']:.3f} "
-            f"(exact pair: {scores['text_to_image_top1_exact']:.3f} / {scores['image_to_text_top1_exact']:.3f})")
+            f"(exact pair: {scores['text_to_image_top1_exact']:.3f} / {scores['image_to_text_top1_exact']:.3f}; "
+            f"chance {scores['text_to_image_chance']:.3f} / {scores['image_to_text_chance']:.3f})")
+
+
+def retrieval_per_data(model: CLIPModel, tokenizer: CLIPTokenizer, val: dict[str, CaptionedImages],
+                       candidates: int, limit: int | None = None) -> dict[str, dict]:
+    """`retrieval_top1` on each folder's validation pairs (the first `limit` of them), by folder name.
+    A folder with fewer pairs than `candidates` is scored among all of its pairs."""
+    scores = {}
+    for name, data in val.items():
+        data = data.subset(slice(0, limit))
+        scores[name] = retrieval_top1(model, tokenizer, data, min(candidates, len(data)))
+    return scores
+
+
+def format_per_data(scores: dict[str, dict]) -> str:
+    return "\n".join(f"  {name}: {format_scores(s)}" for name, s in scores.items())
 
 
 # ----------------------------------------------------------------------------- training
@@ -248,16 +363,31 @@ def mixed_precision(accelerator_cpu: bool) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
-def train(cfg: PretrainConfig, data: str | Path, out: str | Path, resume: bool = False, cpu: bool = False) -> dict:
-    """Train (or resume) a small CLIP and export it to `out`; returns the final retrieval scores."""
+def make_tokenizer(cfg: PretrainConfig, captions: list[str]) -> CLIPTokenizer:
+    """A BPE trained on `captions`, or `cfg.base_tokenizer` grown with whole-word tokens for their common words."""
+    if not cfg.base_tokenizer:
+        return train_clip_bpe(captions, vocab_size=cfg.vocab_size, model_max_length=cfg.max_length)
+    base = CLIPTokenizer.from_pretrained(cfg.base_tokenizer)
+    tokenizer, added = grow_tokenizer(base, captions, min_count=cfg.min_word_count)
+    tokenizer.model_max_length = cfg.max_length
+    print(f"tokenizer: {cfg.base_tokenizer} ({len(base)} tokens) + {len(added)} whole words used >= "
+          f"{cfg.min_word_count} times = {len(tokenizer)} tokens")
+    return tokenizer
+
+
+def train(cfg: PretrainConfig, data: str | Path | list[str | Path], out: str | Path, resume: bool = False,
+          cpu: bool = False) -> dict:
+    """Train (or resume) a small CLIP on one or several captioned folders and export it to `out`; returns the
+    final retrieval scores of the first folder, with every folder's under "per_data"."""
     out = Path(out)
+    data = [data] if isinstance(data, str | Path) else list(data)
     accelerator = Accelerator(mixed_precision=mixed_precision(cpu or not torch.cuda.is_available()), cpu=cpu)
-    train_set, val_set = load_splits(data, cfg)
+    sources = load_sources(data, cfg)
+    train_set = sources.train
     if resume:
         tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")  # the ids the checkpoint was trained with
     else:
-        tokenizer = train_clip_bpe((c for caps in train_set.captions for c in caps),
-                                   vocab_size=cfg.vocab_size, model_max_length=cfg.max_length)
+        tokenizer = make_tokenizer(cfg, [c for caps in train_set.captions for c in caps])
         if accelerator.is_main_process:
             save_clip_tokenizer(tokenizer, out / "tokenizer")
     if accelerator.is_main_process:  # (again on resume: --steps may have changed)
@@ -276,24 +406,26 @@ def train(cfg: PretrainConfig, data: str | Path, out: str | Path, resume: bool =
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start_step, elapsed = _resume(accelerator, out) if resume else (0, 0.0)
 
-    accelerator.print(f"{sum(p.numel() for p in params) / 1e6:.2f} M parameters, vocab {len(tokenizer)}, "
-                      f"{len(train_set)} train / {len(val_set)} validation pairs, "
+    shares = ", ".join(f"{n} {size} train / {len(sources.val[n])} validation, {share} a batch"
+                       for n, size, share in zip(sources.names, sources.sizes, sources.shares, strict=True))
+    accelerator.print(f"{sum(p.numel() for p in params) / 1e6:.2f} M parameters, vocab {len(tokenizer)}, {shares}; "
                       f"mixed precision {accelerator.mixed_precision}, steps {start_step}->{cfg.steps}")
-    eval_set = val_set.subset(slice(0, cfg.eval_size))
     t0 = time.perf_counter() - elapsed
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, mininterval=5,
                disable=not accelerator.is_local_main_process)
     for step in bar:
-        idx = torch.tensor(batch_indices(len(train_set), cfg.batch_size, step, cfg.seed))
+        idx = sources.batch(step, cfg.seed)
         # each process takes its share of the global batch (contrastive negatives are then per process)
         idx = idx[accelerator.process_index :: accelerator.num_processes]
-        loss = _train_step(model, optimizer, scheduler, accelerator, tokenizer, train_set, idx, step, cfg)
+        loss = _train_step(model, optimizer, scheduler, accelerator, tokenizer, sources, idx, step, cfg)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         done = step + 1
         record = {"step": done, "loss": loss, "seconds": round(time.perf_counter() - t0, 1)}
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            record.update(retrieval_top1(accelerator.unwrap_model(model), tokenizer, eval_set, cfg.candidates))
-            bar.write(f"step {done}: loss {loss:.3f}  " + format_scores(record))
+            per_data = retrieval_per_data(accelerator.unwrap_model(model), tokenizer, sources.val, cfg.candidates,
+                                          cfg.eval_size)
+            record.update(per_data[sources.names[0]], per_data=per_data)
+            bar.write(f"step {done}: loss {loss:.3f}\n" + format_per_data(per_data))
         if accelerator.is_main_process and (done % cfg.eval_every == 0 or done % 50 == 0):
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -302,18 +434,26 @@ def train(cfg: PretrainConfig, data: str | Path, out: str | Path, resume: bool =
     train_seconds = time.perf_counter() - t0
 
     clip = accelerator.unwrap_model(model)
-    scores = retrieval_top1(clip, tokenizer, val_set, cfg.candidates)
-    accelerator.print("final (all validation pairs): " + format_scores(scores))
+    per_data = retrieval_per_data(clip, tokenizer, sources.val, cfg.candidates)
+    accelerator.print("final (all validation pairs):\n" + format_per_data(per_data))
+    scores = {**per_data[sources.names[0]], "per_data": per_data}
     if accelerator.is_main_process:
-        export(clip, tokenizer, cfg, out, scores, train_seconds, str(data))
+        export(clip, tokenizer, cfg, out, scores, train_seconds, [str(d) for d in data])
     return scores
 
 
-def _train_step(model, optimizer, scheduler, accelerator, tokenizer, data, idx, step, cfg) -> float:
-    """One contrastive step on the examples `idx`; returns the loss."""
+def _train_step(model, optimizer, scheduler, accelerator, tokenizer, sources, idx, step, cfg) -> float:
+    """One contrastive step on the examples `idx` of `sources.train`; returns the loss."""
+    data = sources.train
     captions = pick_captions(data, idx, step, cfg.seed)
     tok = tokenizer(captions, padding="longest", truncation=True, max_length=cfg.max_length, return_tensors="pt")
-    pixel_values = to_pixel_values(data.pixels[idx].to(accelerator.device))  # (b, 3, S, S)
+    pixels = data.pixels[idx]  # (b, 3, S, S) uint8
+    vary = sources.augment[idx]
+    if vary.any():  # seeded by step (and process), so a resumed run sees the same pictures
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + 7 * step + 2 + 1_000_000 * accelerator.process_index)
+        pixels = pixels.clone()
+        pixels[vary] = zoom_out_on_white(pixels[vary], g, cfg.augment_min_scale, sources.mirror_ok[idx][vary])
+    pixel_values = to_pixel_values(pixels.to(accelerator.device))  # (b, 3, S, S)
     out = model(input_ids=tok["input_ids"].to(accelerator.device),
                 attention_mask=tok["attention_mask"].to(accelerator.device),
                 pixel_values=pixel_values, return_loss=True)
@@ -370,7 +510,7 @@ def _resume(accelerator: Accelerator, out: Path) -> tuple[int, float]:
 
 
 def export(clip: CLIPModel, tokenizer: CLIPTokenizer, cfg: PretrainConfig, out: Path, scores: dict,
-           train_seconds: float, data: str) -> None:
+           train_seconds: float, data: list[str]) -> None:
     """Write clip/, text_encoder/ + tokenizer/, retrieval.json and the model card into `out`."""
     clip = clip.float().eval()
     clip.save_pretrained(out / "clip", safe_serialization=True)
@@ -386,66 +526,98 @@ def export(clip: CLIPModel, tokenizer: CLIPTokenizer, cfg: PretrainConfig, out: 
         (folder / "pretrain_config.json").write_text(config_json)
     result = {**scores, "train_seconds": round(train_seconds, 1), "steps": cfg.steps, "data": data}
     (out / "retrieval.json").write_text(json.dumps(result, indent=2))
-    (out / "README.md").write_text(model_card(cfg, result, sum(p.numel() for p in clip.parameters())))
+    (out / "README.md").write_text(model_card(cfg, result, sum(p.numel() for p in clip.parameters()),
+                                              len(tokenizer)))
 
 
-def model_card(cfg: PretrainConfig, result: dict, n_params: int) -> str:
+def model_card(cfg: PretrainConfig, result: dict, n_params: int, vocab: int) -> str:
+    data = result["data"] if isinstance(result["data"], list) else [result["data"]]  # older runs: one folder
+    per_data = result.get("per_data") or {Path(data[0]).name: result}
+    rows = "\n".join(
+        f"| {name} | {s['pairs']} | {s['candidates']} | {s['text_to_image_top1']:.3f} | {s['image_to_text_top1']:.3f} "
+        f"| {s['text_to_image_top1_exact']:.3f} / {s['image_to_text_top1_exact']:.3f} "
+        f"| {s.get('text_to_image_chance', 1 / s['candidates']):.3f} / "
+        f"{s.get('image_to_text_chance', 1 / s['candidates']):.3f} |"
+        for name, s in per_data.items())
+    tokenizer = (f"the tokenizer `{cfg.base_tokenizer}` grown with a whole-word token for every caption word used "
+                 f"at least {cfg.min_word_count} times (its old ids kept)" if cfg.base_tokenizer else
+                 "a BPE tokenizer trained on the same captions")
+    weights = (f"; each batch {', '.join(f'{w:g}' for w in cfg.data_weights)} from the folders in that order"
+               if cfg.data_weights else "")
+    folders = ", ".join(f"`{d}`" for d in data)
     passed = min(result["text_to_image_top1"], result["image_to_text_top1"]) >= 0.90
-    return f"""# Small CLIP trained on captioned shapes
+    return f"""# Small CLIP trained on captioned pictures
 
 A `transformers.CLIPModel` ({n_params / 1e6:.1f} M parameters; text tower {cfg.text_layers} layers x
 {cfg.text_width}, ViT image tower {cfg.vision_layers} layers x {cfg.vision_width} on {cfg.image_size} px in
-{cfg.patch_size} px patches) trained contrastively (symmetric InfoNCE) from scratch on `{result['data']}`,
-with a BPE tokenizer in CLIP's vocab.json/merges.txt format trained on the same captions
-(max {cfg.max_length} tokens; characters outside printable ASCII and the captions map to `<|unk|>`).
-It only knows the shapes world: words never seen in captions carry no meaning for it.
+{cfg.patch_size} px patches) trained contrastively (symmetric InfoNCE) from scratch on {folders}{weights},
+with {tokenizer}, in CLIP's vocab.json/merges.txt format ({vocab} tokens, max {cfg.max_length} per prompt;
+characters outside printable ASCII and the captions map to `<|unk|>`).
+It knows only the words of its captions: words never seen in them carry no meaning for it.
 
-| validation retrieval, top-1 among {result['candidates']} ({result['pairs']} pairs) | score |
-|---|---|
-| text -> image | {result['text_to_image_top1']:.3f} |
-| image -> text | {result['image_to_text_top1']:.3f} |
-| text -> image, exact pair only | {result['text_to_image_top1_exact']:.3f} |
-| image -> text, exact pair only | {result['image_to_text_top1_exact']:.3f} |
+Validation retrieval, top-1 among the candidates (each folder's own validation pairs, cut into groups):
 
-Quality bar (>= 0.90 both ways): {"met" if passed else "NOT met"}. A hit is a retrieved image that the
-caption truly describes, or a retrieved caption that truly describes the image: the caption is one of the
+| data | pairs | candidates | text -> image | image -> text | exact pair only (t->i / i->t) | chance (t->i / i->t) |
+|---|---|---|---|---|---|---|
+{rows}
+
+Quality bar on the first folder (>= 0.90 both ways): {"met" if passed else "NOT met"}. A hit is a retrieved image that
+the caption truly describes, or a retrieved caption that truly describes the image: the caption is one of the
 image's phrasings (for the shapes set, any phrasing its generator can produce for the image's ground
 truth; about 16% of its captions, e.g. "a small yellow cross", fit more than one of 100 images).
-"Exact pair" counts only the item the caption was written for.
+"Exact pair" counts only the item the caption was written for; "chance" is the hit rate of a random pick
+(above 1/candidates where several images share a caption, such as "a dog").
 Training: {result['steps']} steps of {cfg.batch_size} pairs, {result['train_seconds'] / 60:.0f} min.
-Reproduce the score: `python -m conditioning.pretrain_clip --data {result['data']} --eval <this folder>`.
+Reproduce the score: `python -m conditioning.pretrain_clip --data {" ".join(data)} --eval <this folder>`.
 Layout: `clip/` (full CLIPModel), `text_encoder/` + `tokenizer/` (what the diffusion pipeline loads).
 """
 
 
-def evaluate(model_dir: str | Path, data: str | Path, candidates: int, update_card: bool = False) -> dict:
-    """Print and return the retrieval scores of a saved CLIP (`<out>` or `<out>/clip`) on the validation split.
+def evaluate(model_dir: str | Path, data: str | Path | list[str | Path], candidates: int,
+             update_card: bool = False) -> dict:
+    """Print and return the retrieval scores of a saved CLIP (`<out>` or `<out>/clip`) on the validation splits
+    of `data` (the first folder's scores, with every folder's under "per_data").
 
     With `update_card`, the scores replace those in `<out>/retrieval.json` and the model card `<out>/README.md`.
     """
+    data = [data] if isinstance(data, str | Path) else list(data)
     model_dir = Path(model_dir)
     clip_dir = model_dir / "clip" if (model_dir / "clip" / "config.json").is_file() else model_dir
     model = CLIPModel.from_pretrained(clip_dir).eval()
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
     config_file = clip_dir / "pretrain_config.json"
-    cfg = PretrainConfig(**json.loads(config_file.read_text())) if config_file.is_file() else PretrainConfig()
+    cfg = _config_from_json(config_file) if config_file.is_file() else PretrainConfig()
     cfg.image_size = model.config.vision_config.image_size
-    _, val_set = load_splits(data, cfg)
-    scores = retrieval_top1(model, tokenizer, val_set, candidates)
-    print(f"{clip_dir}: " + format_scores(scores))
+    cfg.data_weights, cfg.augment = (), ()  # only the validation splits are read
+    per_data = retrieval_per_data(model, tokenizer, load_sources(data, cfg).val, candidates)
+    print(f"{clip_dir}:\n" + format_per_data(per_data))
+    scores = {**per_data[next(iter(per_data))], "per_data": per_data}
     if update_card:
         out = clip_dir.parent
         if not (out / "retrieval.json").is_file():
             raise ValueError(f"--update-card: {out} has no retrieval.json; point --eval at a pretrain_clip --out.")
         result = {**json.loads((out / "retrieval.json").read_text()), **scores}
         (out / "retrieval.json").write_text(json.dumps(result, indent=2))
-        (out / "README.md").write_text(model_card(cfg, result, sum(p.numel() for p in model.parameters())))
+        (out / "README.md").write_text(model_card(cfg, result, sum(p.numel() for p in model.parameters()),
+                                                  len(tokenizer)))
     return scores
+
+
+def _config_from_json(path: Path) -> PretrainConfig:
+    """A saved config (JSON turns tuples into lists; configs from before a field existed get its default)."""
+    fields = json.loads(path.read_text())
+    for field in ("data_weights", "augment"):
+        if field in fields:
+            fields[field] = tuple(fields[field])
+    return PretrainConfig(**fields)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="captioned image folder (imagefolder layout)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="captioned image folder(s) (imagefolder layout); several train one model together")
+    p.add_argument("--tokenizer", help="a CLIP tokenizer folder to grow with the captions' words (old ids kept) "
+                                       "instead of training a BPE; overrides the preset's")
     p.add_argument("--out", help="output folder for the model, tokenizer and checkpoints")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--steps", type=int, help="override the preset's number of steps (e.g. to extend a run)")
@@ -463,9 +635,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--out is required for training")
     out = Path(args.out)
     if args.resume:  # the run's own config, so a resumed run cannot silently change shape
-        cfg = PretrainConfig(**json.loads((out / "pretrain_config.json").read_text()))
+        cfg = _config_from_json(out / "pretrain_config.json")
     else:
         cfg = dataclasses.replace(PRESETS[args.preset])
+        cfg.base_tokenizer = args.tokenizer if args.tokenizer is not None else cfg.base_tokenizer
     cfg.steps = args.steps or cfg.steps
     cfg.batch_size = args.batch_size or cfg.batch_size
     if not args.resume and _checkpoints(out):

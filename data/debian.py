@@ -81,19 +81,21 @@ def render_svg(path: Path, size: int) -> Image.Image:
 
     data = Path(path).read_bytes()
     try:
-        natural = cairosvg.svg2png(bytestring=data)
-        unsafe = False
+        return _svg_at_size(cairosvg, data, size, unsafe=False, url=str(path))
     except EntitiesForbidden:
         # Illustrator and old Inkscape files declare their namespaces as XML entities, which cairosvg's
         # safe parser refuses. These files come from Debian's archive, not from a user: parse them with
-        # entities allowed (still without a base URL, so no other file is read).
-        natural, unsafe = cairosvg.svg2png(bytestring=data, unsafe=True), True
-    with Image.open(io.BytesIO(natural)) as probe:
-        w, h = probe.size
-    scale = size / max(w, h, 1)
-    png = cairosvg.svg2png(bytestring=data, unsafe=unsafe, output_width=max(1, round(w * scale)),
-                           output_height=max(1, round(h * scale)))
-    return Image.open(io.BytesIO(png)).convert("RGBA")
+        # entities allowed, but without a base URL, so no other file is read.
+        return _svg_at_size(cairosvg, data, size, unsafe=True, url=None)
+
+
+def _svg_at_size(cairosvg, data: bytes, size: int, unsafe: bool, url: str | None) -> Image.Image:
+    """Width first (cairosvg keeps the aspect ratio when given one side); a portrait picture comes out taller
+    than `size` and is drawn again by its height. Never at the SVG's own size: some declare 13,000 px."""
+    image = Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, url=url, unsafe=unsafe, output_width=size)))
+    if image.height > size:
+        image = Image.open(io.BytesIO(cairosvg.svg2png(bytestring=data, url=url, unsafe=unsafe, output_height=size)))
+    return image.convert("RGBA")
 
 
 def load_picture(path: Path, size: int = 256) -> Image.Image:

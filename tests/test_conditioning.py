@@ -3,6 +3,7 @@
 Everything runs offline on tiny random models; the pre-training smoke run takes a few seconds.
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -228,9 +229,9 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- pre-training
 
 
-def make_caption_folder(root: Path, n_train: int, n_val: int) -> Path:
+def make_caption_folder(root: Path, n_train: int, n_val: int, val_name: str = "validation") -> Path:
     """A tiny imagefolder: one coloured circle or square per 16 px image, captioned."""
-    for split, n in (("train", n_train), ("validation", n_val)):
+    for split, n in (("train", n_train), (val_name, n_val)):
         (root / split).mkdir(parents=True)
         rows = []
         for i in range(n):
@@ -349,3 +350,114 @@ def test_resume_ignores_a_checkpoint_killed_mid_save(tmp_path):
         if finished:
             (folder / "progress.json").write_text('{"step": 100, "seconds": 1.0}')
     assert [s for s, _ in _checkpoints(tmp_path)] == [100]
+
+
+# ----------------------------------------------------------------------------- several folders, a grown tokenizer
+
+CLIPART = [("a red apple", "an apple"), ("a brown dog", "a dog"), ("a yellow duck", "a duck"), ("a green frog",)]
+
+
+def make_clipart_folder(root: Path, n_train: int, n_heldout: int) -> Path:
+    """A tiny data.clipart-like folder: train + heldout splits, 1-2 phrasings a picture, real words."""
+    for split, n in (("train", n_train), ("heldout", n_heldout)):
+        (root / split).mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            captions = CLIPART[i % len(CLIPART)]
+            img = Image.new("RGB", (24, 24), "white")
+            colour = COLOURS[list(COLOURS)[i % 4]]
+            ImageDraw.Draw(img).polygon([(2 + i % 4, 20), (12, 2 + i % 3), (22, 20)], fill=colour)
+            img.save(root / split / f"{i:05d}.png")
+            rows.append({"file_name": f"{i:05d}.png", "text": captions[0], "captions": list(captions)})
+        (root / split / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_sources_share_every_batch_by_weight_and_read_their_own_rows(tmp_path):
+    from conditioning.pretrain_clip import PRESETS, load_sources
+
+    art, shapes = make_clipart_folder(tmp_path / "art", 6, 4), make_caption_folder(tmp_path / "shapes", 10, 4)
+    cfg = dataclasses.replace(PRESETS["tiny"], batch_size=8, data_weights=(0.75, 0.25), augment=(True, False))
+    sources = load_sources([art, shapes], cfg)
+    assert sources.augment.tolist() == [True] * 6 + [False] * 10 and sources.mirror_ok.all()
+    assert sources.names == ["art", "shapes"] and sources.sizes == [6, 10] and sources.shares == [6, 2]
+    assert list(sources.val) == ["art", "shapes"] and len(sources.val["art"]) == 4  # heldout read as validation
+    seen = set()
+    for step in range(3):
+        rows = sources.batch(step, seed=0).tolist()
+        assert len(rows) == 8 and all(r < 6 for r in rows[:6]) and all(6 <= r < 16 for r in rows[6:])
+        seen.update(rows[:6])
+        assert rows == sources.batch(step, seed=0).tolist()  # a resumed run reads the same rows
+    assert seen == set(range(6))  # each folder walks whole epochs of its own rows
+    assert sources.train.texts[6] == "a red circle"
+    # no weights: shares in proportion to the folders' sizes; one folder reads what it always read
+    even = load_sources([art, shapes], dataclasses.replace(cfg, data_weights=()))
+    assert even.shares == [3, 5]
+    one = load_sources([shapes], dataclasses.replace(cfg, data_weights=(), augment=()))
+    assert one.batch(2, seed=0).tolist() == batch_indices(10, 8, 2, seed=0)
+    with pytest.raises(ValueError, match="one per folder"):
+        load_sources([art], cfg)
+
+
+def test_zoom_out_keeps_the_whole_drawing_on_white_and_mirrors_only_where_allowed():
+    from conditioning.imagefolder import zoom_out_on_white
+
+    pixels = torch.full((64, 3, 16, 16), 255, dtype=torch.uint8)
+    pixels[:, :, 4:12, 2:6] = 0  # a black bar left of centre
+    out = zoom_out_on_white(pixels, torch.Generator().manual_seed(0), 0.5, flip=torch.arange(64) < 32)
+    assert out.shape == pixels.shape and out.dtype == torch.uint8
+    ink = (out < 128).any(dim=1)  # (B, 16, 16)
+    assert (ink.sum(dim=(1, 2)) >= 0.5 * 0.5 * 32).all()  # the whole bar still in view, at least half size
+    left = ink[:, :, :8].sum(dim=(1, 2)) > ink[:, :, 8:].sum(dim=(1, 2))
+    assert left[32:].all()  # flip not allowed: the bar stays on the left
+    assert not left[:32].all()  # allowed: some are mirrored
+    widths = ink.any(dim=1).sum(dim=1)
+    assert widths.min() < widths.max()  # zoomed by different factors
+    again = zoom_out_on_white(pixels, torch.Generator().manual_seed(0), 0.5, flip=torch.arange(64) < 32)
+    assert torch.equal(out, again)
+
+
+def test_a_grown_tokenizer_keeps_the_old_ids_and_reads_common_words_whole(tokenizer, tmp_path):
+    from conditioning.pretrain_clip import PRESETS, make_tokenizer
+
+    save_clip_tokenizer(tokenizer, tmp_path / "base")
+    cfg = dataclasses.replace(PRESETS["tiny"], base_tokenizer=str(tmp_path / "base"), min_word_count=2)
+    grown = make_tokenizer(cfg, ["a red apple", "an apple", "a red duck", "a duck", "a frog"])
+    old = tokenizer.get_vocab()
+    assert {t: grown.get_vocab()[t] for t in old} == old
+    assert grown.tokenize("a red apple duck") == ["a</w>", "red</w>", "apple</w>", "duck</w>"]
+    assert len(grown.tokenize("frog")) > 1  # used once: stays in pieces
+    assert grown.model_max_length == cfg.max_length
+    for caption in CAPTIONS:  # the old captions read exactly as before
+        assert grown(caption)["input_ids"] == tokenizer(caption)["input_ids"]
+
+
+@pytest.mark.slow
+def test_clipart_training_path_runs_on_two_folders_and_resumes_exactly(tokenizer, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    art, shapes = make_clipart_folder(tmp_path / "art", 12, 4), make_caption_folder(tmp_path / "shapes", 12, 8)
+    save_clip_tokenizer(tokenizer, tmp_path / "base")
+    out = tmp_path / "run"
+    args = ["--data", str(art), str(shapes), "--out", str(out), "--preset", "tiny", "--tokenizer",
+            str(tmp_path / "base"), "--steps", "4", "--cpu"]
+    main(args)
+    printed = capsys.readouterr().out
+    assert "art 12 train / 4 validation" in printed and "shapes: retrieval top-1 among 4" in printed
+    grown = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    assert grown.tokenize("a brown dog") == ["a</w>", "brown</w>", "dog</w>"]
+    assert {t: grown.get_vocab()[t] for t in tokenizer.get_vocab()} == tokenizer.get_vocab()
+    result = json.loads((out / "retrieval.json").read_text())
+    assert set(result["per_data"]) == {"art", "shapes"} and result["data"] == [str(art), str(shapes)]
+    assert result["per_data"]["art"]["candidates"] == 4 and 0 < result["per_data"]["art"]["text_to_image_chance"] < 1
+    assert "| art | 4 | 4 |" in (out / "README.md").read_text()
+    assert TextEncoder.from_pretrained(str(out)).encode(["a brown dog"]).tokens[0] == [BOS, "a", "brown", "dog", EOS]
+    straight = load_file(out / "clip" / "model.safetensors")
+
+    # kill after step 2: the step-4 checkpoint is gone; resuming must give the very same weights
+    shutil.rmtree(out / "checkpoints" / "step_0000004")
+    main(["--data", str(art), str(shapes), "--out", str(out), "--resume", "--cpu"])
+    assert "resumed from" in capsys.readouterr().out
+    resumed = load_file(out / "clip" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
