@@ -14,8 +14,8 @@ import sys
 
 import torch
 
+from benchmarks import seed_blocks as seed
 from benchmarks.common import interleaved_medians, peak_memory_bytes, write_section
-from tests import seed_reference as seed
 from unet.blocks import AttentionBlock, CrossAttentionBlock
 
 CHANNELS = 128  # as in the default U-Net's 16×16 level
