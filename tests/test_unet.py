@@ -294,6 +294,20 @@ def test_position_embedding_trains_and_lets_attention_tell_left_from_right(tiny,
     torch.testing.assert_close(loaded(x, t, ctx), grown.eval()(x, t, ctx), rtol=0, atol=0)
 
 
+def test_model_files_are_plain_pytorch():
+    """unet/blocks.py and unet/model.py train and sample through the same code: no grad-mode or memory-layout
+    branches, no private PyTorch APIs, every forward at most ~30 lines (speed lives in unet/fast.py)."""
+    import ast
+    from pathlib import Path
+    for path in (Path("unet/blocks.py"), Path("unet/model.py")):
+        text = path.read_text()
+        for banned in ("is_grad_enabled", "channels_last", "torch.ops", "._version", "is_contiguous"):
+            assert banned not in text, f"{path}: {banned}"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef) and node.name == "forward":
+                assert node.end_lineno - node.lineno <= 32, f"{path}: forward at line {node.lineno}"
+
+
 def test_forward_has_no_sampling_arguments(tiny):
     """Guidance batching lives in the sampler (diffusion/sampling.py), not in the model's signature."""
     import inspect

@@ -66,6 +66,9 @@ def optimize_for_inference(unet: UNet) -> "FastUNet":
             module.__class__ = swaps[type(module)]
             module.prepare()
     if cpu:
+        stack = StackedTimeMLPs([m for m in fast.modules() if isinstance(m, FastResidualBlock) and m.time_mlp])
+        for block in stack.blocks:
+            block._time_mlps = stack
         for layer in fast.attention_layers.values():
             if layer.kind == "cross":
                 for linear in (layer.to_k, layer.to_v):
@@ -192,16 +195,38 @@ class FastGroupNorm(nn.GroupNorm):
         return y.contiguous(memory_format=torch.channels_last)
 
 
+class StackedTimeMLPs:
+    """Every residual block's time MLP (SiLU, Linear) on the same t_emb as one matmul, computed once per
+    t_emb tensor object (one U-Net call): 15 small Linears cost ~1 ms of a bf16 step on 2 cores, one with
+    their weights stacked ~0.1 ms (measured)."""
+
+    def __init__(self, blocks: list[ResidualBlock]):
+        self.blocks = blocks
+        linears = [b.time_mlp[1] for b in blocks]
+        self.weight = torch.cat([m.weight for m in linears]) if linears else None  # (Σ 2·C, T)
+        self.bias = torch.cat([m.bias for m in linears]) if linears else None
+        self.sizes = [m.out_features for m in linears]
+        self._last: tuple | None = None  # (t_emb, {block: its FiLM (B, 2·C)})
+
+    def film(self, block: ResidualBlock, t_emb: torch.Tensor) -> torch.Tensor:
+        if self._last is None or self._last[0] is not t_emb:
+            out = F.linear(F.silu(t_emb), self.weight.to(t_emb.dtype), self.bias.to(t_emb.dtype))  # (B, Σ 2·C)
+            self._last = (t_emb, dict(zip(self.blocks, out.split(self.sizes, dim=1), strict=True)))
+        return self._last[1][block]
+
+
 class FastResidualBlock(ResidualBlock):
-    """ResidualBlock with FiLM folded into norm2 and SiLU in place on the norms' fresh outputs (-2% a step)."""
+    """ResidualBlock with FiLM folded into norm2, the time MLPs of all blocks stacked (`StackedTimeMLPs`),
+    and SiLU in place on the norms' fresh outputs (-2% a step)."""
 
     def prepare(self) -> None:
-        pass
+        self._time_mlps: StackedTimeMLPs | None = None  # set by optimize_for_inference once all blocks exist
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x), inplace=True))  # (B, C_out, H, W)
         if self.time_mlp is not None and t_emb is not None:
-            scale, shift = self.time_mlp(t_emb).chunk(2, dim=1)  # 2 × (B, C_out)
+            film = self._time_mlps.film(self, t_emb) if self._time_mlps else self.time_mlp(t_emb)  # (B, 2·C_out)
+            scale, shift = film.chunk(2, dim=1)  # 2 × (B, C_out)
             h = self.norm2.modulated(h, scale, shift)
         else:
             h = self.norm2(h)
