@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import write_section
+
 CHILD = r'''
 import copy, json, statistics, sys, time, torch
 from unet import UNet
@@ -90,11 +92,19 @@ def main() -> None:
             t0 = time.perf_counter()
             results[label].append(run(old if label == "old" else new))
             print(label, round(time.perf_counter() - t0), "s", results[label][-1], flush=True)
-    print("| measure (CPU time, 1 thread) | before (median) | after (median) | after ÷ before |\n|---|---|---|---|")
+    lines = ["| measure (CPU time, 1 thread) | before (median) | after (median) | after ÷ before |",
+             "|---|---|---|---|"]
     for key in results["old"][0]:
         a = statistics.median(r[key] for r in results["old"])
         b = statistics.median(r[key] for r in results["new"])
-        print(f"| {key} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms | **{b / a:.3f}** |")
+        lines.append(f"| {key} | {a * 1e3:.0f} ms | {b * 1e3:.0f} ms | **{b / a:.3f}** |")
+    table = "\n".join(lines)
+    print(table)
+    body = (f"## The issue-36 redesign against the code before it ({old})\n\n"
+            f"{rounds} rounds, a fresh process per checkout and round, order alternating; medians over rounds. "
+            "CPU time of one thread (`time.process_time`), because the machine was shared with other jobs.\n\n"
+            + table)
+    write_section("redesign", body, f"python -m benchmarks.redesign {sys.argv[1]} {rounds}")
 
 
 if __name__ == "__main__":
