@@ -205,3 +205,34 @@ def test_shipped_pipeline_gives_the_golden_images_of_the_code_before_the_redesig
     images = torch.stack([torch.from_numpy(np.asarray(im).copy()) for im in result.images])
     assert images.shape == golden.shape
     assert (images.int() - golden.int()).abs().max() <= 2  # uint8 levels: rounding at the boundaries
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("self_rows", [slice(3, 6), None, slice(2, 4)])  # the prompt half; all; one of each half
+def test_a_guided_batch_runs_its_text_free_layers_once_with_the_same_outputs_and_maps(name, self_rows):
+    """[x; x] at [t; t] (classifier-free guidance) runs the layers before the first cross-attention once per
+    image: the same outputs and maps as the plain model on the whole batch; other batches run in full."""
+    plain = randomize_(UNet(CONFIGS[name]), std=0.1).eval()
+    fast = optimize_for_inference(plain)
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([10, 400, 900])
+    context = torch.randn(6, 5, 32)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[:3, 2:] = False  # the negative prompts are shorter, as an empty one is
+    runs = []
+    for model in (plain, fast):
+        store = AttentionStore(num_steps=1, rows=None, self_attention_rows=self_rows, context_layers=True)
+        with torch.inference_mode(), model.record_attention(store):
+            store.set_step(0)
+            runs.append((model(torch.cat([x, x]), torch.cat([t, t]), context, mask), store))
+    (want, want_maps), (got, got_maps) = runs
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert list(got_maps.layers) == list(want_maps.layers)
+    for layer in want_maps.layers:
+        torch.testing.assert_close(got_maps.mean(layer), want_maps.mean(layer), rtol=1e-4, atol=1e-5, msg=layer)
+    calls = []
+    handle = fast.conv_in.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.inference_mode():
+        fast(torch.cat([x, x]), torch.cat([t, t]), context, mask)
+        fast(torch.cat([x, x.flip(0)]), torch.cat([t, t]), context, mask)  # not a guided pair
+    handle.remove()
+    assert calls == [3, 6]
