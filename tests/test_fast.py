@@ -166,20 +166,6 @@ def test_conv_falls_back_where_the_packed_op_refuses_the_dtype(monkeypatch):
     assert conv._packed == {}
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
-def test_upsample_phase_conv_is_nearest_then_conv(dtype, tol):
-    from unet.blocks import Upsample
-    from unet.fast import FastUpsample
-    plain = randomize_(Upsample(16)).to(dtype)
-    up = fast_twin(plain, FastUpsample)
-    x = torch.randn(2, 16, 5, 7).to(dtype)
-    with torch.inference_mode():
-        out, expected = up(x), plain(x)
-    assert out.shape == (2, 16, 10, 14) and out.dtype == dtype and is_channels_last(out)
-    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
-    assert set(up.state_dict()) == {"conv.weight", "conv.bias"}
-
-
 def test_position_embedding_is_computed_once_per_size():
     from unet.blocks import PositionEmbedding
     from unet.fast import FastPositionEmbedding

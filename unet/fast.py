@@ -4,7 +4,7 @@ The model in unet/blocks.py and unet/model.py is plain PyTorch and is what train
 inference-only copy of a loaded U-Net whose modules are swapped for twins of the same classes and
 parameters (so `state_dict()` keys and values are unchanged) that compute the same function faster on a
 CPU without autograd. Each trick stays only while it is worth ≥ ~3% of a guided sampling step (measured
-with `python -m benchmarks.unet` / `benchmarks.endtoend`, BENCHMARKS.md):
+as below; the whole path against the plain model and the old code: BENCHMARKS.md):
 
 - channels-last memory and convolution weights packed once for oneDNN (`PackedConv2d`). On a CPU, oneDNN
   reorders NCHW tensors into its own layout at every call; for this U-Net's small images that reordering,
@@ -14,14 +14,19 @@ with `python -m benchmarks.unet` / `benchmarks.endtoend`, BENCHMARKS.md):
   group's channels at each position below 1,024 positions (250–1,000 µs against 25–40 µs for NCHW at 8×8
   and 16×16 in bf16). Small bf16 inputs take PyTorch's NCHW kernel through a copy each way, larger or fp32
   ones per-channel sums; a residual block's FiLM is folded into the norm's affine (one pass, not three);
-- Upsample as one 2×2 convolution per output phase (`FastUpsample`): 4 taps an output instead of 9, its
-  weights derived once (a sampling call 0.56-0.66× the time of nearest + 3×3 conv);
 - the position embedding computed once per size (`FastPositionEmbedding`: recomputing it cost 5-12% of a
   guided bf16 step);
 - the text side computed once per prompt batch (`CachedContextRefiner`, `CachedTextLinear`): a sampling
   run passes the same text tensors at every step; calls with the *same tensor objects* reuse the refined
   context and every cross-attention layer's keys and values (4-6% of a step);
-- SiLU in place on the norms' fresh outputs, and bf16 attention kept in bf16 (fp32 is for training).
+- SiLU in place on the norms' fresh outputs, and bf16 attention kept in bf16 (fp32 is for training);
+- a guided batch's text-free layers once per image (`FastUNet`, 5-6% of a guided step).
+
+Measured by removing each from the optimized shipped U-Net (`python -m benchmarks.fast_ablation`: a guided
+bf16 step, CPU time on one thread, three runs on a shared machine): packed convolutions 4-5%, the fast
+residual block (FiLM in the norm, in-place SiLU, stacked time MLPs) 15-19%, the stacked time MLPs alone
+0-5% (2% on average: at the bar), the text cache 3-8%, the position-embedding cache 2-9%, guided sharing
+4-6%. Upsampling as one 2×2 convolution per output phase measured -2% and +1% and was dropped.
 
 The copy is inference-only: its parameters are frozen and it refuses to run under autograd (train, and
 differentiate through, the original). Caches derived from the weights are filled on first use, so apply it
@@ -37,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unet.attention import AttentionProcessor, AttentionRecorder
-from unet.blocks import ContextRefiner, PositionEmbedding, ResidualBlock, Upsample, timestep_embedding
+from unet.blocks import ContextRefiner, PositionEmbedding, ResidualBlock, timestep_embedding
 from unet.model import Conditioning, UNet
 
 # PyTorch's channels-last GroupNorm switches to its fast kernel (parallel over positions) here.
@@ -58,7 +63,7 @@ def optimize_for_inference(unet: UNet) -> "FastUNet":
     fast.set_attention_processor(AttentionProcessor(upcast=False))
     cpu = next(fast.parameters()).device.type == "cpu"
     swaps = {nn.Conv2d: PackedConv2d, nn.GroupNorm: FastGroupNorm, ResidualBlock: FastResidualBlock,
-             Upsample: FastUpsample, PositionEmbedding: FastPositionEmbedding,
+             PositionEmbedding: FastPositionEmbedding,
              ContextRefiner: CachedContextRefiner} if cpu else {}
     for module in fast.modules():
         if type(module) in swaps:
@@ -303,45 +308,6 @@ class FastResidualBlock(ResidualBlock):
         else:
             h = self.norm2(h)
         return self.conv2(F.silu(h, inplace=True)) + self.skip_connection(x)
-
-
-# Which of a 3×3 kernel's rows (or columns) each of the two taps of a 2×2 phase kernel sums: an output row
-# 2i + a of nearest-upsampled x reads x's rows i − 1, i, i (a = 0) or i, i, i + 1 (a = 1).
-_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # (a, tap, row)
-
-
-def phase_weights(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 3×3 conv's (C, C, 3, 3) weight and bias → the 2×2 conv (4·C outputs, padding 1) whose output block
-    2a + b is phase (a, b) of nearest-upsampling then that conv. Sums taken in fp32, rounded once."""
-    taps = _PHASE_TAPS.to(weight.device)
-    C = weight.shape[0]
-    phases = torch.einsum("aru,ocuv,bsv->abocrs", taps, weight.float(), taps)  # (2, 2, C, C, 2, 2)
-    return phases.reshape(4 * C, C, 2, 2).to(weight.dtype), bias.repeat(4)
-
-
-class FastUpsample(Upsample):
-    """Upsample as four 2×2 convolutions on x itself, one per output phase (row and column parity), in one
-    conv with 4·C outputs, interleaved into channels-last memory by one copy."""
-
-    def prepare(self) -> None:
-        C = self.conv.out_channels
-        w = self.conv.weight
-        phase = PackedConv2d(C, 4 * C, kernel_size=2, padding=1, device=w.device, dtype=w.dtype)
-        phase.weight.data, phase.bias.data = phase_weights(w, self.conv.bias)
-        phase.requires_grad_(False).prepare()
-        self._phase_conv = [phase]  # in a list: derived weights, not a submodule (the state_dict stays the seed's)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        out = self._phase_conv[0](x)  # (B, 4·C, H + 1, W + 1)
-        # Element (c, i, a, j, b) of the upsampled image is out[(2a + b)·C + c, i + a, j + b], an affine
-        # function of the indices: one strided view (B, C, H, 2, W, 2), then one copy into channels-last.
-        sB, sC, sH, sW = out.stride()
-        phases = out.as_strided((B, C, H, 2, W, 2), (sB, sC, sH, 2 * C * sC + sH, sW, C * sC + sW),
-                                out.storage_offset())
-        up = torch.empty((B, H, 2, W, 2, C), dtype=out.dtype, device=out.device)
-        up.permute(0, 5, 1, 2, 3, 4).copy_(phases)
-        return up.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # (B, C, 2H, 2W) channels-last
 
 
 class FastPositionEmbedding(PositionEmbedding):
