@@ -14,8 +14,8 @@ import sys
 
 import torch
 
+from benchmarks import seed_blocks as seed
 from benchmarks.common import interleaved_medians, peak_memory_bytes, write_section
-from tests import seed_reference as seed
 from unet.blocks import AttentionBlock, CrossAttentionBlock
 
 CHANNELS = 128  # as in the default U-Net's 16×16 level
@@ -39,8 +39,8 @@ def pair(kind: str, heads: int, context_dim: int = 256):
 
 
 def measure(kind: str, heads: int, batch: int, tokens: int, text_tokens: int) -> dict:
-    """ours: our block on NCHW input (training's layout); "ours cl": on channels-last input, as the U-Net
-    samples on a CPU (unet/channels_last.py); seed: the seed's block on NCHW input."""
+    """ours: our block on NCHW input (training's layout); "ours cl": the same block on channels-last input, the
+    layout the U-Net's CPU sampling path (unet/fast.py) runs in; seed: the seed's block on NCHW input."""
     ours, peer = pair(kind, heads)
     x = torch.randn(batch, CHANNELS, *SIDES[tokens])
     ctx = torch.randn(batch, text_tokens, 256)
@@ -112,9 +112,8 @@ def main(argv=None) -> None:
         "## Attention blocks vs the seed's naive block\n\n"
         f"{CHANNELS} channels, forward under inference_mode, median ms of interleaved repeats; ours on NCHW "
         "input (the layout training runs in) and on channels-last input (the layout the U-Net samples in on a "
-        "CPU, unet/channels_last.py); each call computes its text side, as a lone block must (inside the U-Net's "
-        "sampling the text is cached, and cross-attention to a short text then folds its query and output "
-        "projections into it: the unet table below); "
+        "CPU, unet/fast.py; there its convolutions and norms are swapped for packed twins too: the unet table "
+        "below); each call computes its text side, as a lone block must (the U-Net's sampling path caches it); "
         "peak MB = torch CPU allocations above the inputs during one call. Cross-attention keys: 16 (our prompts "
         "cut to real tokens) and 77 (a padded CLIP context). The memory ratio grows like N / head dim: the seed "
         "holds two (B, h, N, N) fp32 tensors, ours about five (B, N, C) ones (normed input, q, k, v, output) and "

@@ -1,7 +1,6 @@
 """Shared measuring tools: interleaved median timing, peak memory, machine description, and the
 BENCHMARKS.md writer (each benchmark owns one marked section, so they can be re-run separately)."""
 
-import contextlib
 import os
 import platform
 import re
@@ -15,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from diffusion.precision import cpu_name
 from unet import UNet
+from unet.fast import optimize_for_inference
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
@@ -90,12 +90,9 @@ def write_section(name: str, body: str, command: str) -> None:
 
 
 
-@contextlib.contextmanager
-def as_sampled(nets):
-    """Our U-Nets among `nets` as the pipeline samples with them: the text side computed once across the
-    calls of the block (`UNet.cache_text`), as once per sampling run. Other models are left alone."""
-    with contextlib.ExitStack() as stack:
-        for net in nets:
-            if isinstance(net, UNet):
-                stack.enter_context(net.cache_text())
-        yield
+def as_sampled(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` as the pipeline samples with it: our U-Net through `optimize_for_inference` on a CPU (the
+    sampling path of unet/fast.py, text side computed once per run), any other model as it is."""
+    if isinstance(net, UNet) and next(net.parameters()).device.type == "cpu":
+        return optimize_for_inference(net)
+    return net

@@ -64,10 +64,8 @@ def call(model, x, t, ctx):
 
 
 def guided_call(model, x, t, ctx):
-    """One guided step of x's images under the 2 texts per image in ctx: ours as the pipeline calls it (each
-    image once, x_repeats=2), the peer on the doubled batch, as diffusers' pipelines call it."""
-    if isinstance(model, UNet):
-        return model(x, t, ctx, x_repeats=2)
+    """One guided step of x's images under the 2 texts per image in ctx: both on the doubled batch, as the
+    pipelines (ours: diffusion/sampling.py, diffusers') call them."""
     return call(model, torch.cat([x, x]), torch.cat([t, t]), ctx)
 
 
@@ -79,14 +77,14 @@ def sampling_ms(nets: dict, dtype: torch.dtype | None, repeats: int, cast: bool 
     if cast:
         nets = {k: copy.deepcopy(m).to(dtype) for k, m in nets.items()}
         x, ctx = x.to(dtype), ctx.to(dtype)
+    nets = {k: as_sampled(m.eval()) for k, m in nets.items()}
 
     def step(name):
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None and not cast):
-            return guided_call(nets[name].eval(), x, t, ctx)
+            return guided_call(nets[name], x, t, ctx)
 
     fns = {name: (lambda n=name: step(n)) for name in nets}
-    with as_sampled(nets.values()):
-        return {k: v * 1e3 for k, v in interleaved_medians(fns, repeats=repeats).items()}
+    return {k: v * 1e3 for k, v in interleaved_medians(fns, repeats=repeats).items()}
 
 
 def training_images_per_s(nets: dict, dtype: torch.dtype | None, repeats: int, batch: int = 32) -> dict[str, float]:
@@ -138,10 +136,9 @@ def main(argv=None) -> None:
         f"Same widths (32/64/128), levels, attention at 16×16 and 8×8, 4 heads. Parameters: ours "
         f"{params['ours']:.2f} M, diffusers {params['diffusers']:.2f} M (its transformer blocks add a "
         "feed-forward layer). Sampling: one guided step of 4 images (batch 8) under inference_mode; ours "
-        "as the pipeline runs it, in channels-last with packed convolution weights on a CPU, with the text's "
-        "keys and values computed once per sampling run (`UNet.cache_text`), and with each image passed once "
-        "for its two texts (`x_repeats=2`: the layers before the first cross-attention, which read no text, "
-        "run at batch 4); the peer on the doubled batch, as diffusers' pipelines call it. "
+        "as the pipeline runs it, through `optimize_for_inference` (unet/fast.py: channels-last with packed "
+        "convolution weights on a CPU, the text's keys and values computed once per sampling run); both on the "
+        "doubled batch, as the pipelines call them. "
         "Training: batch 32, forward + backward + AdamW. Target: ours ≤ 0.6× the peer's step time. \"Without "
         "attention\": our U-Net with every attention block skipped, the work both networks share; its ratio "
         "to the peer is the floor for ours. \"Fixed cost\": the same step for one image (batch 2) on an 8×8 input, "

@@ -51,8 +51,8 @@ class GroundingRecorder(AttentionRecorder):
     def __init__(self):
         self.maps: list[tuple[tuple[int, int], torch.Tensor]] = []  # ((h, w), (B, L, N) head mean)
 
-    def wants_self_attention(self, num_queries: int) -> bool:
-        return False
+    def wants(self, kind: str, num_queries: int) -> bool:
+        return kind == "cross"
 
     def record(self, name: str, kind: str, size: tuple[int, int], probs: torch.Tensor) -> None:
         if kind == "cross":  # key-major, the layout attention_probs computes in: (B, h, L, N) → (B, L, N)

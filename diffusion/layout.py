@@ -209,7 +209,7 @@ class LayoutGuide:
             recorder = GroundingRecorder()
             with self.unet.record_attention(recorder):
                 self.unet(x_in.to(context.dtype), torch.full((x.shape[0],), int(t), device=x.device),
-                          context, self.mask, self.token_weights, maps_only=True)  # the loss reads maps only
+                          context, self.mask, self.token_weights)
             (grad,) = torch.autograd.grad(self.loss(recorder.maps), x_in)
         input_scale = float(scheduler.scale_model_input(torch.ones(1, device=x.device), t))  # x_in = s · x
         return x - self.scales[step] * grad.to(x.dtype) / input_scale

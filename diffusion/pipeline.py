@@ -39,6 +39,7 @@ from diffusion.vocabulary import (
     whole_words,
 )
 from unet import AttentionStore, UNet
+from unet.fast import optimize_for_inference
 
 
 @dataclass
@@ -90,6 +91,7 @@ class TextToImagePipeline:
                 f"{text_encoder.hidden_size}; use the text encoder the U-Net was trained with."
             )
         self.unet = unet.eval()
+        self._sampling_unet: UNet | None = None  # see sampling_unet
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config)
         self.model_card = model_card
@@ -142,7 +144,18 @@ class TextToImagePipeline:
             self.text_encoder.to(device)
         if dtype is not None:
             self.unet.to(dtype)
+        self._sampling_unet = None  # made again, for the new device and dtype
         return self
+
+    @property
+    def sampling_unet(self) -> UNet:
+        """The U-Net the sampling loop calls: `optimize_for_inference(self.unet)`, a frozen copy with the CPU
+        fast path (unet/fast.py), made at first use and again after `to()`. Layout guidance differentiates
+        through `self.unet` itself. Change `self.unet`'s weights in place only before the first call (or call
+        `to()` after): the copy does not follow them."""
+        if self._sampling_unet is None:
+            self._sampling_unet = optimize_for_inference(self.unet)
+        return self._sampling_unet
 
     @property
     def device(self) -> torch.device:
@@ -235,7 +248,6 @@ class TextToImagePipeline:
                 cond = token_weights(enc.words[B:], enc.word_ids[B:], emphasis, enc.mask.shape[1])
                 weights = torch.cat([torch.ones_like(cond), cond]).to(self.device, self.dtype)  # (2B, L)
             context = enc.context.to(self.device, self.dtype)
-            model = guided_model(self.unet, context, enc.mask.to(self.device), guidance_scale, weights)
 
             seed = secrets.randbelow(2**31) if seed is None else int(seed)
             c = self.unet.config
@@ -260,12 +272,13 @@ class TextToImagePipeline:
             guide, notes = self._layout_guide(prompt_enc, context[B:], None if weights is None else weights[B:],
                                               scheduler, relation_guidance, object_guidance)
             generator = torch.Generator().manual_seed(seed)  # for stochastic samplers (DDPM)
-            with self.unet.cache_text():  # the same text at every step: its keys and values are computed once
-                if store is None:
+            unet = self.sampling_unet
+            model = guided_model(unet, context, enc.mask.to(self.device), guidance_scale, weights)
+            if store is None:
+                x = sample(model, scheduler, noise, generator, on_step, guide)
+            else:
+                with unet.record_attention(store):
                     x = sample(model, scheduler, noise, generator, on_step, guide)
-                else:
-                    with self.unet.record_attention(store):
-                        x = sample(model, scheduler, noise, generator, on_step, guide)
 
             result = GenerationResult(
                 images=to_pil(x), seed=seed, seeds=[seed + i for i in range(B)], prompts=plain,

@@ -14,8 +14,6 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from unet import UNet
-
 # Sampler name → (scheduler class, settings on top of the training scheduler's config).
 # "trailing" spacing starts every sampler at the last training step (t = T−1), where the initial pure
 # noise is right; "leading" (DDIM's default) would start at t = 900 of 1000 with the wrong noise level.
@@ -47,8 +45,7 @@ def guided_model(
     """Classifier-free guidance as a wrapper: one batched forward over [unconditional; conditional].
 
     Args:
-        unet: the denoiser, called as unet(x, t, context, mask, token_weights); our UNet gets each image
-            once, with x_repeats=2 (UNet.forward: the layers before the text run once per image).
+        unet: the denoiser, called as unet(x, t, context, mask, token_weights) on the doubled batch.
         context: (2B, L, D), the B negative (or empty) prompts first, then the B prompts, in the U-Net's
             compute type (x is cast to it; the prediction comes back in x's type, e.g. fp32 for the scheduler).
         mask: (2B, L) bool.  scale: guidance scale s (1 = no guidance).
@@ -57,15 +54,10 @@ def guided_model(
         fn(x (B, C, H, W), t) → uncond + s·(cond − uncond), (B, C, H, W).
     """
 
-    shares_x = isinstance(unet, UNet)
-
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in = x.to(context.dtype)  # in the U-Net's compute type
         t_in = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        if shares_x:
-            out = unet(x_in, t_in, context, mask, token_weights, x_repeats=2)
-        else:
-            out = unet(torch.cat([x_in, x_in]), t_in.repeat(2), context, mask, token_weights)  # (2B, C, H, W)
+        out = unet(torch.cat([x_in, x_in]), t_in.repeat(2), context, mask, token_weights)  # (2B, C, H, W)
         uncond, cond = out.to(x.dtype).chunk(2)
         return uncond + scale * (cond - uncond)
 

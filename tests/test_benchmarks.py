@@ -109,13 +109,13 @@ def test_step_throughput_counts_flops_and_leaves_out_bf16_where_the_cpu_has_none
     assert set(convs) == {"sampling fp32", "training fp32"}
     assert all(calls > 0 and 0 < gflop < steps[name][0] and rate > 0 for name, (calls, gflop, rate) in convs.items())
     calls, _, rate = convs["sampling fp32"]
-    # the 3×3 and 1×1 convs a step calls as modules (attention's 1×1 projections run as matmuls; each
-    # upsample's conv as its phase conv): some, never more than the U-Net has
+    # the 3×3 and 1×1 convs a step calls as modules (each upsample's conv as its phase conv): some, never
+    # more than the U-Net has
     assert 0 < calls <= sum(isinstance(m, torch.nn.Conv2d) for m in unet.modules()) and rate > 0
 
 
 def test_convolution_throughput_counts_each_call_and_its_multiply_adds(monkeypatch):
-    from unet.channels_last import Conv2d
+    from torch.nn import Conv2d
 
     net = torch.nn.Sequential(Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), Conv2d(8, 2, 1), Conv2d(2, 2, 3, groups=2))
     x = torch.randn(2, 4, 6, 6)
@@ -187,8 +187,9 @@ def test_unet_benchmark_fixed_cost_step_is_one_guided_image_at_8x8(monkeypatch):
     monkeypatch.setattr(bench, "guided_call", recording_call)
     ms = bench.sampling_ms(bench.models(), None, repeats=1, batch=2, size=8)
     assert set(ms) == {"ours", "diffusers"} and all(v > 0 for v in ms.values())
-    # one image under its two texts; ours gets it once (x_repeats=2), the peer the doubled batch
-    assert set(shapes) == {("UNet", (1, 3, 8, 8), (2, 12, 256)), ("UNet2DConditionModel", (1, 3, 8, 8), (2, 12, 256))}
+    # one image under its two texts, both on the doubled batch; ours on the CPU fast path
+    assert set(shapes) == {("FastUNet", (1, 3, 8, 8), (2, 12, 256)),
+                           ("UNet2DConditionModel", (1, 3, 8, 8), (2, 12, 256))}
 
 
 def test_server_percentiles_interpolate_as_numpy_does():

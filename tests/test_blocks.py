@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests import seed_reference as seed
+from benchmarks import seed_blocks as seed
 from tests.tiny import randomize_
 from unet import attention
 from unet.blocks import AttentionBlock, CrossAttentionBlock, ResidualBlock, timestep_embedding
@@ -76,7 +76,7 @@ def test_sdpa_and_explicit_kernels_agree(monkeypatch, N, L, with_mask):
     for max_keys in (10**9, -1):  # force explicit, then force SDPA
         monkeypatch.setattr(attention, "EXPLICIT_MAX_KEYS", max_keys)
         monkeypatch.setattr(attention, "EXPLICIT_MAX_PROBS", 10**12)
-        outs.append(attention.attend(q, k, v, mask, 0.25))
+        outs.append(attention.attention(q, k, v, mask)[0])
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
@@ -88,7 +88,7 @@ def test_kernel_choice_follows_shape(monkeypatch, B, N, L, fused):
     calls = []
     sdpa = attention.F.scaled_dot_product_attention
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
-    attention.attend(torch.randn(B, 4, N, 8), torch.randn(B, 4, L, 8), torch.randn(B, 4, L, 8), None, 0.3)
+    attention.attention(torch.randn(B, 4, N, 8), torch.randn(B, 4, L, 8), torch.randn(B, 4, L, 8))
     assert bool(calls) == fused
 
 
@@ -146,18 +146,42 @@ def test_timestep_embedding():
 
 @pytest.mark.parametrize("N,L", [(64, 64), (256, 256), (256, 7)])  # explicit, SDPA, a text
 @pytest.mark.parametrize("autocast", [False, True])
-def test_bf16_attention_under_autograd_runs_in_fp32(N, L, autocast):
-    """On a CPU, bf16 attention that needs a backward computes in fp32 (faster there), even inside
-    autocast, which would otherwise cast the operands back; the output and gradients come back in bf16."""
+def test_bf16_attention_on_a_cpu_runs_in_fp32_by_default(N, L, autocast):
+    """On a CPU, the default processor computes bf16 attention in fp32 (faster under autograd there), even
+    inside autocast, which would otherwise cast the operands back; the output and gradients come back in
+    bf16. The sampling path's processor (upcast=False) keeps bf16."""
+    layer = attention.AttentionLayer(4)
     q, k, v = (torch.randn(2, 4, n, 16).bfloat16().requires_grad_(True) for n in (N, L, L))
     mask = torch.ones(2, L, dtype=torch.bool)
     mask[1, L // 2:] = False
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = attention.attend(q, k, v, mask, 0.25)
-    expected = attention.attend(q.detach().float(), k.detach().float(), v.detach().float(), mask, 0.25)
+        out = layer.attend(q, k, v, mask)
+    expected = attention.attention(q.detach().float(), k.detach().float(), v.detach().float(), mask)[0]
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
     out.float().square().sum().backward()
     assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
-    with torch.no_grad():  # sampling keeps bf16: the fp32 kernel's result differs from it
-        assert not torch.equal(attention.attend(q, k, v, mask, 0.25), expected.bfloat16())
+    layer.processor = attention.AttentionProcessor(upcast=False)
+    with torch.no_grad():
+        assert not torch.equal(layer.attend(q, k, v, mask), expected.bfloat16())
+
+
+def test_every_attention_layer_calls_its_processor_once_per_forward():
+    """The seam: self-attention, cross-attention and the context layers all go through their processor,
+    which sees the layer, its kind and the queries' layout (diffusers' custom-processor test)."""
+    from unet import UNet, UNetConfig
+
+    class Counting(attention.AttentionProcessor):
+        def __call__(self, layer, q, k, v, mask, weights, size):
+            calls.append((layer.name, layer.kind, size))
+            return super().__call__(layer, q, k, v, mask, weights, size)
+
+    calls = []
+    unet = UNet(UNetConfig.preset("tiny", context_layers=2)).eval()
+    unet.set_attention_processor(Counting())
+    with torch.no_grad():
+        unet(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.randn(2, 5, 32))
+    assert [name for name, _, _ in calls] == list(unet.attention_layers)
+    kinds = {kind for _, kind, _ in calls}
+    assert kinds == {"self", "cross", "context"}
+    assert ("context_refiner.layers.1", "context", (1, 5)) in calls and ("mid.0.cross_attn", "cross", (8, 8)) in calls

@@ -110,7 +110,7 @@ def test_maps_are_recorded_at_every_step_with_guidance_on(pipe):
     guided = pipe(RELATION, num_images=2, steps=8, seed=0, record_attention=True, relation_guidance=RELATION_GUIDANCE)
     assert guided.attention.store._counts == plain.attention.store._counts  # the guide's passes are not filed
     assert set(guided.attention.word_maps(0)) == set(plain.attention.word_maps(0))
-    assert all(block.recorder is None for block in pipe.unet.attention_layers.values())
+    assert all(block.processor.recorder is None for block in pipe.unet.attention_layers.values())
 
 
 def test_bad_strength_is_refused(pipe):

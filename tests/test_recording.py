@@ -6,7 +6,8 @@ import torch
 from tests.test_unet import inputs
 from tests.tiny import randomize_
 from unet import AttentionStore, UNet, UNetConfig
-from unet.attention import attend, attend_and_record, attention_probs
+from unet.attention import attention, attention_probs
+from unet.fast import optimize_for_inference
 
 
 @pytest.fixture
@@ -28,15 +29,15 @@ def run_steps(unet, store, steps, x, ctx, mask=None, grad=False):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recording_never_changes_the_output(unet, dtype):
-    # bf16 takes the explicit kernel for self-attention too, and shares its probabilities with the recorder
+    # the explicit kernel shares its probabilities with the recorder, SDPA's are computed on the side
     unet = unet.to(dtype)
     x, _, ctx = (t.to(dtype) for t in inputs(tokens=6))
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 3:] = False
-    for grad in (False, True):  # sampling (the channels-last CPU path) and under autograd (NCHW)
+    for model, grad in ((unet, False), (unet, True), (optimize_for_inference(unet), False)):  # + the CPU fast path
         with torch.set_grad_enabled(grad):
-            plain = [unet(x, torch.full((2,), 999 - s * 10), ctx, mask) for s in range(3)]
-        recorded = run_steps(unet, AttentionStore(num_steps=3), 3, x, ctx, mask, grad=grad)
+            plain = [model(x, torch.full((2,), 999 - s * 10), ctx, mask) for s in range(3)]
+        recorded = run_steps(model, AttentionStore(num_steps=3, context_layers=True), 3, x, ctx, mask, grad=grad)
         for a, b in zip(plain, recorded, strict=True):
             assert torch.equal(a, b)
 
@@ -141,7 +142,7 @@ def test_step_must_be_set_by_the_caller(unet):
 def test_recorder_always_detaches(unet):
     with pytest.raises(ZeroDivisionError), unet.record_attention(AttentionStore(num_steps=1)):
         raise ZeroDivisionError
-    assert all(block.recorder is None for block in unet.attention_layers.values())
+    assert all(block.processor.recorder is None for block in unet.attention_layers.values())
 
 
 def test_steps_land_in_their_bins(unet):
@@ -177,13 +178,33 @@ def test_emphasis_shows_in_the_maps(unet):
 
 @pytest.mark.parametrize(("n", "keys", "dtype"), [(64, 6, torch.float32), (300, 300, torch.float32),
                                                   (64, 64, torch.bfloat16)])
-def test_attend_and_record_gives_attends_output_and_the_rows_probabilities(n, keys, dtype):
+def test_attention_gives_the_same_output_with_the_rows_probabilities(n, keys, dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, m, 8, generator=g).to(dtype) for m in (n, keys, keys))
     mask = torch.ones(3, keys, dtype=torch.bool)
     mask[1, keys // 2:] = False
-    out, probs = attend_and_record(q, k, v, mask, 8**-0.5, slice(1, 3))
-    assert torch.equal(out, attend(q, k, v, mask, 8**-0.5))
+    weights = torch.ones(3, keys, dtype=dtype)
+    weights[:, 0] = 2.0
+    out, probs = attention(q, k, v, mask, weights, rows=slice(1, 3))
+    assert torch.equal(out, attention(q, k, v, mask, weights)[0])
     assert probs.shape == (2, 2, n, keys)
-    torch.testing.assert_close(probs, attention_probs(q[1:], k[1:], mask[1:], 8**-0.5))
+    torch.testing.assert_close(probs, attention_probs(q[1:], k[1:], mask[1:], weights[1:]))
     assert probs[0, :, :, keys // 2:].abs().max() == 0  # masked keys get nothing
+
+
+def test_context_layers_are_recorded_when_asked():
+    """Recording reaches every attention layer, the context layers included (kind "context", text × text)."""
+    torch.manual_seed(0)
+    unet = randomize_(UNet(UNetConfig.preset("tiny", context_layers=2)).eval())
+    x, _, ctx = inputs(tokens=6)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    stores = [AttentionStore(num_steps=1, context_layers=flag) for flag in (True, False)]
+    for store in stores:
+        run_steps(unet, store, 1, x, ctx, mask)
+    assert stores[0].layer_names("context") == ["context_refiner.layers.0", "context_refiner.layers.1"]
+    assert stores[1].layer_names("context") == [] and stores[1].layer_names("cross")
+    maps = stores[0].mean("context_refiner.layers.1")  # (b, L, L): each token's attention over the text
+    assert maps.shape == (2, 6, 6)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 6))
+    assert maps[1, :, 4:].abs().max() == 0  # padding is never attended to

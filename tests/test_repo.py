@@ -69,6 +69,8 @@ def test_import_direction():
     assert "unet" not in imported_project_packages("conditioning")
     # diffusion reads a grammar it is told about (diffusion/grammar.py, a model's captions.json), never a data set
     assert "data" not in imported_project_packages("diffusion")
+    # benchmarks time the product's code; the seed's blocks they compare against live in benchmarks/seed_blocks.py
+    assert "tests" not in imported_project_packages("benchmarks")
 
 
 def test_no_pickles_tracked():

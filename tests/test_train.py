@@ -215,7 +215,7 @@ def test_fine_tuning_can_add_context_layers_and_a_position_embedding(setup):
     train.main(args(setup, out, "--steps", "2", *flags))
     pipe = TextToImagePipeline.from_pretrained(out / "pipeline", dtype="fp32")
     assert pipe.unet.config.context_layers == 1 and pipe.unet.config.position_embedding
-    assert pipe.unet.context_refiner.layers[0]["to_out"].weight.abs().sum() > 0  # trained away from zero
+    assert pipe.unet.context_refiner.layers[0].to_out.weight.abs().sum() > 0  # trained away from zero
     assert pipe.unet.down[1][0].position.proj.weight.abs().sum() > 0
     train.main(args(setup, out, "--steps", "3", *flags))  # resumes from the step-2 checkpoint
     assert [s for s, _ in train.checkpoints(out / "checkpoints")][-1] == 3

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 
-from unet.attention import AttentionRecorder
+from unet.attention import AttentionLayer, AttentionProcessor, AttentionRecorder
 from unet.blocks import (
     AttentionBlock,
     ContextRefiner,
@@ -42,7 +42,6 @@ from unet.blocks import (
     timestep_embedding,
     zero_,
 )
-from unet.channels_last import Conv2d, GroupNorm, versions, wants_channels_last
 
 
 @dataclass(frozen=True)
@@ -123,10 +122,22 @@ PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """What every layer of the U-Net may read besides the image (one contract for all blocks, as
+    guided-diffusion's TimestepBlock and k-diffusion's cond dict): t_emb (B, T), context (B, L, D),
+    mask (B, L) bool or None, token_weights (B, L) or None."""
+
+    t_emb: torch.Tensor
+    context: torch.Tensor
+    mask: torch.Tensor | None
+    token_weights: torch.Tensor | None
+
+
 class ResAttnLayer(nn.Module):
     """One residual block, then (at attention levels) self-attention and cross-attention to the text.
 
-    Shapes: x (B, C_in, H, W), t_emb (B, T), context (B, L, D), mask (B, L) → (B, C_out, H, W).
+    Shapes: x (B, C_in, H, W), cond (see Conditioning) → (B, C_out, H, W).
     """
 
     def __init__(self, in_channels: int, out_channels: int, config: UNetConfig, attention: bool):
@@ -140,27 +151,24 @@ class ResAttnLayer(nn.Module):
             self.self_attn = AttentionBlock(out_channels, config.num_heads, norm_groups=g)
             self.cross_attn = CrossAttentionBlock(out_channels, config.context_dim, config.num_heads, norm_groups=g)
 
-    def forward(self, x, t_emb, context, mask, token_weights, text_cache=None, film=None, x_repeats=1):
-        """x_repeats > 1: x holds each image once and the context x_repeats texts for each (UNet.forward);
-        the features are repeated just before cross-attention, the first op that reads the text."""
-        x = self.res(x, t_emb, film)
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        x = self.res(x, cond.t_emb)
         if self.position is not None:
             x = self.position(x)
         if self.self_attn is not None:
-            x = self.self_attn(x, x_repeats)
-            if x_repeats > 1:
-                x = torch.cat([x] * x_repeats)  # keeps channels-last
-            x = self.cross_attn(x, context, mask, token_weights, text_cache)
+            x = self.self_attn(x)
+            x = self.cross_attn(x, cond.context, cond.mask, cond.token_weights)
         return x
 
 
 class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion", tags=["text-to-image"]):
     """Text-conditioned diffusion U-Net with self- and cross-attention interleaved.
 
-    forward(x (B, C, H, W), t (B,), context (B, L, D), context_mask (B, L) bool or None,
+    forward(x (B, C, H, W), t (B,) or scalar, context (B, L, D), context_mask (B, L) bool or None,
             token_weights (B, L) or None) → (B, C, H, W).
     H and W must be divisible by `config.downsample_factor`; they need not be equal. token_weights
     scale each token's cross-attention in every layer (1 = unchanged; see CrossAttentionBlock).
+    Classifier-free guidance batches the two texts per image outside (diffusion/sampling.py).
 
     >>> unet = UNet(UNetConfig.preset("tiny"))
     >>> unet(torch.randn(2, 3, 16, 24), torch.tensor([10, 500]), torch.randn(2, 5, 32)).shape
@@ -170,11 +178,6 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
-        # Sample on a CPU in channels-last with packed conv weights (unet/channels_last.py); False = NCHW
-        # everywhere, the path training takes. A runtime switch, not part of the config or the weights.
-        self.cpu_channels_last = True
-        self._text_cache: dict | None = None  # see cache_text()
-        self._stacked_films: tuple | None = None  # see _films()
         c = config
         widths = [c.base_channels * m for m in c.channel_mults]
         self.time_embed = nn.Sequential(
@@ -182,7 +185,7 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         )
         self.context_refiner = (ContextRefiner(c.context_dim, c.context_layers, c.num_heads)
                                 if c.context_layers else None)
-        self.conv_in = Conv2d(c.in_channels, c.base_channels, kernel_size=3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels, c.base_channels, kernel_size=3, padding=1)
 
         # Encoder: remember the width of every tensor pushed on the skip stack.
         skip_widths = [c.base_channels]
@@ -214,159 +217,56 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
             up[level] = layers
         self.up = nn.ModuleList([up[level] for level in range(len(widths))])
 
-        self.norm_out = GroupNorm(c.norm_groups, ch)
-        self.conv_out = zero_(Conv2d(ch, c.out_channels, kernel_size=3, padding=1))
+        self.norm_out = nn.GroupNorm(c.norm_groups, ch)
+        self.conv_out = zero_(nn.Conv2d(ch, c.out_channels, kernel_size=3, padding=1))
 
         # Stable names: the module path, so names match state_dict keys and never depend on call order.
-        # attention_layers lists them in the order forward() runs them (encoder, middle, decoder).
+        # attention_layers lists them in the order forward() runs them (context, encoder, middle, decoder).
         path = {module: name for name, module in self.named_modules()}
-        self.attention_layers: dict[str, AttentionBlock | CrossAttentionBlock] = {}
+        order = [*(self.context_refiner.layers if self.context_refiner is not None else [])]
         for layers in [*self.down, self.mid, *reversed(self.up)]:
-            for block in (b for layer in layers for b in (layer.self_attn, layer.cross_attn) if b is not None):
-                block.name = path[block]
-                self.attention_layers[block.name] = block
-        # The decoder level whose last layer runs the last attention block (the lowest level index with
-        # attention: the decoder runs from the deepest level up); None without attention.
-        self._last_attention_level = min((level for level in range(len(widths)) if c.level_has_attention(level)),
-                                         default=None)
-        # The residual blocks whose time MLPs _films() stacks (a plain list, not registered: they stay where they are).
-        self._film_blocks = [m for m in self.modules() if isinstance(m, ResidualBlock) and m.time_mlp is not None]
+            order += [b for layer in layers for b in (layer.self_attn, layer.cross_attn) if b is not None]
+        self.attention_layers: dict[str, AttentionLayer] = {}
+        for block in order:
+            block.name = path[block]
+            self.attention_layers[block.name] = block
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(
         self,
         x: torch.Tensor,
-        t: torch.Tensor,
+        t: torch.Tensor | int,
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         token_weights: torch.Tensor | None = None,
-        *,
-        maps_only: bool = False,
-        x_repeats: int = 1,
-    ) -> torch.Tensor | None:
-        """The predicted noise (B, C_out, H, W) for x (B, C_in, H, W) at timesteps t (B,) given the text.
-
-        maps_only: for callers that want only what the attention blocks hand a recorder (layout guidance):
-        stop once the last attention block has run and return None. The decoder levels after it feed no
-        map; skipping them saved 11-20% of a guidance pass's forward and backward, with the same gradients.
-        x_repeats: k > 1 denoises each image of x under k texts at once, as classifier-free guidance does:
-        context, context_mask and token_weights then have k·B rows (text j of image i at row j·B + i), t
-        stays per image, and the result is the (k·B, C_out, H, W) of the call with x and t repeated k times
-        along the batch (torch.cat([x] * k)): the same up to the kernels' summation order, which may depend on
-        the batch size (bit-identical for the shipped model at 4 images). The layers before the first
-        cross-attention read no text, so they run once per image: 4-5% of a guided step of the shipped model.
-        """
-        t = self._check_inputs(x, t, context, context_mask, token_weights, x_repeats)
-        if maps_only and self._last_attention_level is None:
-            return None
-        text = self._text_side(context, context_mask, token_weights)  # None outside cache_text() or with autograd
-        if text is not None and "context" in text:
-            context = text["context"]
-        elif self.context_refiner is not None:
+    ) -> torch.Tensor:
+        """The predicted noise (B, C_out, H, W) for x (B, C_in, H, W) at timesteps t (B,) given the text."""
+        t = self._check_inputs(x, t, context, context_mask, token_weights)
+        if self.context_refiner is not None:
             context = self.context_refiner(context, context_mask)  # (B, L, D): every token sees the prompt
-            if text is not None:
-                text["context"] = context
-        cond = (context, context_mask, token_weights, text)  # what every ResAttnLayer's cross-attention reads
-        B = x.shape[0]
-        if x_repeats > 1:
-            t = t.repeat(x_repeats)  # (k·B,): the layers after the text run on the whole batch
-        t_emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(x.dtype))  # (k·B, T)
-        films = self._films(t_emb)  # sampling: every residual block's scale and shift from one matmul
-        channels_last = self.cpu_channels_last and wants_channels_last(x)
-        if channels_last:  # sampling on a CPU: every block keeps this layout (unet/channels_last.py)
-            x = x.contiguous(memory_format=torch.channels_last)
-        shared = x_repeats  # > 1 while h holds each image once: until the first cross-attention has run
-
-        def run(layer: ResAttnLayer, h: torch.Tensor) -> torch.Tensor:
-            nonlocal shared
-            film = films.get(layer.res)
-            if shared == 1:
-                return layer(h, t_emb, *cond, film=film)
-            h = layer(h, t_emb[:B], *cond, film=None if film is None else film[:B], x_repeats=shared)
-            if layer.cross_attn is not None:
-                shared = 1
-            return h
-
+        t_emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(x.dtype))  # (B, T)
+        cond = Conditioning(t_emb, context, context_mask, token_weights)
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
         for level, layers in enumerate(self.down):
             for layer in layers:
-                h = run(layer, h)
+                h = layer(h, cond)
                 skips.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)  # (B, C, H/2, W/2)
                 skips.append(h)
         for layer in self.mid:
-            h = run(layer, h)
+            h = layer(h, cond)
         for level in reversed(range(len(self.up))):
             for layer in self.up[level]:
-                skip = skips.pop()
-                if skip.shape[0] != h.shape[0]:  # a skip from before the text, held once per image
-                    skip = torch.cat([skip] * (h.shape[0] // skip.shape[0]))
-                h = run(layer, torch.cat([h, skip], dim=1))
-            if maps_only and level == self._last_attention_level:
-                return None
+                h = layer(torch.cat([h, skips.pop()], dim=1), cond)  # (B, C, H, W) after the skip's concat
             if level > 0:
                 h = self.upsample[level - 1](h)  # (B, C, 2H, 2W)
-        out = self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
-        if shared > 1:  # no cross-attention anywhere: nothing read the text
-            out = torch.cat([out] * shared)
-        return out.contiguous() if channels_last else out
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
 
-    @contextmanager
-    def cache_text(self):
-        """Compute the text side once per prompt batch for the duration of the `with` block.
-
-        The context refiner and every cross-attention layer's keys and values depend only on the text
-        (context, mask, token weights), which a sampling run passes unchanged at every step. Inside this
-        block, calls without autograd that pass the *same* tensor objects reuse them (4-6% of a
-        sampling step on 2 cores, measured). Do not modify those tensors in place inside the block.
-
-        >>> with unet.cache_text():
-        ...     for t in timesteps: x = step(unet(x, t, context, mask), x)
-        """
-        previous = self._text_cache
-        self._text_cache = {}
-        try:
-            yield
-        finally:
-            self._text_cache = previous
-
-    def _text_side(self, context, context_mask, token_weights) -> dict | None:
-        """The cached text side for these tensor objects (a fresh one on a miss), or None: no caching."""
-        if self._text_cache is None or torch.is_grad_enabled():
-            return None
-        inputs = (context, context_mask, token_weights)
-        held = self._text_cache.get("inputs", ())
-        # `is`, not ==: the entry holds the inputs, so their ids cannot be reused by new tensors meanwhile.
-        if len(held) != 3 or any(a is not b for a, b in zip(held, inputs, strict=True)):
-            self._text_cache.clear()
-            self._text_cache["inputs"] = inputs
-        return self._text_cache
-
-    def _films(self, t_emb: torch.Tensor) -> dict:
-        """{residual block: its time MLP's output (B, 2·C)} from one matmul, while sampling; {} under autograd.
-
-        Every residual block applies SiLU and a Linear to the same t_emb; 15 small Linears cost ~1 ms of a
-        bf16 step on 2 cores, one with their weights stacked ~0.1 ms. The stacked copy is rebuilt whenever a
-        weight changes (data pointer, version or dtype), and it never enters the state_dict.
-        """
-        if torch.is_grad_enabled():
-            return {}
-        blocks = self._film_blocks
-        linears = [b.time_mlp[1] for b in blocks]
-        key = tuple(versions(m) for m in linears)
-        if self._stacked_films is None or self._stacked_films[0] != key:
-            self._stacked_films = (key, torch.cat([m.weight for m in linears]).detach(),
-                                   torch.cat([m.bias for m in linears]).detach())
-        out = F.linear(F.silu(t_emb), self._stacked_films[1], self._stacked_films[2])  # (B, Σ 2·C)
-        return dict(zip(blocks, out.split([m.out_features for m in linears], dim=1), strict=True))
-
-    def _check_inputs(self, x, t, context, context_mask, token_weights, x_repeats=1) -> torch.Tensor:
+    def _check_inputs(self, x, t, context, context_mask, token_weights) -> torch.Tensor:
         """Validate shapes with messages that say how to fix them; returns t as a (B,) tensor."""
         c = self.config
-        if isinstance(x_repeats, bool) or not isinstance(x_repeats, int) or x_repeats < 1:
-            raise ValueError(f"x_repeats must be an int >= 1 (the number of texts per image of x), got {x_repeats!r}.")
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be (B, {c.in_channels}, H, W); got shape {tuple(x.shape)}.")
         B, _, H, W = x.shape
@@ -381,12 +281,9 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         if t.ndim == 0:
             t = t.expand(B)
         if t.shape != (B,):
-            per_image = " (one per image: x_repeats repeats it)" if x_repeats > 1 else ""
-            raise ValueError(f"t must be a scalar or have shape ({B},) to match the batch of x{per_image}; "
-                             f"got {tuple(t.shape)}.")
-        if context.ndim != 3 or context.shape[0] != B * x_repeats:
-            rows = f"B={B}" if x_repeats == 1 else f"x_repeats·B={x_repeats}·{B}"
-            raise ValueError(f"context must be ({rows}, L, D); got shape {tuple(context.shape)}.")
+            raise ValueError(f"t must be a scalar or have shape ({B},) to match the batch of x; got {tuple(t.shape)}.")
+        if context.ndim != 3 or context.shape[0] != B:
+            raise ValueError(f"context must be (B={B}, L, D); got shape {tuple(context.shape)}.")
         if context.shape[2] != c.context_dim:
             raise ValueError(
                 f"context width {context.shape[2]} does not match this U-Net's context_dim={c.context_dim} "
@@ -410,27 +307,33 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
                 )
         return t
 
-    # -- attention recording ------------------------------------------------------------------------
+    # -- the attention seam -------------------------------------------------------------------------
+    def set_attention_processor(self, processor: AttentionProcessor) -> None:
+        """Compute every attention layer's attention with `processor` (unet/attention.py)."""
+        for layer in self.attention_layers.values():
+            layer.processor = processor
+
     @contextmanager
     def record_attention(self, recorder: AttentionRecorder):
-        """Attach `recorder` to every attention block for the duration of the `with` block.
+        """Hand every attention layer's probabilities to `recorder` for the duration of the `with` block.
 
         >>> store = AttentionStore(num_steps=20)
         >>> with unet.record_attention(store):
         ...     for step, t in enumerate(timesteps):
         ...         store.set_step(step); unet(x, t, context)
-        The blocks always get their previous recorder back (None outside any `with`), even if the body
+        Each layer's processor is swapped for the same processor with the recorder attached, so the
+        output does not change. The layers always get their previous processor back, even if the body
         raises; so a recorder attached inside another's `with` (relation guidance inside a recorded
         sampling run) takes over only for its own block.
         """
-        previous = {name: block.recorder for name, block in self.attention_layers.items()}
-        for block in self.attention_layers.values():
-            block.recorder = recorder
+        previous = {name: layer.processor for name, layer in self.attention_layers.items()}
+        for layer in self.attention_layers.values():
+            layer.processor = layer.processor.with_recorder(recorder)
         try:
             yield recorder
         finally:
-            for name, block in self.attention_layers.items():
-                block.recorder = previous[name]
+            for name, layer in self.attention_layers.items():
+                layer.processor = previous[name]
 
     # -- save / load: safetensors only, strict keys --------------------------------------------------
     @classmethod
@@ -505,4 +408,4 @@ class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion"
         return sum(p.numel() for p in self.parameters())
 
 
-__all__ = ["PRESETS", "ResAttnLayer", "UNet", "UNetConfig"]
+__all__ = ["PRESETS", "Conditioning", "ResAttnLayer", "UNet", "UNetConfig"]

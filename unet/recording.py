@@ -47,6 +47,8 @@ class AttentionStore(AttentionRecorder):
             centred (1 = the bin's middle step); None records it at every step. Its side probabilities
             are the one real cost of recording (the fused kernel never forms them), and the maps of
             neighbouring steps differ little. Cross-attention is recorded at every step.
+        context_layers: also record the context layers' text-to-text attention (b, h, L, L), kind
+            "context", at every step, rows as `rows`; off by default (the app shows image maps only).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class AttentionStore(AttentionRecorder):
         self_attention_max_positions: int = 256,
         per_head: bool = True,
         self_attention_per_bin: int | None = None,
+        context_layers: bool = False,
     ):
         if num_steps < 1 or num_bins < 1:
             raise ValueError(f"AttentionStore needs num_steps >= 1 and num_bins >= 1, got {num_steps} and {num_bins}.")
@@ -67,7 +70,9 @@ class AttentionStore(AttentionRecorder):
             raise ValueError(f"self_attention_per_bin must be >= 1 or None (every step), got {self_attention_per_bin}.")
         self.num_steps = num_steps
         self.num_bins = min(num_bins, num_steps)
-        self.row_slices = {"cross": rows, "self": self_attention_rows if self_attention_rows is not None else rows}
+        self.row_slices = {"cross": rows, "context": rows,
+                           "self": self_attention_rows if self_attention_rows is not None else rows}
+        self.context_layers = context_layers
         self.num_tokens = num_tokens
         self.self_attention_max_positions = self_attention_max_positions
         self.per_head = per_head
@@ -115,7 +120,11 @@ class AttentionStore(AttentionRecorder):
         chosen = self.row_slices[kind]
         return chosen if chosen is not None else slice(0, batch_size)
 
-    def wants_self_attention(self, num_queries: int) -> bool:
+    def wants(self, kind: str, num_queries: int) -> bool:
+        if kind == "context":
+            return self.context_layers
+        if kind != "self":
+            return True
         if num_queries > self.self_attention_max_positions:
             return False
         return self.step is None or self.step in self._self_steps  # None: record() says set_step was never called

@@ -1,5 +1,6 @@
 """The seed document's blocks, transcribed verbatim (../shared/seed/), as the reference our blocks
-must match: same parameter names and shapes (state_dict loads with strict=True), same outputs.
+must match (tests/test_blocks.py) and the peer benchmarks/attention.py times ours against: same
+parameter names and shapes (state_dict loads with strict=True), same outputs.
 Comments translated; code unchanged.
 """
 
