@@ -57,7 +57,9 @@ def test_a_full_queue_says_so_the_waiting_see_their_place_and_no_request_is_lost
 
         running = generate(client, 1)
         assert wait_until(lambda: running.status().code in (Status.PROCESSING, Status.PROGRESS))
-        waiting = [generate(client, seed) for seed in (2, 3)]
+        waiting = [generate(client, 2)]  # the second joins once the first is in: their order is fixed
+        assert wait_until(lambda: waiting[0].status().code == Status.IN_QUEUE)
+        waiting.append(generate(client, 3))
         # Gradio tells each waiting client its place, the queue's length and the expected wait (when someone
         # joins, those behind them hear of it: the first to join still sees a queue of one).
         assert wait_until(lambda: all(s.code == Status.IN_QUEUE and s.eta is not None
