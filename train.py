@@ -678,11 +678,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
             create_repo(cfg.push_to_hub, exist_ok=True)
             upload_folder(repo_id=cfg.push_to_hub, folder_path=dest, commit_message=f"train.py, {cfg.steps} steps")
             accelerator.print(f"pushed to https://huggingface.co/{cfg.push_to_hub}")
-    # Teardown: when the DDP wrapper dies it joins gloo's worker thread while holding the GIL; if that
-    # thread is still freeing a finished all-gather (which needs the GIL) both wait forever (seen here
-    # under load). Waiting in a barrier releases the GIL, and gloo retires earlier work before it.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        # Teardown: when the DDP wrapper dies it joins gloo's worker thread while holding the GIL; if that
+        # thread is still freeing a finished collective (which needs the GIL) both wait forever (seen under
+        # load, after a barrier too). Everything is written and every rank is here: leave without destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return dest
 
 
