@@ -262,7 +262,10 @@ def build(cfg: TrainConfig) -> tuple[UNet, TextEncoder, DDPMScheduler]:
                 f"{cfg.init} was trained with prediction_type={noise_scheduler.config.prediction_type}; "
                 f"fine-tune it with --prediction-type {noise_scheduler.config.prediction_type}."
             )
-        return pipe.unet.grow(cfg.context_layers, cfg.position_embedding).train(), pipe.text_encoder, noise_scheduler
+        unet = pipe.unet.grow(cfg.context_layers, cfg.position_embedding).train()
+        if cfg.resolution and cfg.resolution != unet.config.sample_size:  # fine-tuned, then sampled, at that size
+            unet = at_resolution(unet, cfg.resolution)
+        return unet, pipe.text_encoder, noise_scheduler
     text_encoder = TextEncoder.from_pretrained(cfg.text_encoder)
     config = UNetConfig.preset(cfg.preset, context_dim=text_encoder.hidden_size, sample_size=cfg.resolution)
     unet = UNet(config).grow(cfg.context_layers, cfg.position_embedding)
@@ -281,6 +284,7 @@ def check_resolution(unet: UNet, resolution: int) -> None:
 def at_resolution(unet: UNet, size: int) -> UNet:
     """The same U-Net (weights and architecture), sampling at `size` px by default: the levels with
     attention, fixed when it was built through attention_resolution, stay the same."""
+    check_resolution(unet, size)
     c = unet.config
     levels = [level for level in range(len(c.channel_mults)) if c.level_has_attention(level)]
     resized = UNet(replace(c, sample_size=size, attention_resolution=size // 2 ** min(levels) if levels else 0))
@@ -373,8 +377,6 @@ def export_checkpoint(cfg: TrainConfig) -> Path:
     run = TrainConfig(**{**state["config"], "out": cfg.out, "export_dtype": cfg.export_dtype, "export_only": False,
                          "export_step": None})
     unet, text_encoder, noise_scheduler = build(run)
-    if run.resolution != unet.config.sample_size:  # a fine-tune at another size samples at it
-        unet = at_resolution(unet, run.resolution)
     if (path / "tokenizer").is_dir():  # the run grew the tokenizer: its embedding table has those rows
         text_encoder.use_tokenizer(CLIPTokenizer.from_pretrained(path / "tokenizer"))
     params = [p for p in unet.parameters() if p.requires_grad] + text_encoder.set_trainable(run.text_encoder_training)
@@ -529,12 +531,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     if not tensorboard:
         accelerator.print("tensorboard is not installed: logging to the console only (pip install tensorboard)")
     unet, text_encoder, noise_scheduler = build(cfg)
+    if cfg.init and cfg.resolution:
+        accelerator.print(f"fine-tuning {cfg.init} at {cfg.resolution} px: the export samples at that size.")
     cfg = replace(cfg, resolution=cfg.resolution or (unet.config.sample_size if cfg.init else 32))
     check_resolution(unet, cfg.resolution)
-    if cfg.init and cfg.resolution != unet.config.sample_size:
-        accelerator.print(f"{cfg.init}'s U-Net was trained at {unet.config.sample_size} px; it is fine-tuned at "
-                          f"{cfg.resolution} px and samples at {cfg.resolution} px from now on.")
-        unet = at_resolution(unet, cfg.resolution)
     dataset = load_captioned(resolve_data(cfg), LoadConfig(resolution=cfg.resolution, image_column=cfg.image_column,
                                                   caption_column=cfg.caption_column,
                                                   object_masks=cfg.grounding_weight > 0))

@@ -8,7 +8,6 @@ import functools
 import io
 import json
 import os
-import socket
 import threading
 import time
 import zipfile
@@ -25,6 +24,7 @@ from PIL import Image
 
 import app
 from diffusion.pipeline import TextToImagePipeline
+from tests.serving import free_port
 from tests.tiny import OWN_CAPTIONS, tiny_pipeline
 
 PROMPT = "a red circle above a blue square"
@@ -357,11 +357,6 @@ def test_main_without_a_model_says_how_to_get_one(tmp_path, capsys):
 
 
 # -- a live server --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(pipe, tmp_path_factory):

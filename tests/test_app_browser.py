@@ -10,7 +10,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.serving import free_port
 from tests.tiny import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,12 +25,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 START_TIMEOUT_S = 120  # importing torch + gradio on 2 busy cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_url(proc: subprocess.Popen, timeout: float) -> str:

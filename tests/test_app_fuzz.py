@@ -11,7 +11,6 @@ whose message begins with the name of a parameter the case replaced; the server 
 import math
 import os
 import random
-import socket
 import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
@@ -23,6 +22,7 @@ from gradio_client.exceptions import AppError
 
 import app
 from diffusion.limits import Choice, Flag, Text, Whole
+from tests.serving import free_port
 from tests.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning", "ignore::UserWarning")
@@ -173,11 +173,6 @@ def test_the_fuzz_cases_cover_every_parameter_of_every_endpoint(demo):
 
 
 # -- a live server ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(demo):

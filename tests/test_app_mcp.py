@@ -5,7 +5,6 @@ word maps. Plus the docstrings Gradio turns into tool and API descriptions.
 
 import asyncio
 import os
-import socket
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
@@ -15,16 +14,11 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 import app
+from tests.serving import free_port
 from tests.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning", "ignore::UserWarning")
 PROMPT = "a red circle above a blue square"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

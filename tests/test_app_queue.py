@@ -5,9 +5,7 @@ The torch thread is held busy with a gate, so the queue fills however fast the m
 """
 
 import os
-import socket
 import threading
-import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
@@ -17,26 +15,12 @@ from gradio_client import Client
 from gradio_client.utils import QueueError, Status
 
 import app
+from tests.serving import free_port, wait_until
 from tests.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning", "ignore::UserWarning")
 
 QUEUE_SIZE = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def generate(client: Client, seed: int):

@@ -10,7 +10,6 @@ that a session's maps are released when its State expires or its tab closes.
 import asyncio
 import os
 import random
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,6 +25,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
+from tests.serving import free_port, wait_until
 from tests.tiny import tiny_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning", "ignore::UserWarning")
@@ -130,11 +130,6 @@ def test_the_maps_budget_releases_the_oldest_runs_never_the_newest():
 
 
 # -- a live server --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def live(tmp_path, monkeypatch):
@@ -148,15 +143,6 @@ def live(tmp_path, monkeypatch):
         yield demo, url
     finally:
         demo.close()
-
-
-def wait_until(condition, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
 
 
 def test_served_files_and_expired_sessions_maps_are_released_on_a_live_server(live):
