@@ -73,7 +73,7 @@ class TrainConfig:
     caption_column: str = "text"
     # None below: picked by `resolve_auto` -- the shapes recipe's values when training from scratch, and
     # values that fit the folder's size when fine-tuning (--init) on someone's own pictures.
-    resolution: int | None = None         # None: the U-Net's sample size (--init), else 32
+    resolution: int | None = None         # None: the U-Net's sample size (--init's, or the preset's)
     batch_size: int | None = None
     grad_accum: int = 1
     steps: int | None = None
@@ -267,7 +267,8 @@ def build(cfg: TrainConfig) -> tuple[UNet, TextEncoder, DDPMScheduler]:
             unet = at_resolution(unet, cfg.resolution)
         return unet, pipe.text_encoder, noise_scheduler
     text_encoder = TextEncoder.from_pretrained(cfg.text_encoder)
-    config = UNetConfig.preset(cfg.preset, context_dim=text_encoder.hidden_size, sample_size=cfg.resolution)
+    size = {"sample_size": cfg.resolution} if cfg.resolution else {}
+    config = UNetConfig.preset(cfg.preset, context_dim=text_encoder.hidden_size, **size)
     unet = UNet(config).grow(cfg.context_layers, cfg.position_embedding)
     noise_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=cfg.prediction_type,
                                     clip_sample=False)
@@ -415,7 +416,8 @@ def resolve_auto(cfg: TrainConfig, n_images: int, captions: list[str], text_enco
     and 25 min on 2 CPU cores), lr 2e-3 (measured on 100 Tux Paint stamps, 600 steps: retrieval top-1
     0.31 at 5e-4, 0.49 at 1e-3, 0.51 at 2e-3). The text side learns the captions' words through its token
     embeddings (800 steps at 2e-3: top-1 0.76 training the embeddings only, 0.62 training the whole text
-    encoder, 0.59 whole without growing the tokenizer); a CLIP that already reads English stays frozen.
+    encoder, 0.59 whole without growing the tokenizer); a CLIP that already reads English stays frozen, and
+    so does the CLIP a U-Net is trained on from scratch (it was trained for those captions).
     """
     fine_tune = cfg.init is not None
     if fine_tune:
@@ -428,7 +430,7 @@ def resolve_auto(cfg: TrainConfig, n_images: int, captions: list[str], text_enco
     mode = cfg.text_encoder_training
     if mode == "auto":
         knows_english = len(text_encoder.tokenizer) >= OPENAI_CLIP_VOCAB
-        mode = "frozen" if is_shapes(cfg) or knows_english else "embeddings"
+        mode = "frozen" if not fine_tune or is_shapes(cfg) or knows_english else "embeddings"
     prompts = cfg.validation_prompts or (SHAPES_PROMPTS if is_shapes(cfg) else validation_prompts(captions))
     return replace(
         cfg, batch_size=batch, steps=steps, lr=lr, warmup=warmup, text_encoder_training=mode,
@@ -533,7 +535,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     unet, text_encoder, noise_scheduler = build(cfg)
     if cfg.init and cfg.resolution:
         accelerator.print(f"fine-tuning {cfg.init} at {cfg.resolution} px: the export samples at that size.")
-    cfg = replace(cfg, resolution=cfg.resolution or (unet.config.sample_size if cfg.init else 32))
+    cfg = replace(cfg, resolution=cfg.resolution or unet.config.sample_size)
     check_resolution(unet, cfg.resolution)
     dataset = load_captioned(resolve_data(cfg), LoadConfig(resolution=cfg.resolution, image_column=cfg.image_column,
                                                   caption_column=cfg.caption_column,

@@ -221,6 +221,18 @@ def test_fine_tuning_can_add_context_layers_and_a_position_embedding(setup):
     assert [s for s, _ in train.checkpoints(out / "checkpoints")][-1] == 3
 
 
+def test_from_scratch_trains_at_the_presets_size_on_a_frozen_text_encoder(setup):
+    out = setup / "scratch"
+    train.main(["--data", str(setup / "data"), "--text-encoder", str(setup / "init"), "--preset", "tiny",
+                "--out", str(out), "--steps", "1", "--batch-size", "2", "--mixed-precision", "no",
+                "--validation-prompts", "a red circle", "--validation-steps", "2"])
+    state = json.loads((out / "checkpoints" / "step_000001" / "state.json").read_text())
+    assert state["config"]["resolution"] == 16 and state["config"]["text_encoder_training"] == "frozen"
+    pipe = TextToImagePipeline.from_pretrained(out / "pipeline", dtype="fp32")
+    assert pipe.unet.config.sample_size == 16
+    assert len(pipe.text_encoder.tokenizer) == len(tiny_pipeline().text_encoder.tokenizer)  # not grown
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     train.save_checkpoint(tmp_path, 5, {"unet": {"w": torch.ones(2)}}, {"step": 5}, keep=3)
     (tmp_path / ".tmp_step_000007").mkdir()  # a run killed while writing step 7
