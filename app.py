@@ -162,6 +162,7 @@ CHECKS: dict[str, Check] = {
     "alpha": Real(0, 1),
     "word": Text(MAX_NAME_CHARS),
     "self_attention": Flag(),
+    "model": Text(MAX_NAME_CHARS),  # which of the served models: build_demo checks the name against them
 }
 # Bounds that follow the session's last run (its images, timestep bins, layers, heads and size): made per call
 # from its maps and the values checked before them (a layer's head count).
@@ -222,12 +223,12 @@ def validated(fn: Callable) -> Callable:
     return wrapper
 
 
-def with_limits(fn: Callable) -> Callable:
+def with_limits(fn: Callable, checks: dict[str, Check] = CHECKS) -> Callable:
     """Fill an API handler's docstring placeholders ({steps}) with its checks' allowed values ("a whole number
     from 1 to 100"), and write each argument of its Args section on one line: the API page and the MCP tool
     descriptions state the limits of CHECKS, and only those. (Gradio's docstring parser reads one line per
     argument: the rest of a wrapped description, often its limits, would be lost.)"""
-    fn.__doc__ = one_line_args(fn.__doc__.format_map({name: check.describe() for name, check in CHECKS.items()}))
+    fn.__doc__ = one_line_args(fn.__doc__.format_map({name: check.describe() for name, check in checks.items()}))
     return fn
 
 
@@ -249,7 +250,8 @@ def one_line_args(doc: str) -> str:
 
 @validated
 def check_generate(prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int, randomize_seed: bool,
-                   sampler: str, num_images: int, relation_guidance: float, object_guidance: float) -> None:
+                   sampler: str, num_images: int, relation_guidance: float, object_guidance: float,
+                   model: str = "") -> None:
     """The generate form's checks alone (validated runs them), as the first step of the browser's Generate:
     a bad request shows a toast and leaves the last samples on screen (an error in generate blanks them)."""
 
@@ -453,6 +455,27 @@ def knows_note(pipe: TextToImagePipeline, limit: int = KNOWN_WORDS_SHOWN) -> str
     layout = ("Layout guidance reads its prompts in the shapes grammar (relations, counts and places)."
               if pipe.layout_grammar == SHAPES_GRAMMAR else off[0].upper() + off[1:])
     return "\n\n".join([learned, tokenizer, layout])
+
+
+RELATION_INFO = ("In 'A above B', 'A to the left of B' (or 'A over B', 'A at the top and B at the bottom' …), nudge "
+                 "the first steps' noise so that A's words look above (left of) B's; 0 turns it off. Other prompts "
+                 "are not touched.")
+OBJECT_INFO = ("In 'A and B' (two objects or more, no relation), nudge the first steps' noise so that every object's "
+               "words are looked at somewhere (Attend-and-Excite), so none is left out; in 'three X', so that X's "
+               "words look at three places, not four. 0 turns it off. Other prompts are not touched.")
+
+
+def layout_off(pipe: TextToImagePipeline) -> str:
+    """' (why layout guidance does not read this model's prompts)' for the sliders' info, or ''."""
+    return "" if pipe.layout_grammar == SHAPES_GRAMMAR else f" ({layout_off_note(pipe.captions)})"
+
+
+def words_note_for(pipe: TextToImagePipeline) -> str:
+    return GROUNDED_WORDS_NOTE if pipe.layout_grammar == SHAPES_GRAMMAR else WORDS_NOTE
+
+
+def placeholder_for(examples: list[str]) -> str:
+    return examples[0] if examples else "describe the image"
 
 
 def model_card_text(pipe: TextToImagePipeline) -> str:
@@ -727,16 +750,33 @@ def maps_gallery(label: str, columns: int, **kwargs) -> gr.Gallery:
 
 
 # -- the app --------------------------------------------------------------------------------------
-def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> gr.Blocks:
-    """The Blocks over one loaded pipeline. Launch it yourself, as main() does (theme=THEME, css=CSS, and
-    launch_options(settings) for the MCP server and the session capacity)."""
+def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
+               settings: Settings | None = None) -> gr.Blocks:
+    """The Blocks over one loaded pipeline, or several by name: a model selector picks which one draws (the
+    first is the default), and the examples, 'What this model knows' and the model card follow it. Launch it
+    yourself, as main() does (theme=THEME, css=CSS, and launch_options(settings) for the MCP server and the
+    session capacity)."""
     settings = settings or Settings.from_env()
+    models = models if isinstance(models, dict) else {"default": models}
+    if not models:
+        raise ValueError("build_demo needs at least one model.")
+    names = list(models)
+    model_check = Choice(tuple(names))
+    limits = functools.partial(with_limits, checks={**CHECKS, "model": model_check})
+
+    def pipe_for(model: str) -> TextToImagePipeline:
+        """The model a request names ("" or None: the default), or an error listing the served ones."""
+        try:
+            return models[model_check.parse("model", model or names[0])]
+        except InvalidInput as e:
+            raise gr.Error(str(e), print_exception=False) from e
+
     budget = MapsBudget(settings.maps_budget_mb * 2**20)
+    pipe = models[names[0]]
     cross_layers = [n for n, b in pipe.unet.attention_layers.items() if b.kind == "cross"]
     n_heads = min(pipe.unet.attention_layers[n].num_heads for n in cross_layers)
-    shapes = pipe.layout_grammar == SHAPES_GRAMMAR
-    examples = example_prompts(pipe.captions, pipe.layout_grammar, max_chars=MAX_PROMPT_CHARS)
-    layout_off = "" if shapes else f" ({layout_off_note(pipe.captions)})"
+    examples = {name: example_prompts(p.captions, p.layout_grammar, max_chars=MAX_PROMPT_CHARS)
+                for name, p in models.items()}
 
     with gr.Blocks(title="Look Inside Diffusion", delete_cache=CacheKeeper.delete_cache(settings)) as demo:
         cache = CacheKeeper(demo.GRADIO_CACHE, settings)
@@ -749,17 +789,25 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 with gr.Row():
-                    prompt = gr.Textbox(label="Prompt", placeholder=examples[0] if examples else "describe the image",
+                    prompt = gr.Textbox(label="Prompt", placeholder=placeholder_for(examples[names[0]]),
                                         max_lines=2, scale=5, autofocus=True, elem_id="prompt",
                                         info=f"Emphasis: (word:1.5) strengthens a word's cross-attention, "
                                              f"(word:0.5) weakens it (weights 0–{MAX_WEIGHT:g}).")
                     run = gr.Button("Generate", variant="primary", scale=1, min_width=110)
-                if examples:
-                    gr.Examples(examples, inputs=[prompt], cache_examples=False, label="Examples")
-                else:
-                    gr.Markdown(f"No examples: this model's folder has no summary of its training captions "
-                                f"({CAPTIONS_FILE}). Describe an image in the words it was trained on; 'What this "
-                                f"model knows' lists its tokenizer's words.", elem_classes="small-note")
+                model = gr.Dropdown(names, value=names[0], label="Model", visible=len(names) > 1, elem_id="model",
+                                    info="Each model knows its own words: see its examples and 'What this model "
+                                         "knows'.")
+                example_panels = []  # one per model; the selected model's is shown
+                for name in names:
+                    with gr.Column(visible=name == names[0]) as panel:
+                        if examples[name]:
+                            gr.Examples(examples[name], inputs=[prompt], cache_examples=False, label="Examples")
+                        else:
+                            gr.Markdown(f"No examples: this model's folder has no summary of its training captions "
+                                        f"({CAPTIONS_FILE}). Describe an image in the words it was trained on; "
+                                        f"'What this model knows' lists its tokenizer's words.",
+                                        elem_classes="small-note")
+                    example_panels.append(panel)
                 with gr.Accordion("Advanced settings", open=False):
                     negative_prompt = gr.Textbox("", label="Negative prompt", max_lines=2,
                                                  info="Replaces the empty prompt of classifier-free guidance; "
@@ -773,21 +821,18 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
                     with gr.Row():
                         sampler = gr.Dropdown(sorted(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
                         num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
-                    relation_guidance = gr.Slider(
-                        0, MAX_RELATION_GUIDANCE, value=RELATION_GUIDANCE, step=5, label="Relation guidance",
-                        info="In 'A above B', 'A to the left of B' (or 'A over B', 'A at the top and B at the "
-                             "bottom' …), nudge the first steps' noise so that A's words look above (left of) B's; 0 "
-                             f"turns it off. Other prompts are not touched.{layout_off}")
-                    object_guidance = gr.Slider(
-                        0, MAX_OBJECT_GUIDANCE, value=OBJECT_GUIDANCE, step=5, label="Object guidance",
-                        info="In 'A and B' (two objects or more, no relation), nudge the first steps' noise so "
-                             "that every object's words are looked at somewhere (Attend-and-Excite), so none is "
-                             "left out; in 'three X', so that X's words look at three places, not four. 0 turns "
-                             f"it off. Other prompts are not touched.{layout_off}")
-                with gr.Accordion("What this model knows", open=False):
-                    gr.Markdown(knows_note(pipe))
-                with gr.Accordion("Model card", open=False):
-                    gr.Markdown(model_card_text(pipe))
+                    relation_guidance = gr.Slider(0, MAX_RELATION_GUIDANCE, value=RELATION_GUIDANCE, step=5,
+                                                  label="Relation guidance", info=RELATION_INFO + layout_off(pipe))
+                    object_guidance = gr.Slider(0, MAX_OBJECT_GUIDANCE, value=OBJECT_GUIDANCE, step=5,
+                                                label="Object guidance", info=OBJECT_INFO + layout_off(pipe))
+                about_panels = []  # each model's words and card
+                for name, p in models.items():
+                    with gr.Column(visible=name == names[0]) as panel:
+                        with gr.Accordion("What this model knows", open=False):
+                            gr.Markdown(knows_note(p))
+                        with gr.Accordion("Model card", open=False):
+                            gr.Markdown(model_card_text(p))
+                    about_panels.append(panel)
             with gr.Column(scale=6):
                 gallery = gr.Gallery(label="Samples", columns=2, height=SAMPLES_WIDTH + 40,
                                      format="png", object_fit="contain", allow_preview=False,
@@ -815,7 +860,7 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
             with gr.Tabs():
                 with gr.Tab("Words"):
                     words = maps_gallery("Where each word looked", 5, elem_id="word-maps")
-                    gr.Markdown(GROUNDED_WORDS_NOTE if shapes else WORDS_NOTE, elem_classes="small-note")
+                    words_note = gr.Markdown(words_note_for(pipe), elem_classes="small-note")
                 with gr.Tab("Heads of one word"):
                     word = gr.Dropdown([], value="", label="Word", allow_custom_value=True,
                                        info="Words change with the prompt, the negative-prompt and start/end toggles")
@@ -852,10 +897,10 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
 
         # The API's handlers: their parameter names are the API's, their docstrings its (and MCP's) descriptions.
         @session_tool
-        @with_limits
+        @limits
         def generate_images(prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int,
                             randomize_seed: bool, sampler: str, num_images: int, relation_guidance: float,
-                            object_guidance: float, request: gr.Request = None,
+                            object_guidance: float, model: str = names[0], request: gr.Request = None,
                             progress=gr.Progress()):  # noqa: B008 (Gradio injects both)
             """Generate images from a text prompt with a small text-to-image diffusion model, recording where each
             word looked. The maps stay in this session for attention, self_attention and export_maps (not over
@@ -875,13 +920,14 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
                     of) B's; {relation_guidance}.
                 object_guidance: in "A and B", how hard to nudge every object's words to be looked at
                     somewhere; {object_guidance}.
+                model: which of the served models draws; {model}.
 
             Returns:
                 the samples (256-pixel PNGs captioned with their seeds), the seed used, and a status line.
             """
-            gallery, seed, status, run = generate(pipe, prompt, negative_prompt, steps, guidance, seed, randomize_seed,
-                                                  sampler, num_images, relation_guidance, object_guidance,
-                                                  progress=progress)
+            gallery, seed, status, run = generate(pipe_for(model), prompt, negative_prompt, steps, guidance, seed,
+                                                  randomize_seed, sampler, num_images, relation_guidance,
+                                                  object_guidance, progress=progress)
             cache.sweep()
             if over_mcp(request):
                 return gallery, seed, f"{status}\n\n{MCP_NOTE}", None
@@ -906,8 +952,9 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
             """
             return cache.export(result, self_attention)
 
-        @with_limits
-        def word_maps(prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int, sampler: str):
+        @limits
+        def word_maps(prompt: str, negative_prompt: str, steps: int, guidance: float, seed: int, sampler: str,
+                      model: str = names[0]):
             """Generate one image from a text prompt and tell where each of its words looked, in one call with no
             session: the sample, a strip of one heat-map overlay per word, and per word its share of the
             attention, the pixel it looked at most, the attention's centre (row, column) and its region of a
@@ -920,11 +967,20 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
                 guidance: classifier-free guidance scale, 4 is a good start; {guidance}.
                 seed: the random seed; {seed}.
                 sampler: the sampling method; {sampler}.
+                model: which of the served models draws; {model}.
 
             Returns:
                 the sample (a 256-pixel PNG), the word overlays, and the words' maps as numbers (JSON).
             """
-            return word_maps_report(pipe, prompt, negative_prompt, steps, guidance, seed, sampler)
+            return word_maps_report(pipe_for(model), prompt, negative_prompt, steps, guidance, seed, sampler)
+
+        def select_model(model: str) -> list:
+            """Show the chosen model's examples, words and card, and what layout guidance does for it."""
+            chosen = pipe_for(model)
+            shown = [gr.update(visible=name == model) for name in names]
+            return [*shown, *shown, gr.update(placeholder=placeholder_for(examples[model])),
+                    gr.update(info=RELATION_INFO + layout_off(chosen)),
+                    gr.update(info=OBJECT_INFO + layout_off(chosen)), words_note_for(chosen)]
 
         @validated
         def center_pixel(result: GenerationResult) -> tuple[int, int]:
@@ -936,7 +992,7 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
             demo.state_holder.delete_state(request.session_hash)
 
         gen_inputs = [prompt, negative_prompt, steps, guidance, seed, randomize, sampler, num_images, relation_guidance,
-                      object_guidance]
+                      object_guidance, model]
         attention_inputs = [result, image, layer, time_bin, head, normalization, special, negative, alpha, word]
         attention_outputs = [words, word, heads, grid, note]
         self_inputs = [result, image, time_bin, pixel_y, pixel_x, alpha]
@@ -976,7 +1032,9 @@ def build_demo(pipe: TextToImagePipeline, settings: Settings | None = None) -> g
         target.select(click_pixel, [result, image], [pixel_y, pixel_x], **private).success(
             render_self_attention, self_inputs, [target, self_maps], **private)
         export.click(export_maps, [result, export_self], download, api_name="export_maps", **light)
-        agent_run.click(word_maps, [prompt, negative_prompt, steps, guidance, seed, sampler],
+        model.change(select_model, [model], [*example_panels, *about_panels, prompt, relation_guidance,
+                                             object_guidance, words_note], **private)
+        agent_run.click(word_maps, [prompt, negative_prompt, steps, guidance, seed, sampler, model],
                         [agent_sample, agent_strip, agent_words], api_name="word_maps", concurrency_id="sampling",
                         **raw)
         demo.unload(end_session)
@@ -1003,6 +1061,25 @@ def load_pipeline(model: str, dtype: str = "auto") -> TextToImagePipeline:
     return TextToImagePipeline.from_pretrained(snapshot_download(model), dtype=dtype)
 
 
+def shipped_models(root: Path = Path("weights")) -> list[str]:
+    """The model folders in weights/ (those with a trained unet/), weights/default first."""
+    found = sorted(str(p) for p in root.iterdir() if (p / "unet").is_dir()) if root.is_dir() else []
+    return sorted(found, key=lambda p: p != DEFAULT_MODEL) or [DEFAULT_MODEL]
+
+
+def model_names(sources: list[str]) -> dict[str, str]:
+    """A short name for each model the selector offers: the folder's name ("clipart" for weights/clipart, "f100"
+    for runs/f100/pipeline) or the hub id; where two would share a name, what was given."""
+    def short(source: str) -> str:
+        path = Path(source)
+        if not path.exists():
+            return source
+        return path.parent.name if path.name == "pipeline" and path.parent.name else path.name
+
+    names = [short(s) for s in sources]
+    return {(n if names.count(n) == 1 else s): s for n, s in zip(names, sources, strict=True)}
+
+
 @on_torch_thread
 def warm_up(pipe: TextToImagePipeline) -> None:
     pipe("a red circle", num_images=4, steps=2, seed=0, record_attention=True)
@@ -1010,7 +1087,9 @@ def warm_up(pipe: TextToImagePipeline) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or hub id (default: %(default)s)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="pipeline folder or hub id; repeat it to offer several (the first is the default). "
+                             "Default: every model shipped in weights/, weights/default first")
     parser.add_argument("--host", default=None, help="address to bind, e.g. 0.0.0.0 (default: Gradio's, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free)")
     parser.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
@@ -1020,25 +1099,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
 
-    looks_local = Path(args.model).exists() or args.model.startswith((".", "/", "~")) or args.model == DEFAULT_MODEL
-    # weights/default ships the text encoder first; its U-Net arrives once trained.
-    if looks_local and not (Path(args.model) / "unet").is_dir():
-        sys.exit(
-            f"No trained model at {args.model!r} (no unet/ in it). Train one and point the app at its export:\n"
-            f"    python train.py --data shapes --caption-column captions --out runs/default --steps 8000\n"
-            f"    python app.py --model runs/default/pipeline\n"
-            f"or serve a model from the Hugging Face Hub: python app.py --model OWNER/NAME"
-        )
-    try:
-        pipe = load_pipeline(args.model, args.dtype)
-    except Exception as e:  # a CLI: one clear line beats a traceback through three libraries
-        sys.exit(f"Could not load the model {args.model!r}: {e}")
+    sources = args.model or shipped_models()
+    for source in sources:
+        looks_local = Path(source).exists() or source.startswith((".", "/", "~")) or source == DEFAULT_MODEL
+        # weights/default ships the text encoder first; its U-Net arrives once trained.
+        if looks_local and not (Path(source) / "unet").is_dir():
+            sys.exit(
+                f"No trained model at {source!r} (no unet/ in it). Train one and point the app at its export:\n"
+                f"    python train.py --data shapes --caption-column captions --out runs/default --steps 8000\n"
+                f"    python app.py --model runs/default/pipeline\n"
+                f"or serve a model from the Hugging Face Hub: python app.py --model OWNER/NAME"
+            )
+    models = {}
+    for name, source in model_names(sources).items():
+        try:
+            models[name] = load_pipeline(source, args.dtype)
+        except Exception as e:  # a CLI: one clear line beats a traceback through three libraries
+            sys.exit(f"Could not load the model {source!r}: {e}")
     _COMPUTE.submit(torch.set_num_threads, os.cpu_count() or 1).result()
     # The first sampling run builds the CPU kernels for its shapes (~1.5 s here). Do that for the default
     # settings while Gradio builds and starts the server: queued on the torch thread, the first request
-    # waits for it.
-    _COMPUTE.submit(warm_up, pipe)
-    build_demo(pipe, settings).launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME,
+    # waits for it (the default model's first, then the others').
+    for pipe in models.values():
+        _COMPUTE.submit(warm_up, pipe)
+    build_demo(models, settings).launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME,
                                       css=CSS, **launch_options(settings))
 
 

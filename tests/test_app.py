@@ -356,6 +356,44 @@ def test_main_without_a_model_says_how_to_get_one(tmp_path, capsys):
     assert "no unet/" in str(exit_info.value) and "train.py" in str(exit_info.value)
 
 
+def test_the_selector_names_models_by_folder_and_finds_the_shipped_ones(tmp_path):
+    for name in ("default", "clipart", "notes"):
+        (tmp_path / "weights" / name / ("unet" if name != "notes" else "x")).mkdir(parents=True)
+    found = app.shipped_models(tmp_path / "weights")
+    assert found == [str(tmp_path / "weights" / n) for n in ("clipart", "default")]
+    (tmp_path / "runs" / "f100" / "pipeline").mkdir(parents=True)
+    assert list(app.model_names([str(tmp_path / "weights" / "clipart"), str(tmp_path / "runs" / "f100" / "pipeline"),
+                                 "owner/name"])) == ["clipart", "f100", "owner/name"]
+    twins = [str(tmp_path / "weights" / "default"), str(tmp_path / "runs" / "f100" / "pipeline")]
+    (tmp_path / "runs" / "default").mkdir()
+    twins.append(str(tmp_path / "runs" / "default"))
+    assert list(app.model_names(twins)) == [twins[0], "f100", twins[2]]  # two "default"s: as given
+
+
+def test_two_models_each_show_their_own_examples_words_and_card(pipe):
+    own = tiny_pipeline(OWN_CAPTIONS, grammar=None)
+    demo = app.build_demo({"shapes": pipe, "own": own})
+    try:
+        datasets = [block.samples for block in demo.blocks.values() if isinstance(block, gr.Dataset)]
+        assert len(datasets) == 2 and {row[0] for row in datasets[1]} <= set(OWN_CAPTIONS)
+        selector = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model")
+        assert selector.visible and [c[1] for c in selector.choices] == ["shapes", "own"]
+        select = next(fn for fn in demo.fns.values() if fn.name == "select_model").fn
+        updates = select("own")
+        assert [u["visible"] for u in updates[:4]] == [False, True, False, True]  # examples, then words + card
+        assert "polar bear" in updates[4]["placeholder"] and "not in the shapes grammar" in updates[5]["info"]
+        assert "not in the shapes grammar" not in select("shapes")[5]["info"]
+        with pytest.raises(gr.Error, match="model must be one of 'shapes', 'own'; got 'cat'"):
+            select("cat")
+    finally:
+        demo.close()
+    one = app.build_demo(pipe)  # one model: no selector to show
+    try:
+        assert not next(b for b in one.blocks.values() if getattr(b, "elem_id", None) == "model").visible
+    finally:
+        one.close()
+
+
 # -- a live server --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -412,6 +450,23 @@ def test_live_bad_input_is_an_error_and_the_server_keeps_answering(server):
         client.predict(pixel_x="NaN", api_name="/self_attention")  # this session has maps now
     with pytest.raises(AppError, match=r"num_images must be a whole number from 1 to 8; got \[1, 2\]"):
         client.predict(prompt="a red circle", num_images=[1, 2], api_name="/generate")
+
+
+def test_live_each_request_draws_with_the_model_it_names(pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    demo = app.build_demo({"shapes": pipe, "own": tiny_pipeline(OWN_CAPTIONS, grammar=None)})
+    try:
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+        client = Client(url, verbose=False)
+        form = {"prompt": "a polar bear", "steps": 1, "seed": 0, "randomize_seed": False, "num_images": 1}
+        assert "unknown words: polar, bear" in client.predict(**form, api_name="/generate")[2]  # the default: shapes
+        assert "unknown words" not in client.predict(**form, model="own", api_name="/generate")[2]
+        words = client.predict("a polar bear", "", 1, 4.0, 0, "ddim", "own", api_name="/word_maps")[2]
+        assert list(words["words"]) == ["a", "polar", "bear"] and not words["warnings"]
+        with pytest.raises(AppError, match="model must be one of 'shapes', 'own'; got 'cat'"):
+            client.predict(**form, model="cat", api_name="/generate")
+    finally:
+        demo.close()
 
 
 def test_all_torch_work_runs_on_one_thread():

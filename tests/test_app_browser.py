@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.serving import free_port
-from tests.tiny import tiny_pipeline
+from tests.tiny import OWN_CAPTIONS, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -46,11 +46,12 @@ def wait_for_url(proc: subprocess.Popen, timeout: float) -> str:
 
 @pytest.fixture
 def app_url(tmp_path):
-    model = tmp_path / "model"
+    model, own = tmp_path / "shapes", tmp_path / "own"  # two models: the selector offers both
     tiny_pipeline().save_pretrained(model)
+    tiny_pipeline(OWN_CAPTIONS, grammar=None).save_pretrained(own)
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(model), "--port", str(free_port())],
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(model), "--model", str(own), "--port", str(free_port())],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         yield wait_for_url(proc, START_TIMEOUT_S)
@@ -112,5 +113,16 @@ def test_prompt_to_samples_to_attention_maps_in_a_browser(app_url, tmp_path):
             expect(page.get_by_test_id("toast-body").first).to_contain_text("limit is 300", timeout=30_000)
             expect(page.locator("#samples img")).to_have_count(4)
             page.screenshot(path=tmp_path / "error.png")
+
+            # The other model: its own examples, and its words are known.
+            page.get_by_label("Model").click()
+            page.get_by_role("option", name="own", exact=True).click()
+            expect(page.get_by_text("a polar bear on the ice").first).to_be_visible(timeout=30_000)
+            page.locator("#prompt textarea").fill("a polar bear")
+            page.get_by_role("button", name="Generate").click()
+            expect(words.get_by_text("polar", exact=True)).to_be_visible(timeout=60_000)
+            expect(page.locator("#status")).not_to_contain_text("unknown words")
+            page.screenshot(path=tmp_path / "own.png", full_page=True)
+            shutil.copy(tmp_path / "own.png", "/tmp/app_own_screenshot.png")
         finally:
             browser.close()

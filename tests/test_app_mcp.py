@@ -14,6 +14,7 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 import app
+from diffusion.limits import Choice
 from tests.serving import free_port
 from tests.tiny import tiny_pipeline
 
@@ -37,7 +38,8 @@ def test_every_api_parameter_is_described_with_its_limits(demo):
                 continue
             assert text.endswith("."), (api_name, name, text)  # the whole description, not its first line
             if api_name in ("generate", "word_maps"):  # the agents' tools: their limits from CHECKS, verbatim
-                assert app.CHECKS[name].describe() in text, (api_name, name, text)
+                check = Choice(("default",)) if name == "model" else app.CHECKS[name]  # the served models' names
+                assert check.describe() in text, (api_name, name, text)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,8 @@ def test_an_agent_lists_the_tools_that_work_without_a_session(mcp_url):
     word_maps = tools["word_maps"]
     assert "where each of its words looked" in word_maps.description
     props = word_maps.inputSchema["properties"]
-    assert set(props) == {"prompt", "negative_prompt", "steps", "guidance", "seed", "sampler"}
+    assert set(props) == {"prompt", "negative_prompt", "steps", "guidance", "seed", "sampler", "model"}
+    assert props["model"]["description"].endswith("one of 'default'.")
     assert props["steps"]["description"].endswith("a whole number from 1 to 100.")
     assert props["prompt"]["description"].endswith("non-empty text of at most 300 characters.")
     assert set(props["sampler"]["enum"]) == set(app.SAMPLERS)
