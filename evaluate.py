@@ -8,7 +8,10 @@
 the caption's own? Seen captions (train/) look among the training pictures; held-out captions
 (heldout/, which the fine-tune never saw) among training and held-out pictures together. Top-1 and
 top-5 with chance beside them, and foreground pointing: does each content word's map peak on the drawn
-object (pixels that differ from the plain background)?
+object (pixels that differ from the plain background)? Where the folder has a `category` column (the
+clip-art set's), also: is the nearest picture of the caption's category (chance beside it)? Where the
+model folder has a `clip/`, the CLIP-score of the samples and of the captions' own pictures (the reference:
+a CLIP that cannot read the captions scores both alike).
 
 Prompts are built from the shapes set's caption grammar (data/shapes.py) and scored by its detector,
 which is validated on ground truth at 100% per attribute (python -m data.detector --validate).
@@ -300,14 +303,16 @@ def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: i
 FUNCTION_WORDS = frozenset("a an the of to on in at and or with for is it its by from as this that".split())
 
 
-def pixels_of(folder: str, split: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """(N, 3, R, R) in [-1, 1] as training reads them, and each picture's caption (its `text`)."""
+def pixels_of(folder: str, split: str, resolution: int) -> tuple[torch.Tensor, list[str], list[str] | None]:
+    """(N, 3, R, R) in [-1, 1] as training reads them, each picture's caption (its `text`), and its `category`
+    where the folder has that column (data.clipart's: "animals", "food", …), else None."""
     from data.loading import LoadConfig, load_captioned
 
     data = load_captioned(folder, LoadConfig(resolution=resolution, split=split))
     texts = [data.hf[r]["text"] for r in data.rows]
     texts = [t if isinstance(t, str) else t[0] for t in texts]
-    return torch.stack([data[i]["pixel_values"] for i in range(len(data))]), texts
+    categories = [data.hf[r]["category"] for r in data.rows] if "category" in data.hf.column_names else None
+    return torch.stack([data[i]["pixel_values"] for i in range(len(data))]), texts, categories
 
 
 def signature(images: torch.Tensor) -> torch.Tensor:
@@ -322,6 +327,22 @@ def rank_of_own(samples: torch.Tensor, candidates: torch.Tensor, own: list[int])
     return (d < own_d[:, None]).sum(dim=1).tolist()
 
 
+def nearest(samples: torch.Tensor, candidates: torch.Tensor) -> list[int]:
+    """Per sample, the index of the nearest candidate (the same distance as rank_of_own)."""
+    return torch.cdist(signature(samples), signature(candidates)).argmin(dim=1).tolist()
+
+
+def category_scores(samples: torch.Tensor, candidates: torch.Tensor, categories: list[str],
+                    own: list[int]) -> dict:
+    """Is each sample's nearest picture of its caption's category? top-1 against chance (a random picture's
+    category matching, averaged over the captions)."""
+    near = nearest(samples, candidates)
+    hits = [categories[n] == categories[o] for n, o in zip(near, own, strict=True)]
+    share = {c: categories.count(c) / len(categories) for c in set(categories)}
+    return {"top1": sum(hits) / len(hits), "chance": sum(share[categories[o]] for o in own) / len(own),
+            "categories": len(share)}
+
+
 def foreground(image: torch.Tensor, threshold: float = 0.1) -> np.ndarray:
     """(H, W) bool: pixels that differ from the image's border colour (the plain background)."""
     border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)  # (3, 4R)
@@ -331,20 +352,23 @@ def foreground(image: torch.Tensor, threshold: float = 0.1) -> np.ndarray:
 
 def evaluate_retrieval(pipe: TextToImagePipeline, folder: str, max_captions: int = 96, steps: int = 20,
                        guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0, batch: int = 16,
-                       sheet: Path | None = None) -> dict:
+                       sheet: Path | None = None, clip: "ClipScorer | None" = None) -> dict:
     """Sample one image per caption (seen: up to max_captions of train/, spread; held-out: heldout/) and
-    score top-1/top-5 retrieval of the caption's own picture, and content words' foreground pointing.
+    score top-1/top-5 retrieval of the caption's own picture, and content words' foreground pointing; where
+    the folder has a `category` column, whether the nearest picture is of the caption's category; with `clip`,
+    the CLIP-score of the samples and, for reference, of the captions' own pictures.
     `sheet`: also write a PNG of the first seen captions' samples beside their own pictures."""
     size = pipe.unet.config.sample_size
-    train, train_texts = pixels_of(folder, "train", size)
-    splits = {"seen": (train, train_texts, 0)}
+    train, train_texts, train_cats = pixels_of(folder, "train", size)
+    splits = {"seen": (train, train_texts, 0, train_cats)}
     try:
-        held, held_texts = pixels_of(folder, "heldout", size)
-        splits["heldout"] = (torch.cat([train, held]), held_texts, len(train))
+        held, held_texts, held_cats = pixels_of(folder, "heldout", size)
+        cats = train_cats + held_cats if train_cats and held_cats else None
+        splits["heldout"] = (torch.cat([train, held]), held_texts, len(train), cats)
     except ValueError:
         pass  # no held-out split: seen captions only
     report, pointing, t0 = {}, [], time.perf_counter()
-    for name, (candidates, texts, offset) in splits.items():
+    for name, (candidates, texts, offset, categories) in splits.items():
         n_picks = min(max_captions, len(texts))
         picks = sorted({k * len(texts) // n_picks for k in range(n_picks)})  # spread through the split
         samples = []
@@ -361,34 +385,46 @@ def evaluate_retrieval(pipe: TextToImagePipeline, folder: str, max_captions: int
                         if word.isalpha() and word not in FUNCTION_WORDS:
                             y, xx = np.unravel_index(int(heat.float().argmax()), heat.shape)
                             pointing.append(bool(fg[y, xx]))
-        ranks = rank_of_own(torch.stack(samples), candidates, [offset + i for i in picks])
+        own = [offset + i for i in picks]
+        ranks = rank_of_own(torch.stack(samples), candidates, own)
         if sheet is not None and name == "seen":
-            contact_sheet(samples[:16], [candidates[i] for i in picks[:16]], sheet)
+            contact_sheet(samples[:16], [candidates[i] for i in own[:16]], sheet)
         n = len(candidates)
         report[name] = {"captions": len(picks), "candidates": n,
                         "top1": sum(r < 1 for r in ranks) / len(ranks), "top5": sum(r < 5 for r in ranks) / len(ranks),
                         "chance_top1": 1 / n, "chance_top5": min(1.0, 5 / n),
                         "examples": [{"caption": texts[i], "rank": r} for i, r in zip(picks[:12], ranks, strict=False)]}
+        if categories is not None:
+            report[name]["category"] = category_scores(torch.stack(samples), candidates, categories, own)
+        if clip is not None:
+            captions = [texts[i] for i in picks]
+            report[name]["clip_score"] = float(np.mean(clip([to_pil(x) for x in samples], captions)))
+            report[name]["clip_score_own_pictures"] = float(np.mean(clip([to_pil(candidates[i]) for i in own],
+                                                                         captions)))
     report["foreground_pointing"] = {"score": sum(pointing) / max(1, len(pointing)), "words": len(pointing)}
     report["settings"] = {"folder": folder, "steps": steps, "guidance": guidance, "sampler": sampler, "seed": seed,
                           "seconds": round(time.perf_counter() - t0, 1)}
     return report
 
 
+def to_pil(x: torch.Tensor):
+    """(3, H, W) in [-1, 1] → a PIL image."""
+    from PIL import Image
+
+    return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
 def contact_sheet(samples: list[torch.Tensor], own: list[torch.Tensor], path: Path, scale: int = 4) -> None:
     """Pairs side by side, four pairs a row: each sample, then the picture its caption describes."""
     from PIL import Image
-
-    def pil(x: torch.Tensor) -> Image.Image:
-        return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 
     side = samples[0].shape[-1] * scale
     rows = math.ceil(len(samples) / 4)
     out = Image.new("RGB", (4 * (2 * side + side // 4), rows * (side + side // 8)), "white")
     for k, (a, b) in enumerate(zip(samples, own, strict=True)):
         x, y = (k % 4) * (2 * side + side // 4), (k // 4) * (side + side // 8)
-        out.paste(pil(a).resize((side, side), Image.NEAREST), (x, y))
-        out.paste(pil(b).resize((side, side), Image.NEAREST), (x + side, y))
+        out.paste(to_pil(a).resize((side, side), Image.NEAREST), (x, y))
+        out.paste(to_pil(b).resize((side, side), Image.NEAREST), (x + side, y))
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
 
@@ -396,13 +432,21 @@ def contact_sheet(samples: list[torch.Tensor], own: list[torch.Tensor], path: Pa
 def retrieval_markdown(report: dict, model: str) -> str:
     lines = [f"## Retrieval of `{model}` on `{report['settings']['folder']}`", "",
              "| captions | n | candidates | top-1 (chance) | top-5 (chance) |", "|---|---|---|---|---|"]
+    extra = []
     for name in ("seen", "heldout"):
         if name in report:
             r = report[name]
             lines.append(f"| {name} | {r['captions']} | {r['candidates']} | {r['top1']:.2f} ({r['chance_top1']:.3f}) "
                          f"| {r['top5']:.2f} ({r['chance_top5']:.3f}) |")
+            if "category" in r:
+                c = r["category"]
+                extra.append(f"{name}: the nearest picture is of the caption's category {c['top1']:.2f} (chance "
+                             f"{c['chance']:.2f}, {c['categories']} categories).")
+            if "clip_score" in r:
+                extra.append(f"{name}: CLIP-score {r['clip_score']:.1f} (the captions' own pictures: "
+                             f"{r['clip_score_own_pictures']:.1f}).")
     fp = report["foreground_pointing"]
-    lines += ["", f"Foreground pointing of content words: {fp['score']:.2f} ({fp['words']} words).", ""]
+    lines += ["", *extra, f"Foreground pointing of content words: {fp['score']:.2f} ({fp['words']} words).", ""]
     return "\n".join(lines)
 
 
@@ -474,8 +518,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.retrieval:
         pipe = TextToImagePipeline.from_pretrained(args.model, dtype=args.dtype)
+        own_clip = Path(args.model) / "clip"  # the model's own CLIP reads its captions' words
+        clip = ClipScorer(own_clip) if own_clip.is_dir() else None
         report = evaluate_retrieval(pipe, args.retrieval, args.max_captions, args.steps, args.guidance,
-                                    args.sampler, args.seed, sheet=Path(args.out) / "retrieval.png")
+                                    args.sampler, args.seed, sheet=Path(args.out) / "retrieval.png", clip=clip)
         report["model"] = args.model
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -288,3 +288,19 @@ def test_retrieval_report_on_a_real_pipeline(tmp_path, monkeypatch):
     assert 0 <= report["foreground_pointing"]["score"] <= 1 and report["foreground_pointing"]["words"] > 0
     assert Image.open(tmp_path / "sheet.png").size[0] > 0
     assert "top-1" in evaluate.retrieval_markdown(report, "tiny")
+    assert "category" not in report["seen"] and "clip_score" not in report["seen"]  # no such column, no CLIP
+    clip = evaluate.ClipScorer(Path(__file__).resolve().parent.parent / "weights" / "default" / "clip")
+    scored = evaluate.evaluate_retrieval(pipe, str(folder), steps=2, clip=clip)
+    for split in ("seen", "heldout"):  # the samples are the own pictures here: the same score
+        assert 0 <= scored[split]["clip_score"] <= 100
+        assert scored[split]["clip_score"] == pytest.approx(scored[split]["clip_score_own_pictures"], abs=0.5)
+    assert "CLIP-score" in evaluate.retrieval_markdown(scored, "tiny")
+
+
+def test_category_retrieval_counts_the_nearest_pictures_category_against_chance():
+    pictures = torch.stack([torch.full((3, 16, 16), v) for v in (-1.0, -0.8, 0.6, 1.0)])
+    categories = ["animals", "animals", "food", "plants"]
+    samples = pictures[[1, 2, 3]] + 0.01  # nearest: 1 (animals), 2 (food), 3 (plants)
+    scores = evaluate.category_scores(samples, pictures, categories, own=[0, 3, 2])
+    assert scores["top1"] == pytest.approx(1 / 3)  # caption 0 (animals) hit; the others missed
+    assert scores["chance"] == pytest.approx((0.5 + 0.25 + 0.25) / 3) and scores["categories"] == 3
