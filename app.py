@@ -259,6 +259,7 @@ OBJECT_INFO = ("In 'A and B' (two objects or more, no relation), nudge the first
 
 
 def layout_off(pipe: TextToImagePipeline) -> str:
+    """' (why layout guidance does not read this model's prompts)' for the sliders' info, or ''."""
     return vocabulary.layout_off_aside(pipe.captions, pipe.layout_grammar)
 
 
