@@ -64,7 +64,7 @@ def one_request(demo, rng: random.Random, session: SessionState) -> str:
     kind = rng.choices(["generate", "attention", "self_attention", "export_maps"], [3, 4, 2, 1])[0]
     inputs = {
         "generate": ["a red circle above a blue square", "", rng.randint(1, 3), 4.0, rng.randint(0, 99), False,
-                     "ddim", rng.randint(1, 2), 50.0, 20.0],
+                     "ddim", rng.randint(1, 2), 50.0, 20.0, "default"],
         "attention": [None, 0, "all", rng.randint(0, 1), -1, "minmax", False, False, 0.6, ""],
         "self_attention": [None, 0, 0, rng.randint(0, 15), rng.randint(0, 15), 0.6],
         "export_maps": [None, rng.random() < 0.3],
