@@ -4,12 +4,14 @@
     python app.py --model runs/default/pipeline    # any pipeline folder written by train.py
     python app.py --model owner/name --port 7861   # a hub id (downloaded once, then cached)
 
-The UI is wiring only: sampling and attention recording live in `diffusion.pipeline`, map
-aggregation and overlays in `diffusion.maps`, and what the loaded model knows (its example prompts, its
-words, the prompt words it never saw, whether layout guidance reads its prompts) in `diffusion.vocabulary`,
-from the model's own tokenizer and caption summary: nothing here assumes a vocabulary. `build_demo(pipe)`
-returns the Blocks; the model is loaded once, in `main()`, and nothing heavy happens at import time (as a
-Space runs it).
+The UI is wiring only: sampling and attention recording live in `diffusion.pipeline`, map aggregation and
+overlays in `diffusion.maps`, the explorer's pictures (word, head and layer views, where a pixel looked, what is
+shown) in `diffusion.render`, what the loaded model knows (its example prompts, its words, the prompt words it
+never saw, whether layout guidance reads its prompts, and the notes that say so) in `diffusion.vocabulary`, from
+the model's own tokenizer and caption summary: nothing here assumes a vocabulary. What stays here: the validation
+layer (`CHECKS`, `validated`: the API's contract by parameter name), the one torch thread, the MCP rules, the
+Blocks and their events (`build_demo`), and `main()`. `build_demo(models)` returns the Blocks; the models are
+loaded once, in `main()`, and nothing heavy happens at import time (as a Space runs it).
 
 Named API endpoints (gradio_client): `generate` (samples + seed), then, in the same client session,
 `attention` (per-word overlays, per-head maps of one word, the layer × word grid), `self_attention` (where one
@@ -19,8 +21,8 @@ session: it is the MCP tool at /gradio_api/mcp/ (see "agents" below).
 
 A public Space runs for weeks, for strangers and their scripts: every parameter is checked in one place
 (`validated`, with the limits of diffusion/limits.py) and a bad one gets an error naming it and what is
-allowed; Gradio's cache, the exports and the sessions' maps are bounded (`Settings`: environment variables
-or flags).
+allowed; Gradio's cache, the exports and the sessions' maps are bounded (`diffusion.serving`: `Settings` from
+environment variables or flags, `MapsBudget`, `CacheKeeper`).
 """
 
 import argparse
@@ -29,23 +31,19 @@ import functools
 import inspect
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 
 import gradio as gr
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from diffusion.grammar import NAME as SHAPES_GRAMMAR
+from diffusion import render, vocabulary
 from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from diffusion.limits import (
     MAX_GUIDANCE,
@@ -65,46 +63,19 @@ from diffusion.limits import (
     Text,
     Whole,
 )
-from diffusion.maps import AttentionMaps, display_size, normalize_maps, overlay
+from diffusion.maps import AttentionMaps
 from diffusion.pipeline import GenerationResult, TextToImagePipeline
 from diffusion.prompts import MAX_WEIGHT
+from diffusion.render import ALL_LAYERS, MEAN_HEADS, NORMALIZATION_LABELS
 from diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
-from diffusion.vocabulary import CAPTIONS_FILE, example_prompts, layout_off_note
+from diffusion.serving import CacheKeeper, MapsBudget, Settings, add_settings_flags
+from diffusion.vocabulary import CAPTIONS_FILE, example_prompts
 
 DEFAULT_MODEL = "weights/default"
 log = logging.getLogger(__name__)
 
-DISPLAY = 256  # samples are 16–32 px: shown nearest-upscaled to this many pixels on the longer side
-GRID_CELL = 96  # one cell of the layer × word grid
 SAMPLES_WIDTH = 640  # about the samples gallery's width on a laptop screen, for its height
-ALL_LAYERS = "all"
 TIME_BINS = 4  # the explorer's timestep bins (fewer when a run has fewer steps)
-MEAN_HEADS = -1
-
-KNOWN_WORDS_SHOWN = 60  # "What this model knows": the most used caption words listed …
-WHOLE_WORDS_SHOWN = 400  # … or, for a model without a caption summary, its tokenizer's whole words
-FUNCTION_WORDS = {"a", "an", "the", "of", "to", "on", "in", "at", "and", "<start>", "<end>"}
-NORMALIZATIONS = [
-    ("per word (min–max)", "minmax"),
-    ("absolute (compare words)", "absolute"),
-    ("share per pixel (which word wins)", "tokens"),
-]
-NORMALIZATION_LABELS = {value: label for label, value in NORMALIZATIONS}
-
-# How to read the word maps. Models of the shapes grammar were trained with a grounding loss on their colour,
-# shape and size words (diffusion/grounding.py and weights/default/README.md); other models' words were not.
-GROUNDED_WORDS_NOTE = (
-    "How to read these: the shipped model was trained to point its colour, shape and size words at their "
-    "objects (a grounding loss; see the model card). Other words (*a*, *two*, *above*, *on*, *background*) "
-    "were not. Each word's vector also carries the rest of the prompt (CLIP reads left to right, and the "
-    "U-Net's context layer mixes the whole prompt), so an ungrounded word often lights up an object named "
-    "near it."
-)
-WORDS_NOTE = (
-    "How to read these: each word's vector carries the rest of the prompt too (CLIP reads left to right, and the "
-    "U-Net's context layers, where it has them, mix the whole prompt), so a word often lights up an object named "
-    "near it."
-)
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="pink")
 # Browsers smooth upscaled images; tiny samples must stay crisp pixels.
@@ -170,7 +141,7 @@ RUN_CHECKS: dict[str, Callable[[AttentionMaps, dict], Check]] = {
     "image": lambda maps, _: Whole(0, maps.num_images - 1, " (0 is the first image)"),
     "layer": lambda maps, _: Choice((ALL_LAYERS, *maps.layers("cross"))),
     "time_bin": lambda maps, _: Whole(0, len(maps.bins), " (0: all steps)"),
-    "head": lambda maps, values: Whole(MEAN_HEADS, max_heads(maps, values.get("layer", ALL_LAYERS)) - 1,
+    "head": lambda maps, values: Whole(MEAN_HEADS, render.max_heads(maps, values.get("layer", ALL_LAYERS)) - 1,
                                        f" ({MEAN_HEADS}: the mean of heads)"),
     "pixel_y": lambda maps, _: Whole(0, maps.image_size[0] - 1, f" (a row of the {maps.image_size[0]}-pixel image)"),
     "pixel_x": lambda maps, _: Whole(0, maps.image_size[1] - 1, f" (a column of the {maps.image_size[1]}-pixel "
@@ -279,184 +250,6 @@ def over_mcp(request: gr.Request | None) -> bool:
     return request is not None and request.headers.get(MCP_USER[0]) == MCP_USER[1]
 
 
-# -- bounded disk and memory ----------------------------------------------------------------------
-ENV_PREFIX = "APP_"
-
-
-def setting(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What keeps a long-running public server bounded. Each field comes from the environment variable
-    APP_<FIELD> (e.g. APP_CACHE_TTL_S=600) or from main()'s flag (--cache-ttl-s 600); these are the defaults."""
-
-    cache_ttl_s: int = setting(1800, "files Gradio serves (samples, overlays, export zips) are deleted this many "
-                                     "seconds after they were written (Gradio's delete_cache, run every 5 min)")
-    max_exports: int = setting(20, "export zips kept at once; the oldest goes first")
-    session_ttl_s: int = setting(1800, "a session's maps are released this many seconds after its last generate "
-                                       "(at once when its tab closes)")
-    maps_budget_mb: int = setting(1024, "MB of maps all sessions hold together; past it the oldest run's go")
-    max_sessions: int = setting(1000, "sessions Gradio remembers at once; the oldest is forgotten")
-    queue_size: int = setting(32, "requests that may wait in the queue; one more is told the queue is full")
-    mcp: bool = setting(True, "also serve the endpoints as MCP tools at /gradio_api/mcp/")
-
-    @classmethod
-    def from_env(cls, environ: dict | None = None) -> "Settings":
-        """Defaults overridden by APP_* variables; a malformed one is an error that names it."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in fields(cls):
-            key = ENV_PREFIX + f.name.upper()
-            if key in environ:
-                values[f.name] = parse_setting(key, environ[key], f.type)
-        return cls(**values)
-
-    def __post_init__(self):
-        for f in fields(self):
-            if f.type in (int, "int") and getattr(self, f.name) < 1:
-                raise ValueError(f"{f.name} must be at least 1, got {getattr(self, f.name)}.")
-
-
-def parse_setting(key: str, text: str, kind) -> int | bool:
-    """An APP_* variable's text as an int, or a bool (1/0, true/false, yes/no)."""
-    if kind in (bool, "bool"):
-        if text.strip().lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ValueError(f"{key}={text!r}: use 1 or 0 (true/false).")
-        return text.strip().lower() in ("1", "true", "yes")
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{key}={text!r} is not a whole number.") from None
-
-
-class MapsBudget:
-    """The attention maps of every session's last run, held under one byte budget.
-
-    A run's maps take 33 MB for 4 images and 66 MB for 8 (the shipped model: per-layer, per-bin sums, and
-    self-attention's (N, N) maps), and Gradio keeps a session's State until its time_to_live, or an hour after
-    its tab closes. Past the budget, the oldest run's maps are released (its explorer then asks for a new run),
-    so memory stays bounded however many sessions are open. Maps change only on the torch thread, where the
-    explorer reads them: a render never sees its maps vanish halfway.
-    """
-
-    def __init__(self, limit_bytes: int):
-        self.limit = limit_bytes
-        self._held: OrderedDict[int, tuple[weakref.ref, int]] = OrderedDict()  # id(result) -> (ref, bytes)
-        self._lock = threading.Lock()  # the dict: a result garbage-collected on any thread removes itself
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(n for _, n in self._held.values())
-
-    @on_torch_thread
-    def hold(self, result: GenerationResult) -> None:
-        """Count a new run's maps in, releasing the oldest runs' while over budget (never the newest)."""
-        key = id(result)
-        ref = weakref.ref(result, lambda _: self._forget(key))  # a session Gradio forgot: its maps are gone
-        with self._lock:
-            self._held[key] = (ref, result.attention.store.nbytes())
-            while sum(n for _, n in self._held.values()) > self.limit and len(self._held) > 1:
-                _, (old, _) = self._held.popitem(last=False)
-                if (old_result := old()) is not None:
-                    old_result.attention = None
-
-    def release(self, result: GenerationResult | None) -> None:
-        """Release a run's maps (its session ended or expired). Returns at once: Gradio calls this from its
-        event loop, which must not wait for a sampling run on the torch thread."""
-        if isinstance(result, GenerationResult):
-            _COMPUTE.submit(self._release, result)
-
-    def _release(self, result: GenerationResult) -> None:
-        self._forget(id(result))
-        result.attention = None
-
-    def _forget(self, key: int) -> None:
-        with self._lock:
-            self._held.pop(key, None)
-
-
-class CacheKeeper:
-    """Gradio's cache folder, bounded. Gradio deletes the files it served once they are older than the TTL
-    (delete_cache); this adds the export zips (written straight into the cache, so Gradio serves them without
-    a copy, and at most max_exports of them) and the empty folders Gradio leaves (one per file it wrote)."""
-
-    MAX_CHECK_INTERVAL_S = 300
-
-    def __init__(self, root: str | Path, settings: Settings):
-        self.root = Path(root)
-        self.settings = settings
-        self._last_sweep = 0.0
-
-    @property
-    def exports(self) -> Path:
-        return self.root / "exports"
-
-    def export(self, result: GenerationResult, self_attention: bool) -> str:
-        """Zip a run's maps (maps.json, maps.npz, overlay PNGs) into the cache; returns the zip's path."""
-        self.exports.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(dir=self.exports))
-        with tempfile.TemporaryDirectory() as unzipped:  # only the zip stays
-            result.attention.export(unzipped, result.images, size=DISPLAY, self_attention=self_attention)
-            path = shutil.make_archive(str(folder / f"attention-maps-seed{result.seed}"), "zip", unzipped)
-        self.prune_exports()
-        return path
-
-    def prune_exports(self) -> None:
-        folders = sorted(self.exports.iterdir(), key=lambda p: p.stat().st_mtime) if self.exports.is_dir() else []
-        for old in folders[:-self.settings.max_exports]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def sweep(self, force: bool = False) -> None:
-        """Remove the empty folders older than the TTL (at most once per check interval, unless forced)."""
-        now = time.time()
-        if not force and now - self._last_sweep < self.delete_cache(self.settings)[0]:
-            return
-        self._last_sweep = now
-        if not self.root.is_dir():
-            return
-        for folder in self.root.iterdir():
-            try:
-                if folder.is_dir() and now - folder.stat().st_mtime > self.settings.cache_ttl_s:
-                    folder.rmdir()  # only succeeds when empty
-            except OSError:
-                continue
-
-    @classmethod
-    def delete_cache(cls, settings: Settings) -> tuple[int, int]:
-        """Gradio's delete_cache: (how often to look, how old a file may get), in seconds."""
-        return min(settings.cache_ttl_s, cls.MAX_CHECK_INTERVAL_S), settings.cache_ttl_s
-
-
-def upscale(image: Image.Image, size: int = DISPLAY) -> Image.Image:
-    return image.resize(display_size(image.size, size), Image.NEAREST)
-
-
-def knows_note(pipe: TextToImagePipeline, limit: int = KNOWN_WORDS_SHOWN) -> str:
-    """'What this model knows': the words its training captions used most, its tokenizer's whole words, and
-    whether layout guidance reads its prompts."""
-    summary, whole = pipe.captions, pipe.whole_words
-    if summary is not None:
-        shown = ", ".join(f"{w} ({n:,})" for w, n in summary.most_common(limit))
-        more = len(summary.word_counts) - limit
-        learned = (f"It was trained on **{summary.num_captions:,} captions** in **{len(summary.word_counts):,} "
-                   f"different words**, and draws what they described. The words they used most (times used): "
-                   f"{shown}{f', … and {more:,} more' if more > 0 else ''}.")
-    else:
-        more = len(whole) - WHOLE_WORDS_SHOWN
-        shown = ", ".join(whole[:WHOLE_WORDS_SHOWN]) + (f", … and {more:,} more" if more > 0 else "")
-        learned = (f"This model's folder has no summary of its training captions ({CAPTIONS_FILE}), so what they "
-                   f"said is not known here; its tokenizer's whole words are the best guide: {shown}.")
-    tokenizer = (f"Its tokenizer holds **{len(whole):,} whole words**; other words are split into pieces, and a "
-                 f"warning lists the prompt words the model never learned.")
-    off = layout_off_note(summary)
-    layout = ("Layout guidance reads its prompts in the shapes grammar (relations, counts and places)."
-              if pipe.layout_grammar == SHAPES_GRAMMAR else off[0].upper() + off[1:])
-    return "\n\n".join([learned, tokenizer, layout])
-
-
 RELATION_INFO = ("In 'A above B', 'A to the left of B' (or 'A over B', 'A at the top and B at the bottom' …), nudge "
                  "the first steps' noise so that A's words look above (left of) B's; 0 turns it off. Other prompts "
                  "are not touched.")
@@ -467,22 +260,11 @@ OBJECT_INFO = ("In 'A and B' (two objects or more, no relation), nudge the first
 
 def layout_off(pipe: TextToImagePipeline) -> str:
     """' (why layout guidance does not read this model's prompts)' for the sliders' info, or ''."""
-    return "" if pipe.layout_grammar == SHAPES_GRAMMAR else f" ({layout_off_note(pipe.captions)})"
-
-
-def words_note_for(pipe: TextToImagePipeline) -> str:
-    return GROUNDED_WORDS_NOTE if pipe.layout_grammar == SHAPES_GRAMMAR else WORDS_NOTE
+    return vocabulary.layout_off_aside(pipe.captions, pipe.layout_grammar)
 
 
 def placeholder_for(examples: list[str]) -> str:
     return examples[0] if examples else "describe the image"
-
-
-def model_card_text(pipe: TextToImagePipeline) -> str:
-    card = pipe.model_card or "This model folder has no model card (README.md)."
-    if card.startswith("---"):  # YAML front matter is for the Hub, not for readers
-        card = card.split("---", 2)[-1]
-    return card.strip()
 
 
 # -- generation -----------------------------------------------------------------------------------
@@ -509,7 +291,7 @@ def generate(pipe: TextToImagePipeline, prompt: str, negative_prompt: str, steps
 
     for warning in result.warnings:
         gr.Warning(warning)
-    gallery = [(upscale(im), f"seed {s}") for im, s in zip(result.images, result.seeds, strict=True)]
+    gallery = [(render.upscale(im), f"seed {s}") for im, s in zip(result.images, result.seeds, strict=True)]
     layout = layout_note(result, relation_guidance, object_guidance)
     status = (f"**Seed {result.seed}** (image *i* uses seed {result.seed} + *i* − 1) · {steps} {sampler} steps · "
               f"guidance {guidance:g}{layout} · {seconds:.1f} s. "
@@ -536,31 +318,13 @@ def explorer_choices(result: GenerationResult) -> tuple:
     images = [(f"image {i + 1} · seed {s}", i) for i, s in enumerate(result.seeds)]
     layers = [("all layers (mean)", ALL_LAYERS)] + [
         (f"{name} · {'×'.join(map(str, maps.layer_size(name)))}", name) for name in maps.layers("cross")]
-    heads = [("mean of heads", MEAN_HEADS)] + [(f"head {h + 1}", h) for h in range(max_heads(maps, ALL_LAYERS))]
+    heads = [("mean of heads", MEAN_HEADS)] + [(f"head {h + 1}", h) for h in range(render.max_heads(maps, ALL_LAYERS))]
     bins = maps.bins
     bin_info = "0 = all steps · " + " · ".join(
-        f"{b + 1}: {steps_label(r)}" for b, r in enumerate(bins)) + " (1 is the noisiest)"
+        f"{b + 1}: {render.steps_label(r)}" for b, r in enumerate(bins)) + " (1 is the noisiest)"
     return (gr.update(columns=columns, height=height), gr.update(visible=True), gr.update(visible=False),
             gr.update(choices=images, value=0), gr.update(choices=layers, value=ALL_LAYERS),
             gr.update(choices=heads, value=MEAN_HEADS), gr.update(maximum=len(bins), value=0, info=bin_info))
-
-
-def steps_label(steps: range) -> str:
-    """Sampling steps, 1-based for people: "step 3" or "steps 1–5"."""
-    return f"step {steps.start + 1}" if len(steps) == 1 else f"steps {steps.start + 1}–{steps.stop}"
-
-
-def max_heads(maps: AttentionMaps, layer: str) -> int:
-    """Heads a layer choice has; "all layers" averages head k over layers, so the smallest count."""
-    names = maps.layers("cross") if layer == ALL_LAYERS else [layer]
-    return min(maps.num_heads(n) for n in names)
-
-
-def map_options(layer: str, time_bin: int, head: int) -> dict:
-    """The explorer's choices (checked by validated) as AttentionMaps' arguments."""
-    return {"layer": None if layer == ALL_LAYERS else layer,
-            "bins": None if time_bin == 0 else [time_bin - 1],
-            "head": None if head == MEAN_HEADS else head}
 
 
 @session_tool
@@ -589,43 +353,7 @@ def render_attention(result: GenerationResult, image: int, layer: str, time_bin:
         the word overlays (captioned with their words), the word of the per-head view, its per-head overlays,
         the layer × word grid, and a line saying what is shown.
     """
-    maps = result.attention
-    opts = map_options(layer, time_bin, head)
-    sample = result.images[image]
-    common = {"negative": negative, "include_special": special_tokens, "normalize": normalization}
-    by_word = maps.word_maps(image, **opts, **common)
-    words = list(by_word)
-    if not words:
-        note = ("The negative prompt is empty: its only tokens are the start/end tokens. Tick *start/end tokens* "
-                "to see them, or set a negative prompt under *Advanced settings*." if negative else
-                "This prompt has no word tokens to show; tick *start/end tokens*.")
-        return [], None, [], None, note
-    word = focus(words, word)
-    gallery = [(overlay(sample, m, alpha, DISPLAY), w) for w, m in by_word.items()]
-
-    # Per-head view of one word: each head on its own, normalised like the word maps.
-    n_heads = max_heads(maps, layer)
-    per_head = {f"head {h + 1}": maps.word_maps(image, **{**opts, "head": h}, **common)[word] for h in range(n_heads)}
-    if normalization == "absolute":  # compare heads with each other rather than each with itself
-        per_head = normalize_maps(per_head, "absolute")
-    heads = [(overlay(sample, m, alpha, DISPLAY), name) for name, m in per_head.items()]
-
-    grid = layer_word_grid(maps, sample, image, opts, common, alpha)
-    which = "negative prompt" if negative else "prompt"
-    shown = maps.bins[opts["bins"][0]] if opts["bins"] else None
-    steps = "all steps" if shown is None else f"{steps_label(shown)} of {maps.store.num_steps}"
-    where = "all layers" if opts["layer"] is None else f"{layer} ({'×'.join(map(str, maps.layer_size(layer)))})"
-    heads_label = "mean of heads" if opts["head"] is None else f"head {opts['head'] + 1}"
-    note = (f"Image {image + 1}, {which} words · {where} · {steps} · {heads_label} · "
-            f"{NORMALIZATION_LABELS[normalization]}")
-    return gallery, word, heads, grid, note
-
-
-def focus(words: list[str], word: str | None) -> str | None:
-    """The word of the per-head view: kept while the prompt has it, else the first content word."""
-    if word in words or not words:
-        return word if words else None
-    return next((w for w in words if w not in FUNCTION_WORDS), words[0])
+    return render.word_views(result, image, layer, time_bin, head, normalization, special_tokens, negative, alpha, word)
 
 
 @validated
@@ -633,41 +361,7 @@ def word_choices(result: GenerationResult, image: int, special_tokens: bool, neg
     """The word selector's choices for the words shown (they change with image, negative and start/end)."""
     # The keys of word_maps, so labels match ("a #2" for a repeated word); computing one map is cheap.
     words = list(result.attention.word_maps(image, negative=negative, include_special=special_tokens))
-    return gr.update(choices=words, value=focus(words, word))
-
-
-def layer_word_grid(maps: AttentionMaps, sample: Image.Image, image: int, opts: dict, common: dict,
-                    alpha: float, all_layers_only: bool = False) -> Image.Image:
-    """One picture: a row per cross-attention layer (plus all layers; or that row alone), a column per word."""
-    rows = [(ALL_LAYERS, "all layers")] + ([] if all_layers_only else [
-        (n, f"{n.removesuffix('.cross_attn')} {'x'.join(map(str, maps.layer_size(n)))}") for n in maps.layers("cross")])
-    by_row = [maps.word_maps(image, **{**opts, "layer": None if n == ALL_LAYERS else n}, **common) for n, _ in rows]
-    words = list(by_row[0])
-    font = ImageFont.load_default(size=13)  # Pillow's bundled font: no "×" glyph, hence "16x16" above
-    label_w, header_h, pad = 150, 24, 4
-    cell = GRID_CELL + pad
-    grid = Image.new("RGB", (label_w + cell * len(words), header_h + cell * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, w in enumerate(words):
-        draw.text((label_w + j * cell + GRID_CELL // 2, header_h // 2), w, fill="black", font=font, anchor="mm")
-    for i, ((_, label), row_maps) in enumerate(zip(rows, by_row, strict=True)):
-        y = header_h + i * cell
-        draw.text((4, y + GRID_CELL // 2), label, fill="black", font=font, anchor="lm")
-        for j, w in enumerate(words):
-            grid.paste(overlay(sample, row_maps[w], alpha, GRID_CELL), (label_w + j * cell, y))
-    return grid
-
-
-def mark(image: Image.Image, pixel: tuple[int, int], source_size: tuple[int, int]) -> Image.Image:
-    """Draw a ring around source pixel (y, x) on an upscaled copy."""
-    H, W = source_size
-    sy, sx = image.height / H, image.width / W
-    cy, cx = (pixel[0] + 0.5) * sy, (pixel[1] + 0.5) * sx
-    r = max(4.0, 0.7 * max(sx, sy))
-    out = image.copy()
-    draw = ImageDraw.Draw(out)
-    draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(0, 255, 255), width=2)
-    return out
+    return gr.update(choices=words, value=render.focus(words, word))
 
 
 @session_tool
@@ -689,34 +383,13 @@ def render_self_attention(result: GenerationResult, image: int, time_bin: int, p
     Returns:
         the sample with the pixel ringed, and one overlay per self-attention layer (the first is their mean).
     """
-    maps = result.attention
-    opts = map_options(ALL_LAYERS, time_bin, MEAN_HEADS)
-    H, W = maps.image_size
-    pixel = (pixel_y, pixel_x)
-    sample = result.images[image]
-    target = mark(upscale(sample), pixel, (H, W))
-    layers = maps.layers("self")
-    if not layers:
-        return target, []
-    per_layer = {n: maps.self_attention(image, n, pixel, opts["bins"], normalize="absolute") for n in layers}
-    mean = normalize_maps({"mean": torch.stack(list(per_layer.values())).mean(0)}, "minmax")["mean"]
-    bins = opts["bins"] if opts["bins"] is not None else range(maps.store.num_bins)
-    steps = [s + 1 for b in bins for s in maps.store.self_attention_steps(b)]  # 1-based, as the UI counts
-    when = f"step {steps[0]}" if len(steps) == 1 else "steps " + ", ".join(map(str, steps))
-    items = [(f"all layers (mean) · {when}", mean)] + [
-        (f"{n} · {'×'.join(map(str, maps.layer_size(n)))}", normalize_maps({n: m}, "minmax")[n])
-        for n, m in per_layer.items()]
-    gallery = [(mark(overlay(sample, m, alpha, DISPLAY), pixel, (H, W)), label) for label, m in items]
-    return target, gallery
+    return render.self_attention_views(result, image, time_bin, (pixel_y, pixel_x), alpha)
 
 
 @validated
 def click_pixel(result: GenerationResult, image: int, evt: gr.SelectData) -> tuple[int, int]:
     """A click on the upscaled sample (x, y in display pixels) → the sample's pixel (y, x)."""
-    H, W = result.attention.image_size
-    dw, dh = display_size((W, H), DISPLAY)
-    x, y = evt.index
-    return min(H - 1, int(y * H / dh)), min(W - 1, int(x * W / dw))
+    return render.display_to_pixel(evt.index, result.attention.image_size)
 
 
 @validated
@@ -734,13 +407,10 @@ def word_maps_report(pipe: TextToImagePipeline, prompt: str, negative_prompt: st
     result = pipe(prompt, negative_prompt=negative_prompt or None, steps=steps, guidance_scale=guidance, seed=seed,
                   sampler=sampler, record_attention=True, attention_bins=TIME_BINS,
                   relation_guidance=RELATION_GUIDANCE, object_guidance=OBJECT_GUIDANCE)
-    maps, sample = result.attention, result.images[0]
-    common = {"negative": False, "include_special": False, "normalize": "minmax"}
-    strip = layer_word_grid(maps, sample, 0, map_options(ALL_LAYERS, 0, MEAN_HEADS), common, alpha=0.6,
-                            all_layers_only=True)
+    maps = result.attention
     summary = {"prompt": prompt, "seed": seed, "steps": steps, "image_size": list(maps.image_size),
                "words": maps.word_summary(0), "warnings": result.warnings}
-    return upscale(sample), strip, summary
+    return render.upscale(result.images[0]), render.word_strip(result), summary
 
 
 def maps_gallery(label: str, columns: int, **kwargs) -> gr.Gallery:
@@ -771,7 +441,7 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
         except InvalidInput as e:
             raise gr.Error(str(e), print_exception=False) from e
 
-    budget = MapsBudget(settings.maps_budget_mb * 2**20)
+    budget = MapsBudget(settings.maps_budget_mb * 2**20, _COMPUTE)
     pipe = models[names[0]]
     cross_layers = [n for n, b in pipe.unet.attention_layers.items() if b.kind == "cross"]
     n_heads = min(pipe.unet.attention_layers[n].num_heads for n in cross_layers)
@@ -829,9 +499,9 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
                 for name, p in models.items():
                     with gr.Column(visible=name == names[0]) as panel:
                         with gr.Accordion("What this model knows", open=False):
-                            gr.Markdown(knows_note(p))
+                            gr.Markdown(vocabulary.knows_note(p.captions, p.whole_words, p.layout_grammar))
                         with gr.Accordion("Model card", open=False):
-                            gr.Markdown(model_card_text(p))
+                            gr.Markdown(vocabulary.model_card_text(p.model_card))
                     about_panels.append(panel)
             with gr.Column(scale=6):
                 gallery = gr.Gallery(label="Samples", columns=2, height=SAMPLES_WIDTH + 40,
@@ -850,7 +520,8 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
                                    value=MEAN_HEADS, label="Head")
                 time_bin = gr.Slider(0, TIME_BINS, value=0, step=1, label="Timestep bin")
             with gr.Row():
-                normalization = gr.Radio(NORMALIZATIONS, value="minmax", label="Normalisation", scale=3)
+                normalization = gr.Radio([(label, value) for value, label in NORMALIZATION_LABELS.items()],
+                                         value="minmax", label="Normalisation", scale=3)
                 with gr.Column(scale=2, min_width=200):
                     special = gr.Checkbox(False, label="Show start/end tokens",
                                           info="CLIP's start token soaks up most attention")
@@ -860,7 +531,7 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
             with gr.Tabs():
                 with gr.Tab("Words"):
                     words = maps_gallery("Where each word looked", 5, elem_id="word-maps")
-                    words_note = gr.Markdown(words_note_for(pipe), elem_classes="small-note")
+                    words_note = gr.Markdown(vocabulary.word_maps_note(pipe.layout_grammar), elem_classes="small-note")
                 with gr.Tab("Heads of one word"):
                     word = gr.Dropdown([], value="", label="Word", allow_custom_value=True,
                                        info="Words change with the prompt, the negative-prompt and start/end toggles")
@@ -980,7 +651,7 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
             shown = [gr.update(visible=name == model) for name in names]
             return [*shown, *shown, gr.update(placeholder=placeholder_for(examples[model])),
                     gr.update(info=RELATION_INFO + layout_off(chosen)),
-                    gr.update(info=OBJECT_INFO + layout_off(chosen)), words_note_for(chosen)]
+                    gr.update(info=OBJECT_INFO + layout_off(chosen)), vocabulary.word_maps_note(chosen.layout_grammar)]
 
         @validated
         def center_pixel(result: GenerationResult) -> tuple[int, int]:
@@ -1124,18 +795,6 @@ def main(argv: list[str] | None = None) -> None:
         _COMPUTE.submit(warm_up, pipe)
     build_demo(models, settings).launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME,
                                       css=CSS, **launch_options(settings))
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, defaults: Settings) -> None:
-    """A flag per Settings field (--cache-ttl-s, --no-mcp, …), its default from the environment (APP_*)."""
-    for f in fields(Settings):
-        flag, env = "--" + f.name.replace("_", "-"), ENV_PREFIX + f.name.upper()
-        help_text = f"{f.metadata['help']} (env {env}; default: %(default)s)"
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name),
-                                help=help_text)
-        else:
-            parser.add_argument(flag, type=int, default=getattr(defaults, f.name), help=help_text)
 
 
 if __name__ == "__main__":

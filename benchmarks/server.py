@@ -9,8 +9,8 @@ timestep bin, where a pixel looked) and now and then export them, in a seeded ra
 clients: seconds from sending a request to its answer, queueing included (what a person waits), per endpoint
 and over all, as p50 / p90 / p99. Measured on the server: resident memory of the app's process (VmRSS; its peak
 VmHWM) and the bytes in its Gradio cache folder, sampled every 0.5 s. The app runs with its default settings
-(app.Settings: the cache's 30-minute TTL, 20 export zips, a 1 GB maps budget, a queue of 32): what an operator
-gets without setting anything.
+(diffusion.serving.Settings: the cache's 30-minute TTL, 20 export zips, a 1 GB maps budget, a queue of 32): what an
+operator gets without setting anything.
 
 The model is --model (default: the shipped weights/default).
 """

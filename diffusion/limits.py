@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from diffusion.prompts import parse_emphasis
 
 # A 2-vCPU Space runs one request at a time: these bound how long one user holds the queue, and how much
-# memory one run's maps take (they grow with images × layers; see app.py's MapsBudget).
+# memory one run's maps take (they grow with images × layers; see diffusion/serving.py's MapsBudget).
 MAX_PROMPT_CHARS = 300
 MAX_STEPS = 100
 MAX_IMAGES = 8

@@ -10,9 +10,11 @@ exported (train.py) from the captions it trained on:
     CaptionSummary.load("runs/mine/pipeline").most_common(5)   # [("a", 812), ("bear", 96), …]
 
 From it (or, for an older folder without one, from the tokenizer's whole words) come the app's example
-prompts, its "What this model knows", the one check for prompt words the model never saw
+prompts, its "What this model knows" (`knows_note`), the one check for prompt words the model never saw
 (`unknown_words`), and whether layout guidance may read the prompts (`layout_grammar`: only a model
-whose captions are in a grammar it understands, today the shapes grammar of diffusion/grammar.py).
+whose captions are in a grammar it understands, today the shapes grammar of diffusion/grammar.py). The notes
+that tell people so (`knows_note`, `layout_off_aside`, `word_maps_note`, `model_card_text`) are Markdown text
+for any front end; none imports one.
 """
 
 import json
@@ -187,3 +189,67 @@ def example_prompts(summary: CaptionSummary | None, layout: str | None, count: i
         fitting = [e for e in summary.examples if max_chars is None or len(e) <= max_chars]
         return spread(fitting, count)
     return list(SHAPES_EXAMPLES[:count]) if layout == SHAPES else []
+
+
+# -- what a model knows, told to people -----------------------------------------------------------
+KNOWN_WORDS_SHOWN = 60  # "What this model knows": the most used caption words listed …
+WHOLE_WORDS_SHOWN = 400  # … or, for a model without a caption summary, its tokenizer's whole words
+
+# How to read the word maps. Models of the shapes grammar were trained with a grounding loss on their colour,
+# shape and size words (diffusion/grounding.py and weights/default/README.md); other models' words were not.
+GROUNDED_WORDS_NOTE = (
+    "How to read these: the shipped model was trained to point its colour, shape and size words at their "
+    "objects (a grounding loss; see the model card). Other words (*a*, *two*, *above*, *on*, *background*) "
+    "were not. Each word's vector also carries the rest of the prompt (CLIP reads left to right, and the "
+    "U-Net's context layer mixes the whole prompt), so an ungrounded word often lights up an object named "
+    "near it."
+)
+WORDS_NOTE = (
+    "How to read these: each word's vector carries the rest of the prompt too (CLIP reads left to right, and the "
+    "U-Net's context layers, where it has them, mix the whole prompt), so a word often lights up an object named "
+    "near it."
+)
+
+
+def knows_note(summary: CaptionSummary | None, whole: list[str], layout: str | None,
+               limit: int = KNOWN_WORDS_SHOWN) -> str:
+    """'What this model knows' (Markdown): the words its training captions used most (or, without a summary, its
+    tokenizer's whole words `whole`), how many whole words its tokenizer holds, and whether layout guidance reads
+    its prompts (`layout`: its layout_grammar)."""
+    if summary is not None:
+        shown = ", ".join(f"{w} ({n:,})" for w, n in summary.most_common(limit))
+        more = len(summary.word_counts) - limit
+        learned = (f"It was trained on **{summary.num_captions:,} captions** in **{len(summary.word_counts):,} "
+                   f"different words**, and draws what they described. The words they used most (times used): "
+                   f"{shown}{f', … and {more:,} more' if more > 0 else ''}.")
+    else:
+        more = len(whole) - WHOLE_WORDS_SHOWN
+        shown = ", ".join(whole[:WHOLE_WORDS_SHOWN]) + (f", … and {more:,} more" if more > 0 else "")
+        learned = (f"This model's folder has no summary of its training captions ({CAPTIONS_FILE}), so what they "
+                   f"said is not known here; its tokenizer's whole words are the best guide: {shown}.")
+    tokenizer = (f"Its tokenizer holds **{len(whole):,} whole words**; other words are split into pieces, and a "
+                 f"warning lists the prompt words the model never learned.")
+    off = layout_off_note(summary)
+    layout = ("Layout guidance reads its prompts in the shapes grammar (relations, counts and places)."
+              if layout == SHAPES else off[0].upper() + off[1:])
+    return "\n\n".join([learned, tokenizer, layout])
+
+
+def layout_off_aside(summary: CaptionSummary | None, layout: str | None) -> str:
+    """' (why layout guidance does not read this model's prompts)', to follow a description of the guidance; ''
+    for a model whose prompts it reads."""
+    return "" if layout == SHAPES else f" ({layout_off_note(summary)})"
+
+
+def word_maps_note(layout: str | None) -> str:
+    """How to read a model's word maps: what its training pointed its words at (the shapes grammar's models were
+    trained with a grounding loss), and why a word lights up objects named near it."""
+    return GROUNDED_WORDS_NOTE if layout == SHAPES else WORDS_NOTE
+
+
+def model_card_text(card: str | None) -> str:
+    """A model card (the README.md beside the weights) for readers: without the Hub's YAML front matter."""
+    card = card or "This model folder has no model card (README.md)."
+    if card.startswith("---"):  # YAML front matter is for the Hub, not for readers
+        card = card.split("---", 2)[-1]
+    return card.strip()

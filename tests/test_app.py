@@ -5,13 +5,9 @@ tested is the wiring: limits, seeds, the maps that come back, errors that leave 
 """
 
 import functools
-import io
-import json
 import os
 import threading
-import time
 import zipfile
-from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
@@ -23,7 +19,9 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
+from diffusion import vocabulary
 from diffusion.pipeline import TextToImagePipeline
+from diffusion.render import ALL_LAYERS, MEAN_HEADS
 from tests.serving import free_port
 from tests.tiny import OWN_CAPTIONS, tiny_pipeline
 
@@ -150,7 +148,7 @@ def test_generate_is_seeded_upscaled_and_records_maps(pipe):
     again = app.generate(pipe, "a red circle", "", 3, 4.0, 7, False, "ddim", 2, progress=NoProgress())[3]
     for a, b in zip(res.images, again.images, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    shown = app.upscale(res.images[0])
+    shown = gallery[0][0]
     assert shown.size == (256, 256)  # 16 px samples shown at 256 px, nearest: the pixels stay exact
     assert np.array_equal(np.asarray(shown.resize((16, 16), Image.NEAREST)), np.asarray(res.images[0]))
 
@@ -194,13 +192,6 @@ def test_unknown_words_are_listed(pipe):
     assert "unknown words: zebra, okapi" in status and "red" not in status.split("unknown")[1]
 
 
-def test_vocabulary_lists_whole_words_only(pipe):
-    words = pipe.whole_words
-    assert {"red", "circle", "above", "square", "a"} <= set(words)
-    assert all(w.isalpha() and (len(w) > 1 or w == "a") for w in words)
-    assert "zebra" not in words and "red" in app.knows_note(pipe)
-
-
 def examples_of(pipe) -> list[str]:
     """The prompts of the app's Examples for a model (none when it shows no Examples)."""
     demo = app.build_demo(pipe)
@@ -214,9 +205,6 @@ def test_a_model_of_its_own_words_gets_its_examples_words_and_no_shapes_guidance
     own = tiny_pipeline(OWN_CAPTIONS, grammar=None)  # "a polar bear on the ice": a person's own captions
     examples = examples_of(own)
     assert examples and set(examples) <= set(OWN_CAPTIONS) and examples[0] == OWN_CAPTIONS[0]
-    knows = app.knows_note(own)
-    assert "**18 captions**" in knows and "polar (6)" in knows and "circle" not in knows
-    assert "Layout guidance is off: this model's captions are not in the shapes grammar" in knows
     _, _, status, res = app.generate(own, "a red apple above a polar bear", "", 2, 4.0, 0, False, "ddim", 1,
                                      progress=NoProgress())
     assert not (res.relation_guided or res.object_guided) and "relation guidance" not in status
@@ -230,14 +218,10 @@ def test_a_model_without_a_caption_summary_says_so_and_shows_no_shapes_examples(
     own = tiny_pipeline(OWN_CAPTIONS, grammar=None)
     bare = TextToImagePipeline(own.unet, own.text_encoder, own.scheduler_config)
     assert examples_of(bare) == []
-    knows = app.knows_note(bare)
-    assert "no summary of its training captions (captions.json)" in knows and "polar" in knows
-    assert "tokenizer lacks the shapes words" in knows
 
 
 def test_the_shapes_model_keeps_its_guidance_and_shows_its_captions(pipe):
     assert set(examples_of(pipe)) <= set(pipe.captions.examples)
-    assert "Layout guidance reads its prompts in the shapes grammar" in app.knows_note(pipe)
     _, _, status, res = app.generate(pipe, "blue square on the left, red circle on the right", "", 2, 4.0, 0, False,
                                      "ddim", 1, progress=NoProgress())
     assert res.relation_guided and f"relation guidance {app.RELATION_GUIDANCE:g}" in status
@@ -246,23 +230,12 @@ def test_the_shapes_model_keeps_its_guidance_and_shows_its_captions(pipe):
     assert not res.relation_guided and "'next to' is not a relation this model's guidance understands" in status
 
 
-def test_word_maps_follow_layer_bin_head_and_toggles(result):
-    gallery, word, heads, grid, note = app.render_attention(result, 1, app.ALL_LAYERS, 0, app.MEAN_HEADS,
-                                                            "minmax", False, False, 0.6, None)
-    assert [c for _, c in gallery] == ["a", "red", "circle", "above", "a #2", "blue", "square"]
-    assert word == "red"  # the first content word gets the focus
-    assert [c for _, c in heads] == ["head 1", "head 2"]
-    layers = result.attention.layers("cross")
-    assert grid.size == (150 + 100 * 7, 24 + 100 * (len(layers) + 1))  # a row per layer + all, a column per word
-    assert all(im.size == (256, 256) for im, _ in gallery)
-
-    one = app.render_attention(result, 1, layers[0], 3, 1, "tokens", True, False, 0.3, "circle")
-    assert [c for _, c in one[0]][0] == "<start>" and [c for _, c in one[0]][-1] == "<end>"
-    assert one[1] == "circle" and "head 2" in one[4] and "step 3 of 3" in one[4]
-    assert not np.array_equal(np.asarray(one[0][1][0]), np.asarray(gallery[0][0]))
-
-    negative = app.render_attention(result, 0, app.ALL_LAYERS, 0, app.MEAN_HEADS, "absolute", False, True, 0.6, "")
-    assert [c for _, c in negative[0]] == ["green", "triangle"] and "negative prompt" in negative[4]
+def test_the_attention_endpoint_shows_the_views_of_its_choices(result):
+    gallery, word, heads, grid, note = app.render_attention(result, 1, ALL_LAYERS, 0, MEAN_HEADS, "minmax", False,
+                                                            False, 0.6, None)
+    assert [c for _, c in gallery] == ["a", "red", "circle", "above", "a #2", "blue", "square"] and word == "red"
+    assert [c for _, c in heads] == ["head 1", "head 2"] and grid.width > 256
+    assert note == "Image 2, prompt words · all layers · all steps · mean of heads · per word (min–max)"
 
 
 def test_word_selector_follows_image_negative_and_special_toggles(result):
@@ -273,7 +246,7 @@ def test_word_selector_follows_image_negative_and_special_toggles(result):
 
 
 def test_explorer_rejects_bad_choices_with_the_bounds_of_the_sessions_run(result):
-    args = [result, 0, app.ALL_LAYERS, 0, app.MEAN_HEADS, "minmax", False, False, 0.6, None]
+    args = [result, 0, ALL_LAYERS, 0, MEAN_HEADS, "minmax", False, False, 0.6, None]
     for index, bad, message in [
         (1, 2, r"image must be a whole number from 0 to 1 \(0 is the first image\); got 2"),  # 2 images
         (2, "down.9.cross_attn", "layer must be one of 'all', 'down.1.0.cross_attn'"),
@@ -289,61 +262,13 @@ def test_explorer_rejects_bad_choices_with_the_bounds_of_the_sessions_run(result
         app.render_attention(None, *args[1:])
 
 
-def test_empty_negative_prompt_explains_itself(pipe):
-    res = app.generate(pipe, "a red circle", "", 2, 4.0, 0, False, "ddim", 1, progress=NoProgress())[3]
-    gallery, _, _, grid, note = app.render_attention(res, 0, app.ALL_LAYERS, 0, app.MEAN_HEADS, "minmax", False,
-                                                     True, 0.6, None)
-    assert gallery == [] and grid is None and "negative prompt is empty" in note
-
-
-def test_self_attention_per_layer_and_pixel_clicks(result):
+def test_self_attention_endpoint_and_pixel_clicks(result):
     target, gallery = app.render_self_attention(result, 0, 0, 4, 12, 0.6)
-    layers = result.attention.layers("self")
-    assert layers and [c for _, c in gallery][1:] == [f"{n} · 8×8" for n in layers]
-    # Self-attention is recorded at chosen steps (one per bin; here 3 bins of one step): the label says which.
-    assert gallery[0][1] == "all layers (mean) · steps 1, 2, 3"
-    assert app.render_self_attention(result, 0, 2, 4, 12, 0.6)[1][0][1] == "all layers (mean) · step 2"
-    assert target.size == (256, 256)
-    other = app.render_self_attention(result, 0, 0, 12, 2, 0.6)[1]
-    assert not np.array_equal(np.asarray(other[1][0]), np.asarray(gallery[1][0]))
+    assert target.size == (256, 256) and gallery[0][1] == "all layers (mean) · steps 1, 2, 3"
     with pytest.raises(gr.Error, match=r"pixel_y must be a whole number from 0 to 15 \(a row of the 16-pixel"):
         app.render_self_attention(result, 0, 0, 16, 0, 0.6)
     click = gr.SelectData(None, {"index": [255, 40], "value": None})  # (x, y) on the 256 px display
     assert app.click_pixel(result, 0, click) == (2, 15)
-
-
-def test_export_zip_has_png_npz_and_json(result, tmp_path):
-    cache = app.CacheKeeper(tmp_path, app.Settings())
-    path = cache.export(result, self_attention=False)
-    with zipfile.ZipFile(path) as z:
-        names = set(z.namelist())
-        meta = json.loads(z.read("maps.json"))
-        arrays = np.load(io.BytesIO(z.read("maps.npz")))
-        assert "image1.words" in arrays.files and arrays["image1.words"].dtype == np.float16
-        assert not [k for k in arrays.files if "self_attn" in k]  # only when asked: 95% of the bytes
-    assert {"maps.json", "maps.npz", "image0.png", "image1_red.png"} <= names
-    assert meta["seed"] == 11 and meta["negative_prompts"] == ["green triangle"] * 2
-    assert Path(path).is_relative_to(tmp_path / "exports") and len(list(tmp_path.rglob("*.png"))) == 0  # zip only
-    with zipfile.ZipFile(cache.export(result, self_attention=True)) as z:
-        arrays = np.load(io.BytesIO(z.read("maps.npz")))
-        layer = result.attention.layers("self")[0]
-        assert arrays[f"image0.{layer}"].shape == (3, 64, 64) and layer in json.loads(z.read("maps.json"))[
-            "exported_layers"]
-
-
-def test_a_word_longer_than_a_file_name_exports(pipe, tmp_path):
-    res = app.generate(pipe, "a" * 300, "", 1, 4.0, 0, False, "ddim", 1)[3]  # found by tests/test_app_fuzz.py
-    with zipfile.ZipFile(app.CacheKeeper(tmp_path, app.Settings()).export(res, self_attention=False)) as z:
-        assert max(len(name) for name in z.namelist()) < 100
-
-
-def test_exports_are_kept_up_to_max_exports_oldest_first(result, tmp_path):
-    cache = app.CacheKeeper(tmp_path, app.Settings(max_exports=2))
-    paths = []
-    for _ in range(4):
-        paths.append(Path(cache.export(result, self_attention=False)))
-        time.sleep(0.01)  # distinct modification times
-    assert [p.exists() for p in paths] == [False, False, True, True]
 
 
 def test_main_without_a_model_says_how_to_get_one(tmp_path, capsys):
@@ -376,6 +301,10 @@ def test_two_models_each_show_their_own_examples_words_and_card(pipe):
     try:
         datasets = [block.samples for block in demo.blocks.values() if isinstance(block, gr.Dataset)]
         assert len(datasets) == 2 and {row[0] for row in datasets[1]} <= set(OWN_CAPTIONS)
+        shown = [block.value for block in demo.blocks.values() if isinstance(block, gr.Markdown)]
+        for p in (pipe, own):  # each model's 'What this model knows' and card, in one panel each
+            assert vocabulary.knows_note(p.captions, p.whole_words, p.layout_grammar) in shown
+        assert shown.count(vocabulary.model_card_text(None)) == 2  # neither tiny model has a card
         selector = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model")
         assert selector.visible and [c[1] for c in selector.choices] == ["shapes", "own"]
         select = next(fn for fn in demo.fns.values() if fn.name == "select_model").fn
@@ -383,6 +312,7 @@ def test_two_models_each_show_their_own_examples_words_and_card(pipe):
         assert [u["visible"] for u in updates[:4]] == [False, True, False, True]  # examples, then words + card
         assert "polar bear" in updates[4]["placeholder"] and "not in the shapes grammar" in updates[5]["info"]
         assert "not in the shapes grammar" not in select("shapes")[5]["info"]
+        assert updates[7] == vocabulary.WORDS_NOTE and select("shapes")[7] == vocabulary.GROUNDED_WORDS_NOTE
         with pytest.raises(gr.Error, match="model must be one of 'shapes', 'own'; got 'cat'"):
             select("cat")
     finally:
@@ -469,7 +399,7 @@ def test_live_each_request_draws_with_the_model_it_names(pipe, tmp_path, monkeyp
         demo.close()
 
 
-def test_all_torch_work_runs_on_one_thread():
+def test_all_torch_work_runs_on_one_thread(pipe):
     # libgomp gives each thread that runs torch its own OpenMP team; two teams on 2 cores made sampling
     # 60% slower (app.py, "one thread for all torch work").
     from concurrent.futures import ThreadPoolExecutor
@@ -486,5 +416,10 @@ def test_all_torch_work_runs_on_one_thread():
     assert outer == inner and outer.startswith("torch-compute")
     wrapper_code = app.on_torch_thread(lambda: None).__code__
     for handler in (app.load_pipeline, app.warm_up, app.generate, app.render_attention, app.render_self_attention,
-                    app.word_maps_report, app.MapsBudget.hold):
+                    app.word_maps_report):
         assert handler.__code__ is wrapper_code, handler.__name__
+    demo = app.build_demo(pipe)
+    try:
+        assert demo.maps_budget.executor is app._COMPUTE  # sessions' maps are released on that thread too
+    finally:
+        demo.close()

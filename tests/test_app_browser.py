@@ -51,8 +51,9 @@ def app_url(tmp_path):
     tiny_pipeline(OWN_CAPTIONS, grammar=None).save_pretrained(own)
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(model), "--model", str(own), "--port", str(free_port())],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(model), "--model", str(own), "--port",
+                             str(free_port())], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         yield wait_for_url(proc, START_TIMEOUT_S)
     finally:

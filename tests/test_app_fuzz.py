@@ -31,13 +31,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning", 
 BASE = {
     "generate": {"prompt": "a red circle", "negative_prompt": "", "steps": 1, "guidance": 4.0, "seed": 0,
                  "randomize_seed": False, "sampler": "ddim", "num_images": 1, "relation_guidance": 50.0,
-                 "object_guidance": 20.0},
+                 "object_guidance": 20.0, "model": "default"},
     "attention": {"image": 0, "layer": "all", "time_bin": 0, "head": -1, "normalization": "minmax",
                   "special_tokens": False, "negative": False, "alpha": 0.6, "word": ""},
     "self_attention": {"image": 0, "time_bin": 0, "pixel_y": 8, "pixel_x": 8, "alpha": 0.6},
     "export_maps": {"self_attention": False},
     "word_maps": {"prompt": "a red circle", "negative_prompt": "", "steps": 1, "guidance": 4.0, "seed": 0,
-                  "sampler": "ddim"},
+                  "sampler": "ddim", "model": "default"},
 }
 STATEFUL = {"attention", "self_attention", "export_maps"}  # they read the session's last run
 # What scripts send. The last group is valid somewhere (an edge, another parameter's value): a clear error or
@@ -53,7 +53,8 @@ ODD = ALWAYS_BAD + [
 COSTLY = {"steps": 3, "num_images": 2}  # a valid but larger value is cut to this: the suite stays fast
 # Valid wherever the session's last run has at least one image and step (the tiny model: 16 px, 2 heads).
 VALID_IN_ANY_RUN = {"image": [0], "layer": ["all", "mid.0.cross_attn"], "time_bin": [0, 1], "head": [-1, 0, 1],
-                    "pixel_y": [0, 8, 15], "pixel_x": [0, 8, 15]}
+                    "pixel_y": [0, 8, 15], "pixel_x": [0, 8, 15],
+                    "model": ["default", ""]}  # the served model's name ("": the default), as build_demo checks it
 
 
 def valid_value(name: str, rng: random.Random):

@@ -15,6 +15,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 import app
 from diffusion.limits import Choice
+from diffusion.serving import Settings
 from tests.serving import free_port
 from tests.tiny import tiny_pipeline
 
@@ -48,7 +49,7 @@ def mcp_url(demo, tmp_path_factory):
         mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
         try:
             _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                    quiet=True, **app.launch_options(app.Settings()))
+                                    quiet=True, **app.launch_options(Settings()))
             yield f"{url}gradio_api/mcp/"
         finally:
             demo.close()

@@ -15,6 +15,7 @@ from gradio_client import Client
 from gradio_client.utils import QueueError, Status
 
 import app
+from diffusion.serving import Settings
 from tests.serving import free_port, wait_until
 from tests.tiny import tiny_pipeline
 
@@ -30,7 +31,7 @@ def generate(client: Client, seed: int):
 
 def test_a_full_queue_says_so_the_waiting_see_their_place_and_no_request_is_lost(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    demo = app.build_demo(tiny_pipeline(), app.Settings(queue_size=QUEUE_SIZE))
+    demo = app.build_demo(tiny_pipeline(), Settings(queue_size=QUEUE_SIZE))
     gate = threading.Event()
     try:
         _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),

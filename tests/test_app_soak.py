@@ -25,6 +25,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
+from diffusion.serving import Settings
 from tests.serving import free_port, wait_until
 from tests.tiny import tiny_pipeline
 
@@ -63,7 +64,7 @@ def one_request(demo, rng: random.Random, session: SessionState) -> str:
     kind = rng.choices(["generate", "attention", "self_attention", "export_maps"], [3, 4, 2, 1])[0]
     inputs = {
         "generate": ["a red circle above a blue square", "", rng.randint(1, 3), 4.0, rng.randint(0, 99), False,
-                     "ddim", rng.randint(1, 2), 50.0, 20.0],
+                     "ddim", rng.randint(1, 2), 50.0, 20.0, "default"],
         "attention": [None, 0, "all", rng.randint(0, 1), -1, "minmax", False, False, 0.6, ""],
         "self_attention": [None, 0, 0, rng.randint(0, 15), rng.randint(0, 15), 0.6],
         "export_maps": [None, rng.random() < 0.3],
@@ -80,7 +81,7 @@ def one_request(demo, rng: random.Random, session: SessionState) -> str:
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_few_hundred_requests_keep_disk_and_memory_bounded(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    settings = app.Settings(cache_ttl_s=1, max_exports=3, maps_budget_mb=2)
+    settings = Settings(cache_ttl_s=1, max_exports=3, maps_budget_mb=2)
     demo = app.build_demo(tiny_pipeline(), settings)
     cache = Path(demo.GRADIO_CACHE)
     sessions = [SessionState(demo) for _ in range(SESSIONS)]
@@ -111,24 +112,6 @@ def test_a_few_hundred_requests_keep_disk_and_memory_bounded(tmp_path, monkeypat
     assert grown < RSS_GROWTH_BOUND, f"resident memory grew {grown / 2**20:.0f} MB over {REQUESTS - 100} requests"
 
 
-def test_the_maps_budget_releases_the_oldest_runs_never_the_newest():
-    pipe = tiny_pipeline()
-    runs = [pipe("a red circle", num_images=1, steps=1, seed=s, record_attention=True) for s in range(3)]
-    size = runs[0].attention.store.nbytes()
-    budget = app.MapsBudget(2 * size)
-    for run in runs:
-        budget.hold(run)
-    assert [r.attention is None for r in runs] == [True, False, False] and budget.nbytes == 2 * size
-    alone = app.MapsBudget(size // 2)  # a run larger than the whole budget still stays until the next one
-    alone.hold(runs[2])
-    assert runs[2].attention is not None and alone.nbytes == size
-    budget.release(runs[1])
-    app._COMPUTE.submit(lambda: None).result()  # release is queued on the torch thread
-    assert runs[1].attention is None and budget.nbytes == size
-    del runs[2], run  # a run Gradio forgot (its session dropped) leaves the budget with it
-    assert budget.nbytes == 0 and alone.nbytes == 0
-
-
 # -- a live server --------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -136,7 +119,7 @@ def live(tmp_path, monkeypatch):
     """Start the app with short lifetimes (cache files 3 s, sessions' maps 6 s: long enough for a generate and an
     export on a busy machine); yields (demo, url)."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    demo = app.build_demo(tiny_pipeline(), app.Settings(cache_ttl_s=3, session_ttl_s=6))
+    demo = app.build_demo(tiny_pipeline(), Settings(cache_ttl_s=3, session_ttl_s=6))
     try:
         _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
                                 quiet=True)
@@ -166,7 +149,7 @@ def test_served_files_and_expired_sessions_maps_are_released_on_a_live_server(li
 
 def test_a_closed_tab_releases_its_maps_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    demo = app.build_demo(tiny_pipeline(), app.Settings())  # sessions live 30 min: only the close releases
+    demo = app.build_demo(tiny_pipeline(), Settings())  # sessions live 30 min: only the close releases
     try:
         _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
                                 quiet=True)

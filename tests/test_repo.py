@@ -50,7 +50,8 @@ def test_quickstart_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-def imported_project_packages(package: str) -> set[str]:
+def imported_packages(package: str) -> set[str]:
+    """The top-level names of every absolute import in a project package."""
     found = set()
     for path in (ROOT / package).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -60,7 +61,12 @@ def imported_project_packages(package: str) -> set[str]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
             found |= {n.split(".")[0] for n in names}
-    return found & {"unet", "conditioning", "diffusion", "data", "app", "train", "evaluate", "benchmarks", "tests"}
+    return found
+
+
+def imported_project_packages(package: str) -> set[str]:
+    return imported_packages(package) & {"unet", "conditioning", "diffusion", "data", "app", "train", "evaluate",
+                                         "benchmarks", "tests"}
 
 
 def test_import_direction():
@@ -69,6 +75,8 @@ def test_import_direction():
     assert "unet" not in imported_project_packages("conditioning")
     # diffusion reads a grammar it is told about (diffusion/grammar.py, a model's captions.json), never a data set
     assert "data" not in imported_project_packages("diffusion")
+    # the UI is app.py's: what diffusion draws and says about a model serves any front end
+    assert "gradio" not in imported_packages("diffusion") and "app" not in imported_project_packages("diffusion")
     # benchmarks time the product's code; the seed's blocks they compare against live in benchmarks/seed_blocks.py
     assert "tests" not in imported_project_packages("benchmarks")
 

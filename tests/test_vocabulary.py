@@ -12,13 +12,20 @@ from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from diffusion.pipeline import TextToImagePipeline
 from diffusion.vocabulary import (
     CAPTIONS_FILE,
+    GROUNDED_WORDS_NOTE,
     MAX_EXAMPLES,
+    WHOLE_WORDS_SHOWN,
+    WORDS_NOTE,
     CaptionSummary,
     example_prompts,
+    knows_note,
     layout_grammar,
+    layout_off_aside,
+    model_card_text,
     spread,
     unknown_words,
     whole_words,
+    word_maps_note,
     word_splitter,
 )
 from tests.tiny import OWN_CAPTIONS, tiny_pipeline
@@ -172,3 +179,53 @@ def test_examples_come_from_the_models_own_captions(own):
     assert example_prompts(own.captions, None, count=2, max_chars=20) == ["two green apples"]  # the only short one
     # no summary: the shapes examples only for a model that reads that grammar, else none
     assert example_prompts(None, "shapes") == list(grammar.EXAMPLES) and example_prompts(None, None) == []
+
+
+# -- what a model knows, told to people ----------------------------------------------------------------------
+def knows(pipe, **kwargs) -> str:
+    return knows_note(pipe.captions, pipe.whole_words, pipe.layout_grammar, **kwargs)
+
+
+def test_the_pipelines_whole_words_are_whole_words_only(shapes):
+    words = shapes.whole_words
+    assert {"red", "circle", "above", "square", "a"} <= set(words)
+    assert all(w.isalpha() and (len(w) > 1 or w == "a") for w in words)
+    assert "zebra" not in words and "red" in knows(shapes)
+
+
+def test_what_a_model_knows_is_its_captions_words_and_whether_layout_guidance_reads_it(own, shapes):
+    note = knows(own)
+    assert "**18 captions**" in note and "polar (6)" in note and "circle" not in note
+    assert f"in **{len(own.captions.word_counts)} different words**" in note and "more" not in note
+    assert f"Its tokenizer holds **{len(own.whole_words)} whole words**" in note
+    assert "Layout guidance is off: this model's captions are not in the shapes grammar" in note
+    assert "Layout guidance reads its prompts in the shapes grammar" in knows(shapes)
+    most = own.captions.most_common(2)
+    assert f"(times used): {most[0][0]} ({most[0][1]}), {most[1][0]} ({most[1][1]}), … and " \
+           f"{len(own.captions.word_counts) - 2} more." in knows(own, limit=2)
+
+
+def test_without_a_caption_summary_the_tokenizers_words_are_the_guide(own):
+    bare = TextToImagePipeline(own.unet, own.text_encoder, own.scheduler_config)
+    note = knows(bare)
+    assert "no summary of its training captions (captions.json)" in note and "polar" in note
+    assert "tokenizer lacks the shapes words" in note
+    many = [f"word{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(WHOLE_WORDS_SHOWN + 5)]
+    note = knows_note(None, many, None)
+    assert many[WHOLE_WORDS_SHOWN - 1] in note and many[WHOLE_WORDS_SHOWN] not in note and "… and 5 more." in note
+
+
+def test_the_notes_beside_the_controls_follow_the_models_grammar(own, shapes):
+    assert layout_off_aside(shapes.captions, shapes.layout_grammar) == ""
+    assert layout_off_aside(own.captions, own.layout_grammar) == (
+        " (layout guidance is off: this model's captions are not in the shapes grammar.)")
+    assert "tokenizer lacks the shapes words" in layout_off_aside(None, None)
+    assert word_maps_note(shapes.layout_grammar) == GROUNDED_WORDS_NOTE and "grounding loss" in GROUNDED_WORDS_NOTE
+    assert word_maps_note(own.layout_grammar) == WORDS_NOTE and "grounding" not in WORDS_NOTE
+
+
+def test_a_model_card_is_shown_without_its_front_matter():
+    card = "---\nlicense: mit\ntags: [diffusion]\n---\n\n# A small model\n\nIt draws shapes.\n"
+    assert model_card_text(card) == "# A small model\n\nIt draws shapes."
+    assert model_card_text("# No front matter\n") == "# No front matter"
+    assert model_card_text(None) == model_card_text("") == "This model folder has no model card (README.md)."
