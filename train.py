@@ -10,15 +10,18 @@
     torchrun --nproc_per_node 2 train.py --cpu --data cache/shapes --out runs/ddp --steps 100
 
 `python train.py ...` works too (one process). A run writes, under --out:
-    checkpoints/step_000500/   model, EMA, optimizer (safetensors) + state.json; the newest K kept
+    checkpoints/step_000500/   model, EMA, optimizer (safetensors) + state.json; the newest K kept (core/checkpoints.py)
+    metrics.jsonl              one line a step: loss, lr, images/s (and the grounding terms)
     samples/step_000500.png    validation prompts sampled with the EMA weights
     logs/                      TensorBoard (loss, lr, images/s, validation grids) when tensorboard is installed
     pipeline/                  the final export (EMA weights, U-Net stored in fp16), loadable by TextToImagePipeline
 `--export-only` writes pipeline/ from the newest checkpoint instead (e.g. while a run is still going);
 `--export-only --export-step 500` writes pipeline_step_000500/ from that step's checkpoint.
 --push-to-hub OWNER/NAME uploads the export to the Hugging Face Hub (needs network and a token).
-Re-running the same command resumes from the newest checkpoint, exactly: every random draw of step
-s (batch order, caption choice and dropout, noise, timesteps) is seeded from (seed, s, rank).
+Re-running the same command resumes from the newest checkpoint, exactly: the batches are a seeded torch
+DataLoader that accelerate shards across processes and, on resume, skips to the step (core/loader.py); every
+other random draw of step s (caption choice and dropout, noise, timesteps) is seeded from (seed, s, rank); the
+learning rate (warmup, then cosine to 10% of the peak) is transformers' schedule, rebuilt from the step.
 """
 
 import argparse
@@ -27,13 +30,11 @@ import importlib.util
 import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +42,26 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from conditioning.text_encoder import TEXT_TRAINING, TextEncoder
 from conditioning.tokenizer import save_clip_tokenizer
-from data.loading import LoadConfig, batch_indices, load_captioned
+from core.checkpoints import (
+    CheckpointWriteError,
+    checkpoints,
+    load_optimizer,
+    lr_schedule,
+    optimizer_tensors,
+    save_checkpoint,
+)
+from core.loader import shuffled_loader
+from core.precision import DTYPES, cpu_name, mixed_precision
+from data.loading import LoadConfig, load_captioned
 from diffusion.grammar import NAME as SHAPES
 from diffusion.grounding import GroundingRecorder, grounding_loss, relation_loss, relation_pairs, token_targets
 from diffusion.pipeline import TextToImagePipeline
-from diffusion.precision import DTYPES, cpu_has_fast_bf16, cpu_name
 from diffusion.vocabulary import CAPTIONS_FILE, CaptionSummary
 from unet import UNet, UNetConfig
 
@@ -136,20 +146,8 @@ class TrainConfig:
 
 
 # -- small pure pieces ------------------------------------------------------------------------------
-def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to 10% of it at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def resolve_precision(cfg: TrainConfig) -> str:
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    if torch.cuda.is_available() and not cfg.cpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "no"
+    return mixed_precision(cfg.cpu) if cfg.mixed_precision == "auto" else cfg.mixed_precision
 
 
 def step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
@@ -180,75 +178,6 @@ def snr_weights(noise_scheduler: DDPMScheduler, t: torch.Tensor, cfg: TrainConfi
     base = snr if cfg.prediction_type == "epsilon" else snr + 1
     weights = torch.clamp(snr, max=cfg.snr_gamma) / base
     return torch.where(snr < 1, weights.clamp_min(cfg.snr_floor), weights)
-
-
-# -- checkpoints: step-named, atomic, safetensors only ----------------------------------------------
-CHECKPOINT = re.compile(r"^step_(\d{6,})$")
-
-
-def checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Finished checkpoints, oldest first. A folder is finished once state.json is in it (written last)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT.match(p.name))]
-    return sorted((s, p) for s, p in found if (p / "state.json").is_file())
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (a full disk, a lost mount); the message names the last good one."""
-
-
-def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, keep: int,
-                    tokenizer=None, captions: CaptionSummary | None = None) -> Path:
-    """Write to a temporary folder, then rename: a killed run never leaves a half checkpoint that resume picks.
-    A grown tokenizer (tokenizer/, in CLIP's format) and the captions' summary (captions.json) go in it too,
-    so --export-only writes the same pipeline folder the run's end does. A write that fails (a full disk)
-    removes its temporary folder and raises CheckpointWriteError; older checkpoints are pruned only after
-    the new one is in place, so the last good one is untouched."""
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}"
-    for stale in root.glob(".tmp_step_*"):  # left by a run killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        if tokenizer is not None:
-            save_clip_tokenizer(tokenizer, tmp / "tokenizer")
-        if captions is not None:
-            captions.save(tmp)
-        for name, group in tensors.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{name}.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        last = checkpoints(root)
-        kept = (f"The last good checkpoint, {last[-1][1]} (step {last[-1][0]}), is intact: free some space and "
-                "re-run the same command to resume from it." if last else "No earlier checkpoint was written.")
-        raise CheckpointWriteError(f"could not write the step-{step} checkpoint to {root}: {e}. {kept}") from e
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for _, old in checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON (hyper-parameters)."""
-    sd = optimizer.state_dict()
-    tensors = {f"{pid}.{key}": value for pid, s in sd["state"].items() for key, value in s.items()
-               if torch.is_tensor(value)}
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    # Hyperparameters from the checkpoint; the implementation (fused or not) stays this run's choice, so an
-    # older checkpoint resumes on the fused kernel too.
-    groups = [{**saved, **{k: mine[k] for k in ("foreach", "fused") if k in mine}}
-              for saved, mine in zip(meta["param_groups"], optimizer.param_groups, strict=True)]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 # -- building the run ---------------------------------------------------------------------------------
@@ -306,10 +235,19 @@ def resolve_data(cfg: TrainConfig) -> str:
     return str(generate_dataset(out, ShapesConfig(size=size, seed=cfg.seed), counts=counts))
 
 
-def collate(dataset, indices: list[int]) -> tuple[torch.Tensor, list[str], list[dict]]:
-    """Images (B, 3, R, R), captions, and the items (object masks and words when the loader gives them)."""
-    items = [dataset[i] for i in indices]
-    return torch.stack([it["pixel_values"] for it in items]), [it["caption"] for it in items], items
+def collate(items: list[dict]) -> tuple[torch.Tensor, list[list[str]], list[dict]]:
+    """Images (B, 3, R, R), each image's phrasings (the step picks one), and the items (object masks and words
+    when the loader gives them)."""
+    return torch.stack([it["pixel_values"] for it in items]), [it["captions"] for it in items], items
+
+
+def write_extra(tokenizer: CLIPTokenizer | None, captions: CaptionSummary | None, folder: Path) -> None:
+    """Beside a checkpoint's tensors: a grown tokenizer (tokenizer/, in CLIP's format) and the captions' summary
+    (captions.json), so --export-only writes the same pipeline folder the run's end does."""
+    if tokenizer is not None:
+        save_clip_tokenizer(tokenizer, folder / "tokenizer")
+    if captions is not None:
+        captions.save(folder)
 
 
 def validation_grid(pipe: TextToImagePipeline, prompts: tuple[str, ...], seed: int, steps: int, path: Path):
@@ -484,8 +422,8 @@ def param_groups(cfg: TrainConfig, unet_params: list, text_encoder: TextEncoder)
     """The U-Net, the text transformer and the token embeddings, each at its own peak learning rate."""
     table = text_encoder.model.get_input_embeddings().weight
     body = [p for p in text_encoder.model.parameters() if p.requires_grad and p is not table]
-    groups = [{"params": unet_params, "peak_lr": cfg.lr}, {"params": body, "peak_lr": cfg.text_lr},
-              {"params": [table] if table.requires_grad else [], "peak_lr": cfg.embedding_lr}]
+    groups = [{"params": unet_params, "lr": cfg.lr}, {"params": body, "lr": cfg.text_lr},
+              {"params": [table] if table.requires_grad else [], "lr": cfg.embedding_lr}]
     return [g for g in groups if g["params"]]
 
 
@@ -519,12 +457,8 @@ def average_across_processes(accelerator: Accelerator, params: list[torch.nn.Par
 
 
 # -- the loop -------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Path:
-    """Run (or resume) training; returns the exported pipeline folder.
-
-    on_step(done, logs) is called after every optimizer step with what is logged (loss, lr,
-    images_per_s, the grounding terms): `benchmarks.devices` reads train.py's own throughput from it.
-    """
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the exported pipeline folder."""
     precision = resolve_precision(cfg)
     out = Path(cfg.out)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
@@ -538,7 +472,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
     cfg = replace(cfg, resolution=cfg.resolution or unet.config.sample_size)
     check_resolution(unet, cfg.resolution)
     dataset = load_captioned(resolve_data(cfg), LoadConfig(resolution=cfg.resolution, image_column=cfg.image_column,
-                                                  caption_column=cfg.caption_column,
+                                                  caption_column=cfg.caption_column, pick_caption=False,
                                                   object_masks=cfg.grounding_weight > 0))
     captions = all_captions(dataset, cfg.caption_column)
     cfg = resolve_auto(cfg, len(dataset), captions, text_encoder)
@@ -571,29 +505,35 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
         check_same_run(cfg, state["config"], path)
         if text_params:
             text_encoder.model.load_state_dict(load_file(path / "text_encoder.safetensors"), strict=True)
-        load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+        load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])  # this run's peaks
         ema_tensors = load_file(path / "ema.safetensors")
         ema.load_state_dict({**state["ema"], "shadow_params": [ema_tensors[str(i)] for i in range(len(params))]})
         seconds, loss_value = state["seconds"], state["loss"]
         accelerator.print(f"resuming from {path} (step {step})")
+    # Not prepared by accelerate: its scheduler wrapper steps once per process on each optimizer step.
+    scheduler = lr_schedule(optimizer, cfg.warmup, cfg.steps, done=step, min_lr_rate=0.1)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema.to(accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = accelerator.prepare_data_loader(  # sharded across processes by accelerate; moved to the device below
+        shuffled_loader(dataset, cfg.batch_size, cfg.steps * cfg.grad_accum * cfg.batch_size * world, cfg.seed,
+                        collate), device_placement=False)
+    batches = iter(accelerator.skip_first_batches(loader, step * cfg.grad_accum) if step else loader)
     # TensorBoard's hparams take scalars and strings only.
     accelerator.init_trackers("train", config={k: v if isinstance(v, int | float | str | bool) else str(v)
                                                for k, v in asdict(cfg).items()})
 
-    rank, world = accelerator.process_index, accelerator.num_processes
     progress = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not accelerator.is_main_process)
     t_start = time.perf_counter() - seconds
     for step in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * get_lr(step, cfg) / cfg.lr
-        torch.manual_seed(step_seed(cfg, step, rank))  # dataset transforms and caption picks
+        # Every random draw of the step comes from here: caption picks and dropout, noise, timesteps.
         generator = torch.Generator().manual_seed(step_seed(cfg, step, rank))
+        lr = scheduler.get_last_lr()[0]  # the U-Net group's rate for this step
         t0 = time.perf_counter()
-        for micro in range(cfg.grad_accum):
-            idx = batch_indices(len(dataset), cfg.batch_size, step * cfg.grad_accum + micro, cfg.seed, rank, world)
-            x0, captions, items = collate(dataset, idx)
+        for _ in range(cfg.grad_accum):
+            x0, phrasings, items = next(batches)
+            picks = torch.randint(0, 1 << 30, (len(phrasings),), generator=generator).tolist()
+            captions = [p[r % len(p)] for p, r in zip(phrasings, picks, strict=True)]
             drop = torch.rand(len(captions), generator=generator) < cfg.caption_dropout
             captions = ["" if d else c for d, c in zip(drop.tolist(), captions, strict=True)]
             enc = text_encoder.encode(captions)
@@ -633,27 +573,29 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict[str, float]], None] | N
                 f"{last[-1][1] if last else 'none (no checkpoint was written yet)'}: lower --lr or use "
                 "--mixed-precision no, then re-run to resume from it."
             )
+        scheduler.step()
         ema.step(params)
         images_per_s = cfg.batch_size * cfg.grad_accum * world / (time.perf_counter() - t0)
-        logs = {"loss": loss_value, "lr": get_lr(step, cfg), "images_per_s": images_per_s, **attention_values}
+        logs = {"loss": loss_value, "lr": lr, "images_per_s": images_per_s, **attention_values}
         progress.set_postfix({k: f"{v:.1f}" if k == "images_per_s" else f"{v:.4f}" for k, v in logs.items()
                               if k != "lr"})
         done = step + 1
         accelerator.log(logs, step=done)
-        if on_step is not None:
-            on_step(done, logs)
+        if accelerator.is_main_process:  # what any tool reads back (benchmarks.devices: images/s), TensorBoard or not
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": done, **logs}) + "\n")
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             opt_tensors, opt_meta = optimizer_tensors(optimizer)
             ema_state = ema.state_dict()
             shadow = {str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}
             state = {"step": done, "seconds": time.perf_counter() - t_start, "loss": loss_value,
-                     "hardware": hardware(accelerator.device),
+                     "hardware": hardware(accelerator.device), "precision": precision,
                      "config": asdict(cfg), "optimizer": opt_meta, "ema": ema_state}
             tensors = {"unet": accelerator.unwrap_model(unet).state_dict(), "optimizer": opt_tensors, "ema": shadow}
             if text_params:  # the text side trains: its weights and the grown tokenizer resume with the run
                 tensors["text_encoder"] = text_encoder.model.state_dict()
             save_checkpoint(out / "checkpoints", done, tensors, state, cfg.keep_checkpoints,
-                            tokenizer=text_encoder.tokenizer if text_params else None, captions=summary)
+                            partial(write_extra, text_encoder.tokenizer if text_params else None, summary))
         if accelerator.is_main_process and (done % cfg.validate_every == 0 or done == cfg.steps):
             with swapped_in_ema(ema, params):
                 pipe = TextToImagePipeline(accelerator.unwrap_model(unet), text_encoder,

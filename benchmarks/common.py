@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from diffusion.precision import cpu_name
+from core.precision import cpu_name
 from unet import UNet
 from unet.fast import optimize_for_inference
 

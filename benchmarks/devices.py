@@ -4,44 +4,54 @@
     python -m benchmarks.devices --device cuda   # one device only; writes its own section, "devices-cuda"
     python -m benchmarks.devices --quick         # fewer steps and repeats; prints only
 
-Training is `train.train()` itself, fine-tuning --model with the shipped model's last-stage recipe
-(grounding loss with position and relation words, bf16 where the device runs it fast), so data loading,
-text encoding, the recorder, the optimizer and EMA are all in the number; images/s is train.py's own
-per-step figure (`on_step`), the median after the warm-up steps. The final checkpoint, validation
-grid and export that every run ends with are not timed. Sampling is TextToImagePipeline on the device
-in the dtype it picks there: 4 images, 20 steps, guidance 4, maps off and on, as in benchmarks.endtoend.
+Training is `python train.py` itself, run as a user runs it (a fresh process), fine-tuning --model with the
+shipped model's last-stage recipe (grounding loss with position and relation words, bf16 where the device
+runs it fast), so data loading, text encoding, the recorder, the optimizer and EMA are all in the number;
+images/s is train.py's own per-step figure as it writes it to OUT/metrics.jsonl, the median after the
+warm-up steps, and the precision and hardware are those its last checkpoint's state.json records. The final
+checkpoint, validation grid and export that every run ends with are not timed. Sampling is TextToImagePipeline
+on the device in the dtype it picks there: 4 images, 20 steps, guidance 4, maps off and on, as in
+benchmarks.endtoend.
 On a GPU, a larger training batch is measured too: a GPU is not busy at the CPU recipe's 64.
 """
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-import train
 from benchmarks.common import write_section
 from benchmarks.endtoend import end_to_end
 from diffusion.pipeline import TextToImagePipeline
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def training_rate(device: str, model: str, data: str, batch_size: int, steps: int, warmup: int,
-                  **overrides) -> tuple[float, str]:
-    """(median images/s of train.py's steps after `warmup`, the mixed precision it ran in).
+                  **overrides) -> tuple[float, str, str]:
+    """(median images/s of train.py's steps after `warmup`, the mixed precision it ran in, its hardware).
 
-    `overrides` are further TrainConfig fields (the tests' tiny models train at 16 px, in fp32)."""
-    rates: list[float] = []
+    `overrides` are further train.py flags by TrainConfig field name (the tests' tiny models train at 16 px,
+    in fp32: resolution=16, mixed_precision="no")."""
+    settings = dict(init=model, data=data, caption_column="captions", steps=warmup + steps, batch_size=batch_size,
+                    lr=1e-5, warmup=1, checkpoint_every=10**9, validate_every=10**9, validation_steps=2,
+                    validation_prompts="a red circle", grounding_weight=0.05, **overrides)
+    flags = [a for name, value in settings.items() for a in ("--" + name.replace("_", "-"), str(value))]
+    flags += ["--ground-positions", "--ground-relations"] + (["--cpu"] if device == "cpu" else [])
     with tempfile.TemporaryDirectory() as out:
-        cfg = train.TrainConfig(
-            init=model, data=data, caption_column="captions", out=out, steps=warmup + steps, batch_size=batch_size,
-            lr=1e-5, warmup=1, checkpoint_every=10**9, validate_every=10**9, validation_steps=2,
-            validation_prompts=("a red circle",), grounding_weight=0.05, ground_positions=True,
-            ground_relations=True, cpu=device == "cpu", **overrides)
-        train.train(cfg, on_step=lambda done, logs: rates.append(logs["images_per_s"]))
-    return statistics.median(rates[warmup:]), train.resolve_precision(cfg)
-
-
+        run = subprocess.run([sys.executable, "train.py", *flags, "--out", out], cwd=ROOT, capture_output=True,
+                             text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"train.py failed (exit {run.returncode}):\n{run.stdout[-2000:]}{run.stderr[-3000:]}")
+        rates = [json.loads(line)["images_per_s"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        last = sorted((Path(out) / "checkpoints").glob("step_*"))[-1]
+        state = json.loads((last / "state.json").read_text())
+    return statistics.median(rates[warmup:]), state["precision"], state["hardware"]
 def sampling_latency(device: str, model: str, repeats: int) -> tuple[dict[str, float], torch.dtype]:
     pipe = TextToImagePipeline.from_pretrained(model, device=device)
     return end_to_end(pipe, repeats), pipe.dtype
@@ -49,12 +59,6 @@ def sampling_latency(device: str, model: str, repeats: int) -> tuple[dict[str, f
 
 def devices_present() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return train.hardware(torch.device("cpu"))
 
 
 def main(argv=None) -> str:
@@ -78,9 +82,9 @@ def main(argv=None) -> str:
         for batch in batches:
             # A GPU step is milliseconds: more steps for a stable median, still seconds in all.
             n, w = (steps, warmup) if device == "cpu" else (steps * 4, warmup * 5)
-            rate, precision = training_rate(device, args.model, args.data, batch, n, w)
+            rate, precision, hardware = training_rate(device, args.model, args.data, batch, n, w)
             precision = {"no": "fp32"}.get(precision, precision)  # accelerate's name for none
-            lines.append(f"| {device_name(device)} | {batch} | {precision} | **{rate:.0f}** | {latency['off']:.2f} s "
+            lines.append(f"| {hardware} | {batch} | {precision} | **{rate:.0f}** | {latency['off']:.2f} s "
                          f"| **{latency['on']:.2f} s** | {latency['on, layout guidance']:.2f} s "
                          f"| {str(dtype).removeprefix('torch.')} |")
             print(lines[-1], flush=True)
@@ -92,7 +96,7 @@ def main(argv=None) -> str:
     if not args.quick:
         where = "each device" if args.device == "all" else {"cpu": "the CPU", "cuda": "a GPU"}[args.device]
         body = (f"## Training and sampling on {where} (train.py and the pipeline themselves)\n\n"
-                "Training: `train.train()` fine-tuning the shipped model with its last stage's recipe (grounding "
+                "Training: `python train.py` fine-tuning the shipped model with its last stage's recipe (grounding "
                 "with position and relation words), images/s as train.py logs it, median of the steps after the "
                 "warm-up. Sampling: 4 images, 20 DPM++ steps, guidance 4, median seconds per call.\n\n" + table)
         command = "python -m benchmarks.devices " + " ".join(sys.argv[1:] if argv is None else argv)

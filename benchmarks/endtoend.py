@@ -42,9 +42,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import as_sampled, interleaved_medians, write_section
+from core.precision import cpu_has_fast_bf16
 from diffusion.layout import OBJECT_GUIDANCE, RELATION_GUIDANCE
 from diffusion.pipeline import TextToImagePipeline
-from diffusion.precision import cpu_has_fast_bf16
 from unet.fast import is_channels_last
 
 PROMPT = "a red circle above a blue square"
@@ -315,7 +315,7 @@ def main(argv=None) -> None:
              "| its overhead | maps on + layout guidance, s | guidance cost |", "|---|---|---|---|---|---|---|---|"]
     e2e = {}
     fast_bf16 = cpu_has_fast_bf16()
-    # Without bf16 instructions "auto" is fp32 (diffusion/precision.py): one row, and no bf16 timings,
+    # Without bf16 instructions "auto" is fp32 (core/precision.py): one row, and no bf16 timings,
     # which would time bf16 emulated in software (2–38× slower), a path nothing here takes.
     for label in ("fp32", "auto") if fast_bf16 else ("fp32",):
         pipe = TextToImagePipeline.from_pretrained(args.model, dtype=label)

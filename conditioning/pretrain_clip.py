@@ -26,7 +26,11 @@ while training and at the end. `--out` then holds:
     text_encoder/   CLIPTextModel       tokenizer/   vocab.json merges.txt tokenizer.json tokenizer_config.json
                     (the two parts of a pipeline folder: `TextEncoder.from_pretrained(out)` loads them)
     pretrain_config.json  metrics.jsonl  retrieval.json  README.md (model card with the scores)
-    checkpoints/step_NNNNNNN/   accelerate save_state (weights in safetensors), for --resume
+    checkpoints/step_NNNNNN/    model + optimizer (safetensors) + state.json, for --resume (core/checkpoints.py,
+                                the scheme train.py uses; the schedule is rebuilt from the step)
+
+Checkpoints written before this scheme (accelerate's save_state: optimizer.bin, random_states_0.pkl) do not
+resume: --resume says so; start a new --out.
 
 Images are not augmented by default: flips would break "left of"/"right of", crops "in the top left".
 A folder of single drawings on white (clip art) may be (`augment`): each picture zoomed out by a random
@@ -45,15 +49,16 @@ import json
 import math
 import random
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, get_cosine_schedule_with_warmup
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from conditioning.imagefolder import (
@@ -67,9 +72,9 @@ from conditioning.imagefolder import (
 )
 from conditioning.text_encoder import TextEncoder
 from conditioning.tokenizer import grow_tokenizer, save_clip_tokenizer, train_clip_bpe
-from data.loading import batch_indices
-
-CHECKPOINT_RE = re.compile(r"^step_(\d{7})$")
+from core.checkpoints import checkpoints, load_optimizer, lr_schedule, optimizer_tensors, save_checkpoint
+from core.loader import shuffled_loader
+from core.precision import mixed_precision
 
 
 @dataclass
@@ -196,13 +201,12 @@ class Sources:
     augment: torch.Tensor  # (len(train),) bool: zoom this pair's picture out on white (cfg.augment)
     mirror_ok: torch.Tensor  # (len(train),) bool: no caption of this pair says left or right
 
-    def batch(self, step: int, seed: int) -> torch.Tensor:
-        """The rows of `train` read at `step`: each folder walks its own seeded epochs (data.loading.batch_indices;
-        one folder reads what a single-folder run always read)."""
-        rows = [offset + i for k, (offset, size, share) in enumerate(zip(self.offsets, self.sizes, self.shares,
-                                                                          strict=True)) if share
-                for i in batch_indices(size, share, step, seed + 1000 * k)]
-        return torch.tensor(rows)
+    def loaders(self, steps: int, seed: int) -> list[DataLoader]:
+        """Per folder with a share: batches of `share` row ids of `train` for `steps` steps, in seeded shuffled
+        passes over that folder's own rows (core.loader); a step's rows are one batch of each, concatenated."""
+        return [shuffled_loader(range(offset, offset + size), share, steps * share, seed + 1000 * k)
+                for k, (offset, size, share) in enumerate(zip(self.offsets, self.sizes, self.shares, strict=True))
+                if share]
 
 
 def load_sources(data: list[str | Path], cfg: PretrainConfig) -> Sources:
@@ -348,21 +352,6 @@ def format_per_data(scores: dict[str, dict]) -> str:
 # ----------------------------------------------------------------------------- training
 
 
-def mixed_precision(accelerator_cpu: bool) -> str:
-    """bf16 autocast only where it is fast: CUDA with bf16, or a CPU with AVX-512 BF16 / AMX.
-
-    On this project's CPU bf16 trains ~2x faster than fp32; on a CPU without those instructions it is
-    2-38x slower, and fp16 on CPU ~60x slower, so neither is ever chosen blindly.
-    """
-    if not accelerator_cpu and torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "no"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
-
-
 def make_tokenizer(cfg: PretrainConfig, captions: list[str]) -> CLIPTokenizer:
     """A BPE trained on `captions`, or `cfg.base_tokenizer` grown with whole-word tokens for their common words."""
     if not cfg.base_tokenizer:
@@ -381,7 +370,9 @@ def train(cfg: PretrainConfig, data: str | Path | list[str | Path], out: str | P
     final retrieval scores of the first folder, with every folder's under "per_data"."""
     out = Path(out)
     data = [data] if isinstance(data, str | Path) else list(data)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cpu or not torch.cuda.is_available()), cpu=cpu)
+    # split_batches: --batch-size is the global batch; each process takes its slice of every folder's share
+    accelerator = Accelerator(mixed_precision=mixed_precision(cpu), cpu=cpu,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
     sources = load_sources(data, cfg)
     train_set = sources.train
     if resume:
@@ -402,9 +393,17 @@ def train(cfg: PretrainConfig, data: str | Path | list[str | Path], out: str | P
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)  # CLIP's betas/eps
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    start_step, elapsed = _resume(accelerator, out) if resume else (0, 0.0)
+    start_step, elapsed = 0, 0.0
+    if resume:
+        start_step, elapsed, path = _resume(out, model, optimizer)
+        accelerator.print(f"resumed from {path} (step {start_step})")
+    # Not prepared by accelerate: its scheduler wrapper steps once per process on each optimizer step.
+    scheduler = lr_schedule(optimizer, cfg.warmup_steps, cfg.steps, done=start_step)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loaders = [accelerator.prepare_data_loader(dl, device_placement=False)
+               for dl in sources.loaders(cfg.steps, cfg.seed)]
+    if start_step:  # read on from where the checkpoint's run stopped
+        loaders = [accelerator.skip_first_batches(dl, start_step) for dl in loaders]
 
     shares = ", ".join(f"{n} {size} train / {len(sources.val[n])} validation, {share} a batch"
                        for n, size, share in zip(sources.names, sources.sizes, sources.shares, strict=True))
@@ -413,10 +412,8 @@ def train(cfg: PretrainConfig, data: str | Path | list[str | Path], out: str | P
     t0 = time.perf_counter() - elapsed
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, mininterval=5,
                disable=not accelerator.is_local_main_process)
-    for step in bar:
-        idx = sources.batch(step, cfg.seed)
-        # each process takes its share of the global batch (contrastive negatives are then per process)
-        idx = idx[accelerator.process_index :: accelerator.num_processes]
+    for step, parts in zip(bar, zip(*loaders, strict=True), strict=True):
+        idx = torch.cat(parts)  # (b,) rows of sources.train: this process' slice of each folder's share
         loss = _train_step(model, optimizer, scheduler, accelerator, tokenizer, sources, idx, step, cfg)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         done = step + 1
@@ -429,8 +426,11 @@ def train(cfg: PretrainConfig, data: str | Path | list[str | Path], out: str | P
         if accelerator.is_main_process and (done % cfg.eval_every == 0 or done % 50 == 0):
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _save_checkpoint(accelerator, out, done, time.perf_counter() - t0, cfg.keep_checkpoints)
+        if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            state = {"step": done, "seconds": time.perf_counter() - t0, "config": dataclasses.asdict(cfg)}
+            opt_tensors, state["optimizer"] = optimizer_tensors(optimizer)
+            save_checkpoint(out / "checkpoints", done, {"model": accelerator.unwrap_model(model).state_dict(),
+                                                         "optimizer": opt_tensors}, state, cfg.keep_checkpoints)
     train_seconds = time.perf_counter() - t0
 
     clip = accelerator.unwrap_model(model)
@@ -476,34 +476,25 @@ def _report_long_captions(tokenizer: CLIPTokenizer, data: CaptionedImages, max_l
               f"(longest {max(lengths)}) and get truncated; raise max_length in the config.")
 
 
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    folder = out / "checkpoints"
-    # progress.json is written after save_state: a folder without it is a run killed mid-save.
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*")
-             if (m := CHECKPOINT_RE.match(p.name)) and (p / "progress.json").is_file()]
-    return sorted(found)
+def _accelerate_checkpoints(out: Path) -> list[Path]:
+    """Checkpoint folders of the older format (accelerate save_state, finished with progress.json)."""
+    return sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "progress.json").is_file())
 
 
-def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, seconds: float, keep: int) -> None:
-    """accelerate save_state named by global step (its own counter restarts at 0 on resume)."""
-    path = out / "checkpoints" / f"step_{step:07d}"
-    accelerator.save_state(str(path), safe_serialization=True)
-    if accelerator.is_main_process:
-        (path / "progress.json").write_text(json.dumps({"step": step, "seconds": seconds}))
-        for _, old in _checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
-
-
-def _resume(accelerator: Accelerator, out: Path) -> tuple[int, float]:
-    """Load the latest checkpoint; returns (step, training seconds so far)."""
-    found = _checkpoints(out)
+def _resume(out: Path, model: CLIPModel, optimizer: torch.optim.Optimizer) -> tuple[int, float, Path]:
+    """Load the newest checkpoint's weights and optimizer state; returns (step, training seconds so far, folder)."""
+    found = checkpoints(out / "checkpoints")
+    if not found and _accelerate_checkpoints(out):
+        raise ValueError(f"{out / 'checkpoints'} holds checkpoints of an older pretrain_clip (accelerate save_state, "
+                         "with pickled optimizer and RNG states), which this version does not resume: start a new "
+                         "--out (the exported clip/ and text_encoder/ there still load).")
     if not found:
-        raise ValueError(f"--resume: no checkpoints/step_NNNNNNN folder in {out}; start without --resume.")
+        raise ValueError(f"--resume: no checkpoints/step_NNNNNN folder in {out}; start without --resume.")
     step, path = found[-1]
-    accelerator.load_state(str(path))  # accelerate's loader uses torch.load(weights_only=True): no code runs
-    progress = json.loads((path / "progress.json").read_text())
-    accelerator.print(f"resumed from {path} (step {step})")
-    return step, float(progress["seconds"])
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    state = json.loads((path / "state.json").read_text())
+    load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+    return step, float(state["seconds"]), path
 
 
 # ----------------------------------------------------------------------------- export
@@ -641,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.base_tokenizer = args.tokenizer if args.tokenizer is not None else cfg.base_tokenizer
     cfg.steps = args.steps or cfg.steps
     cfg.batch_size = args.batch_size or cfg.batch_size
-    if not args.resume and _checkpoints(out):
+    if not args.resume and (checkpoints(out / "checkpoints") or _accelerate_checkpoints(out)):
         p.error(f"{out} already has checkpoints: pass --resume to continue, or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     train(cfg, args.data, out, resume=args.resume, cpu=args.cpu)

@@ -54,6 +54,8 @@ class LoadConfig:
     skip_bad: bool = False        # skip (and count) bad samples instead of raising
     verify_images: bool = True    # decode every image once up front, so bad files fail early
     object_masks: bool = False    # also return each object's mask and words (needs the shapes set's `objects`)
+    pick_caption: bool = True     # False: "captions", every phrasing of the row, for a trainer that picks one
+                                  # with its own seeded generator (a prefetching loader runs items ahead of the step)
 
     def __post_init__(self):
         if self.resolution < 1:
@@ -269,7 +271,8 @@ def _caption_problem(caption) -> str | None:
 class CaptionedImages(torch.utils.data.Dataset):
     """Torch dataset over a `datasets.Dataset` of images and captions.
 
-    Item: {"pixel_values": float (3, R, R) in [-1, 1], "caption": str, "index": int (row in `hf`)}; with
+    Item: {"pixel_values": float (3, R, R) in [-1, 1], "caption": str, "index": int (row in `hf`)} ("captions",
+    the row's list of phrasings, instead of "caption" with config.pick_caption off); with
     config.object_masks also "object_masks": float (K, R, R) in [0, 1], the K objects' masks under the same
     resize, crop and flip as the image, and "object_words": per object, the words that name it
     (data.shapes.object_words), for the grounding loss.
@@ -333,9 +336,10 @@ class CaptionedImages(torch.utils.data.Dataset):
             raise ValueError(f"{_describe(row[cfg.image_column], self.rows[i])}: unreadable image "
                              f"({type(e).__name__}: {e})") from e
         caption = row[cfg.caption_column]
-        if isinstance(caption, list | tuple):
+        captions = [caption] if isinstance(caption, str) else list(caption)
+        if cfg.pick_caption:
             # torch RNG: DataLoader seeds it per worker, so workers do not repeat each other's picks
-            caption = caption[int(torch.randint(len(caption), (1,)))]
+            captions = [captions[int(torch.randint(len(captions), (1,)))]]
         source_size = img.size
         img = resize_shorter(img, cfg.resolution)
         box = crop_box(img.size, cfg.resolution, cfg.crop == "random")
@@ -343,8 +347,12 @@ class CaptionedImages(torch.utils.data.Dataset):
         flip = cfg.hflip and bool(torch.rand(()) < 0.5)
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            caption = swap_left_right(caption)
-        item = {"pixel_values": to_tensor(img), "caption": caption, "index": self.rows[i]}
+            captions = [swap_left_right(c) for c in captions]
+        item = {"pixel_values": to_tensor(img), "index": self.rows[i]}
+        if cfg.pick_caption:
+            item["caption"] = captions[0]
+        else:
+            item["captions"] = captions
         if cfg.object_masks:
             item["object_masks"], item["object_words"], item["object_places"] = self._object_masks(
                 row["objects"], source_size, box, flip)
@@ -367,20 +375,6 @@ class CaptionedImages(torch.utils.data.Dataset):
         masks = torch.stack(masks) if masks else torch.zeros(0, R, R)
         places = [place_words(obj["row"], 2 - obj["col"] if flip else obj["col"]) for obj in objects]
         return masks, [object_words(obj) for obj in objects], places
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-    """The rows rank `rank` of `world` reads at `step`: epochs are seeded permutations, read in order.
-
-    Depends only on its arguments, so a resumed run reads exactly the batches it would have read.
-    """
-    start = (step * world + rank) * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return out
 
 
 def load_captioned(source: str | Path, config: LoadConfig = LoadConfig()) -> CaptionedImages:

@@ -23,10 +23,10 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from conditioning.text_encoder import TextEncoder
+from core.precision import inference_dtype
 from diffusion.layout import check_strengths, layout_guide, relation_notes
 from diffusion.limits import MAX_STEPS
 from diffusion.maps import AttentionMaps
-from diffusion.precision import inference_dtype
 from diffusion.prompts import parse_emphasis, token_weights
 from diffusion.sampling import DEFAULT_SAMPLER, guided_model, make_scheduler, sample
 from diffusion.vocabulary import (
@@ -106,7 +106,7 @@ class TextToImagePipeline:
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: str | torch.dtype = "auto") -> "TextToImagePipeline":
         """Load a pipeline folder. dtype: the U-Net's compute type, "auto" (the fastest safe one on this
-        device: bf16 on a CPU with AVX-512 BF16/AMX or a GPU, else fp32; see diffusion/precision.py),
+        device: bf16 on a CPU with AVX-512 BF16/AMX or a GPU, else fp32; see core/precision.py),
         "fp32", "bf16", or a torch.dtype. The text encoder stays fp32 (it runs once per call)."""
         path = Path(path)
         missing = [f"{p}/" for p in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]

@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402 (after the path)
+from core import checkpoints  # noqa: E402
 
 
 def pause_here(marker: Path) -> None:
@@ -38,7 +39,7 @@ def main() -> None:
 
         train.diffusion_loss = loss
     elif kind == "checkpoint":
-        real_save, written = train.save_file, []
+        real_save, written = checkpoints.save_file, []
 
         def save_file(tensors, path, *args, **kwargs):
             if Path(path).parent.name == f".tmp_step_{n:06d}":  # step n's checkpoint, being written
@@ -47,7 +48,7 @@ def main() -> None:
                 written.append(path)
             real_save(tensors, path, *args, **kwargs)
 
-        train.save_file = save_file
+        checkpoints.save_file = save_file
     else:
         raise SystemExit(f"unknown pause point {point!r}: use step:N or checkpoint:N")
     train.main(train_args)

@@ -80,9 +80,9 @@ def test_devices_benchmark_measures_train_py_and_the_pipeline_on_the_cpu(tmp_pat
     data = generate_dataset(tmp_path / "data", ShapesConfig(size=32, seed=0), counts={"train": 8}, workers=1,
                             progress=False)
     tiny_pipeline().save_pretrained(tmp_path / "model")
-    rate, precision = devices.training_rate("cpu", str(tmp_path / "model"), str(data), batch_size=4, steps=2,
-                                            warmup=1, resolution=16, mixed_precision="no")
-    assert rate > 0 and precision == "no"
+    rate, precision, hardware = devices.training_rate("cpu", str(tmp_path / "model"), str(data), batch_size=4,
+                                                      steps=2, warmup=1, resolution=16, mixed_precision="no")
+    assert rate > 0 and precision == "no" and "CPU" in hardware  # as train.py, run as a process, recorded them
     latency, dtype = devices.sampling_latency("cpu", str(tmp_path / "model"), repeats=1)
     assert set(latency) == {"off", "on", "on, every step", "on, layout guidance"}
     assert all(v > 0 for v in latency.values())
@@ -159,12 +159,12 @@ def test_devices_benchmark_of_one_device_adds_its_own_section(tmp_path, monkeypa
     common.write_section("devices", "the CPU's table", "python -m benchmarks.devices")
     latency = {"off": 1.0, "on": 1.1, "on, layout guidance": 1.3}
     monkeypatch.setattr(devices, "sampling_latency", lambda device, model, repeats: (latency, torch.float32))
-    monkeypatch.setattr(devices, "training_rate", lambda device, *a, **k: (123.0, "no"))
+    monkeypatch.setattr(devices, "training_rate", lambda device, *a, **k: (123.0, "no", "2-core CPU (test)"))
     devices.main(["--device", "cpu"])
     text = md.read_text()
     assert "the CPU's table" in text and "<!-- begin devices-cpu -->" in text
     assert "## Training and sampling on the CPU" in text
-    assert "| **123** | 1.00 s | **1.10 s** | 1.30 s | float32 |" in text
+    assert "| 2-core CPU (test) | 64 | fp32 | **123** | 1.00 s | **1.10 s** | 1.30 s | float32 |" in text
 
 
 def test_attention_benchmark_times_ours_in_both_layouts_against_the_seed():

@@ -24,10 +24,9 @@ from transformers import (
 )
 
 from conditioning.imagefolder import CaptionedImages, load_split
-from conditioning.pretrain_clip import add_shapes_phrasings, evaluate, main, retrieval_top1
+from conditioning.pretrain_clip import PRESETS, add_shapes_phrasings, evaluate, main, retrieval_top1
 from conditioning.text_encoder import TextEncoder
 from conditioning.tokenizer import BOS, EOS, UNK, save_clip_tokenizer, train_clip_bpe
-from data.loading import batch_indices
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 90, 225), "yellow": (235, 210, 35)}
 KINDS = ("circle", "square")
@@ -257,13 +256,6 @@ def test_load_split_reads_captions_and_resizes(tmp_path):
         load_split(folder, image_size=8)
 
 
-def test_batch_indices_are_seeded_permutations_across_epochs():
-    seen = torch.tensor([i for s in range(5) for i in batch_indices(10, 4, s, seed=0)])  # 20 = two epochs of 10
-    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
-    assert batch_indices(10, 4, 3, seed=0) == batch_indices(10, 4, 3, seed=0)
-    assert batch_indices(10, 10, 0, seed=0) != batch_indices(10, 10, 0, seed=1)
-
-
 def test_shapes_judge_adds_every_true_phrasing_and_leaves_other_data_alone(tmp_path):
     split = make_caption_folder(tmp_path / "shapes", 1, 0) / "train"
     data = load_split(split, image_size=8)
@@ -321,9 +313,10 @@ def test_pretraining_smoke_run_writes_files_that_load_and_encode(tmp_path, capsy
     for name in ("clip/config.json", "clip/model.safetensors", "clip/vocab.json", "clip/merges.txt",
                  "clip/preprocessor_config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json",
                  "tokenizer/merges.txt", "pretrain_config.json", "retrieval.json", "README.md",
-                 "checkpoints/step_0000003/model.safetensors"):
+                 "checkpoints/step_000003/model.safetensors", "checkpoints/step_000003/optimizer.safetensors",
+                 "checkpoints/step_000003/state.json"):
         assert (out / name).is_file(), name
-    assert not list(out.rglob("*.bin")) or all(p.parent.parent.name == "checkpoints" for p in out.rglob("*.bin"))
+    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pkl", ".pt")]  # no pickles, checkpoints too
     assert "retrieval top-1 among 4" in capsys.readouterr().out
 
     enc = TextEncoder.from_pretrained(str(out))
@@ -337,19 +330,24 @@ def test_pretraining_smoke_run_writes_files_that_load_and_encode(tmp_path, capsy
     # resume continues from the step-3 checkpoint instead of starting over
     main(["--data", str(data), "--out", str(out), "--resume", "--steps", "4", "--cpu"])
     assert "resumed from" in capsys.readouterr().out
-    assert (out / "checkpoints" / "step_0000004").is_dir()
+    assert (out / "checkpoints" / "step_000004").is_dir()
     assert json.loads((out / "retrieval.json").read_text())["steps"] == 4
 
 
-def test_resume_ignores_a_checkpoint_killed_mid_save(tmp_path):
-    from conditioning.pretrain_clip import _checkpoints
-
-    for step, finished in ((100, True), (200, False)):  # step 200: save_state was interrupted
-        folder = tmp_path / "checkpoints" / f"step_{step:07d}"
-        folder.mkdir(parents=True)
-        if finished:
-            (folder / "progress.json").write_text('{"step": 100, "seconds": 1.0}')
-    assert [s for s, _ in _checkpoints(tmp_path)] == [100]
+def test_resume_refuses_checkpoints_of_the_older_accelerate_format_and_says_what_to_do(tmp_path):
+    data = make_caption_folder(tmp_path / "data", 12, 8)
+    out = tmp_path / "run"
+    old = out / "checkpoints" / "step_0000100"  # accelerate save_state, as pretrain_clip wrote before
+    old.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+        (old / name).write_bytes(b"")
+    (old / "progress.json").write_text('{"step": 100, "seconds": 1.0}')
+    (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(PRESETS["tiny"])))
+    save_clip_tokenizer(train_clip_bpe(CAPTIONS, vocab_size=300), out / "tokenizer")
+    with pytest.raises(ValueError, match="older pretrain_clip .* start a new --out"):
+        main(["--data", str(data), "--out", str(out), "--resume", "--cpu"])
+    with pytest.raises(SystemExit):  # without --resume: the folder is taken
+        main(["--data", str(data), "--out", str(out), "--cpu"])
 
 
 # ----------------------------------------------------------------------------- several folders, a grown tokenizer
@@ -374,7 +372,7 @@ def make_clipart_folder(root: Path, n_train: int, n_heldout: int) -> Path:
 
 
 def test_sources_share_every_batch_by_weight_and_read_their_own_rows(tmp_path):
-    from conditioning.pretrain_clip import PRESETS, load_sources
+    from conditioning.pretrain_clip import load_sources
 
     art, shapes = make_clipart_folder(tmp_path / "art", 6, 4), make_caption_folder(tmp_path / "shapes", 10, 4)
     cfg = dataclasses.replace(PRESETS["tiny"], batch_size=8, data_weights=(0.75, 0.25), augment=(True, False))
@@ -382,19 +380,22 @@ def test_sources_share_every_batch_by_weight_and_read_their_own_rows(tmp_path):
     assert sources.augment.tolist() == [True] * 6 + [False] * 10 and sources.mirror_ok.all()
     assert sources.names == ["art", "shapes"] and sources.sizes == [6, 10] and sources.shares == [6, 2]
     assert list(sources.val) == ["art", "shapes"] and len(sources.val["art"]) == 4  # heldout read as validation
-    seen = set()
-    for step in range(3):
-        rows = sources.batch(step, seed=0).tolist()
-        assert len(rows) == 8 and all(r < 6 for r in rows[:6]) and all(6 <= r < 16 for r in rows[6:])
-        seen.update(rows[:6])
-        assert rows == sources.batch(step, seed=0).tolist()  # a resumed run reads the same rows
-    assert seen == set(range(6))  # each folder walks whole epochs of its own rows
+    def rows(sources, steps, skip=0):
+        loaders = [iter(dl) for dl in sources.loaders(steps, seed=0)]
+        for _ in range(skip):
+            [next(dl) for dl in loaders]
+        return [torch.cat([next(dl) for dl in loaders]).tolist() for _ in range(skip, steps)]
+
+    batches = rows(sources, 3)
+    for batch in batches:
+        assert len(batch) == 8 and all(r < 6 for r in batch[:6]) and all(6 <= r < 16 for r in batch[6:])
+    assert {r for batch in batches for r in batch[:6]} == set(range(6))  # each folder walks whole passes of its rows
+    assert rows(sources, 3) == batches and rows(sources, 3, skip=1) == batches[1:]  # a resumed run reads the same
+    assert rows(sources, 5)[:3] == batches  # a longer run reads the shorter one's batches first
     assert sources.train.texts[6] == "a red circle"
-    # no weights: shares in proportion to the folders' sizes; one folder reads what it always read
+    # no weights: shares in proportion to the folders' sizes
     even = load_sources([art, shapes], dataclasses.replace(cfg, data_weights=()))
     assert even.shares == [3, 5]
-    one = load_sources([shapes], dataclasses.replace(cfg, data_weights=(), augment=()))
-    assert one.batch(2, seed=0).tolist() == batch_indices(10, 8, 2, seed=0)
     with pytest.raises(ValueError, match="one per folder"):
         load_sources([art], cfg)
 
@@ -418,7 +419,7 @@ def test_zoom_out_keeps_the_whole_drawing_on_white_and_mirrors_only_where_allowe
 
 
 def test_a_grown_tokenizer_keeps_the_old_ids_and_reads_common_words_whole(tokenizer, tmp_path):
-    from conditioning.pretrain_clip import PRESETS, make_tokenizer
+    from conditioning.pretrain_clip import make_tokenizer
 
     save_clip_tokenizer(tokenizer, tmp_path / "base")
     cfg = dataclasses.replace(PRESETS["tiny"], base_tokenizer=str(tmp_path / "base"), min_word_count=2)
@@ -455,7 +456,7 @@ def test_clipart_training_path_runs_on_two_folders_and_resumes_exactly(tokenizer
     straight = load_file(out / "clip" / "model.safetensors")
 
     # kill after step 2: the step-4 checkpoint is gone; resuming must give the very same weights
-    shutil.rmtree(out / "checkpoints" / "step_0000004")
+    shutil.rmtree(out / "checkpoints" / "step_000004")
     main(["--data", str(art), str(shapes), "--out", str(out), "--resume", "--cpu"])
     assert "resumed from" in capsys.readouterr().out
     resumed = load_file(out / "clip" / "model.safetensors")

@@ -85,6 +85,17 @@ def test_generated_shapes_set_all_splits_and_caption_lists(shapes_folder):
     assert len(load_captioned(shapes_folder)) == 12  # default split train, caption column "text"
 
 
+def test_without_picking_an_item_lists_every_phrasing_and_draws_no_random_number(shapes_folder):
+    meta = [json.loads(x) for x in (shapes_folder / "train" / "metadata.jsonl").read_text().splitlines()]
+    ds = load_captioned(shapes_folder, LoadConfig(caption_column="captions", pick_caption=False))
+    state = torch.get_rng_state()
+    item = ds[3]
+    assert torch.equal(torch.get_rng_state(), state)  # a prefetching loader may fetch it ahead of its step
+    assert item["captions"] == meta[item["index"]]["captions"] and "caption" not in item
+    plain = load_captioned(shapes_folder, LoadConfig(pick_caption=False))  # a plain string column: a list of one
+    assert plain[3]["captions"] == [meta[plain[3]["index"]]["text"]]
+
+
 def test_regenerated_or_moved_folder_is_not_served_from_a_stale_cache(tmp_path):
     counts = {"train": 4, "validation": 0, "test": 0, "heldout": 0}
     folder = tmp_path / "set"

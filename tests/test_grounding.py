@@ -1,6 +1,7 @@
 """Grounding: object masks travel with the image through the loader, words find the objects they name,
 and the loss pulls a word's cross-attention onto its object."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -277,10 +278,9 @@ def test_training_with_grounding_needs_and_uses_object_masks(tmp_path, shapes):
                 "--ground-relations", "--out", str(tmp_path / "p")])
     state = (train.checkpoints(tmp_path / "p" / "checkpoints")[-1][1] / "state.json").read_text()
     assert '"ground_positions": true' in state and '"ground_relations": true' in state
-    logs = []
-    train.train(train.parse_args([*common, "--data", str(shapes / "train"), "--caption-column", "captions",
-                                  "--relation-weight", "0.1", "--out", str(tmp_path / "q")]),
-                on_step=lambda done, step_logs: logs.append(step_logs))
+    train.main([*common, "--data", str(shapes / "train"), "--caption-column", "captions", "--relation-weight", "0.1",
+                "--out", str(tmp_path / "q")])
+    logs = [json.loads(line) for line in (tmp_path / "q" / "metrics.jsonl").read_text().splitlines()]
     assert [set(step) >= {"relation", "grounding_token"} and step["relation"] >= 0 for step in logs] == [True, True]
     assert '"relation_weight": 0.1' in (train.checkpoints(tmp_path / "q" / "checkpoints")[-1][1]
                                          / "state.json").read_text()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.precision import cpu_has_fast_bf16, inference_dtype
 from diffusion.maps import normalize_maps, overlay
 from diffusion.pipeline import TextToImagePipeline
-from diffusion.precision import cpu_has_fast_bf16, inference_dtype
 from diffusion.prompts import parse_emphasis
 from diffusion.sampling import SAMPLERS, guided_model
 from tests.tiny import tiny_pipeline

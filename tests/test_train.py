@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 import train
-from data.loading import batch_indices
+from core import checkpoints as ckpt
 from data.shapes import ShapesConfig, generate_dataset
 from diffusion.pipeline import TextToImagePipeline
 from tests.tiny import randomize_, tiny_pipeline
@@ -171,14 +172,14 @@ def test_a_process_killed_mid_run_and_mid_checkpoint_resumes_to_the_same_weights
 
 def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint_and_says_so(setup, straight, monkeypatch, capsys):
     out = setup / "full-disk"
-    real_save = train.save_file
+    real_save = ckpt.save_file
 
     def disk_fills_at_step_4(tensors, path, *a, **kw):
         if ".tmp_step_000004" in str(path) and path.name != "unet.safetensors":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_save(tensors, path, *a, **kw)
 
-    monkeypatch.setattr(train, "save_file", disk_fills_at_step_4)
+    monkeypatch.setattr(ckpt, "save_file", disk_fills_at_step_4)
     with pytest.raises(SystemExit) as stopped:
         train.main(args(setup, out, "--steps", "4"))
     message = str(stopped.value.code)
@@ -189,7 +190,7 @@ def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint_and_says_so(set
     assert [s for s, _ in train.checkpoints(out / "checkpoints")] == [2]
     assert not list((out / "checkpoints").glob(".tmp_step_*"))  # no half checkpoint takes up the space
     # intact: the run resumes from it, once there is room, and ends as if nothing had happened
-    monkeypatch.setattr(train, "save_file", real_save)
+    monkeypatch.setattr(ckpt, "save_file", real_save)
     train.main(args(setup, out, "--steps", "4"))
     assert "resuming from" in capsys.readouterr().out
     assert_same_weights(straight, out)
@@ -234,7 +235,7 @@ def test_from_scratch_trains_at_the_presets_size_on_a_frozen_text_encoder(setup)
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):
-    train.save_checkpoint(tmp_path, 5, {"unet": {"w": torch.ones(2)}}, {"step": 5}, keep=3)
+    ckpt.save_checkpoint(tmp_path, 5, {"unet": {"w": torch.ones(2)}}, {"step": 5}, keep=3)
     (tmp_path / ".tmp_step_000007").mkdir()  # a run killed while writing step 7
     (tmp_path / "step_000009").mkdir()  # no state.json: never finished
     assert [s for s, _ in train.checkpoints(tmp_path)] == [5]
@@ -242,16 +243,62 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
 
 def test_keep_last_k(tmp_path):
     for step in (1, 2, 3, 4):
-        train.save_checkpoint(tmp_path, step, {"unet": {"w": torch.full((1,), float(step))}}, {"step": step}, keep=2)
+        ckpt.save_checkpoint(tmp_path, step, {"unet": {"w": torch.full((1,), float(step))}}, {"step": step}, keep=2)
     assert [s for s, _ in train.checkpoints(tmp_path)] == [3, 4]
 
 
-def test_lr_schedule():
-    cfg = train.TrainConfig(lr=1e-3, warmup=10, steps=110)
-    assert train.get_lr(0, cfg) == pytest.approx(1e-4)
-    assert train.get_lr(9, cfg) == pytest.approx(1e-3)
-    assert train.get_lr(110, cfg) == pytest.approx(1e-4)
-    assert train.get_lr(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.45))
+def old_get_lr(step: int, lr: float, warmup: int, steps: int) -> float:
+    """train.py's hand-written schedule before transformers' took its place: what it must still give."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def scheduled_lrs(peaks: list[float], warmup: int, steps: int, done: int = 0) -> list[list[float]]:
+    """Each param group's rate at steps done, done + 1, … steps - 1, as train.py runs the schedule."""
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": peak} for peak in peaks]
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = ckpt.lr_schedule(optimizer, warmup, steps, done=done, min_lr_rate=0.1)
+    rates = []
+    for _ in range(done, steps):
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_lr_schedule_is_the_old_formula_for_every_group_and_resumes_from_the_step():
+    peaks, warmup, steps = [1e-3, 2e-4, 5e-3], 10, 110  # U-Net, text body, embeddings
+    rates = scheduled_lrs(peaks, warmup, steps)
+    for step in (10, 11, 30, 60, 109):  # after warmup: the old values exactly, each group at its own peak
+        for peak, rate in zip(peaks, rates[step], strict=True):
+            assert rate == pytest.approx(old_get_lr(step, peak, warmup, steps), rel=1e-12)
+    assert rates[60][0] == pytest.approx(1e-3 * (0.1 + 0.45))
+    assert rates[109][0] == pytest.approx(1e-4, rel=1e-2)  # ~10% of the peak at the end
+    # warmup: transformers' ramp starts at 0, one step behind the old (step + 1) / warmup
+    for step in (0, 5, 9):
+        assert rates[step][0] == pytest.approx(old_get_lr(step - 1, 1e-3, warmup, steps) if step else 0.0)
+    # rebuilt at a resumed run's step, it carries on exactly where the uninterrupted schedule is
+    assert scheduled_lrs(peaks, warmup, steps, done=57) == rates[57:]
+
+
+def test_a_checkpoint_of_the_hand_written_schedule_resumes_on_this_runs_peaks(tmp_path):
+    """Checkpoints written before lr_schedule (runs in progress) carry each group's peak as "peak_lr" and the
+    decayed rate as "lr": on resume the rate comes from the schedule at the step, never from the file."""
+    params = [torch.nn.Parameter(torch.ones(2))]
+    old = torch.optim.AdamW([{"params": params, "peak_lr": 1e-3}], lr=1e-3)
+    params[0].grad = torch.ones(2)
+    old.step()
+    old.param_groups[0]["lr"] = 3.3e-4  # what get_lr had set at that step
+    tensors, meta = ckpt.optimizer_tensors(old)
+    meta = json.loads(json.dumps(meta))
+    new = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(2))], "lr": 1e-3}])
+    ckpt.load_optimizer(new, tensors, meta)
+    scheduler = ckpt.lr_schedule(new, 10, 110, done=60, min_lr_rate=0.1)
+    assert "peak_lr" not in new.param_groups[0] and new.param_groups[0]["initial_lr"] == 1e-3
+    assert scheduler.get_last_lr()[0] == pytest.approx(old_get_lr(60, 1e-3, 10, 110))
+    torch.testing.assert_close(new.state_dict()["state"][0]["exp_avg"], old.state_dict()["state"][0]["exp_avg"])
 
 
 def test_snr_floor_keeps_the_noisiest_steps_trained():
@@ -269,12 +316,21 @@ def test_snr_floor_keeps_the_noisiest_steps_trained():
         train.TrainConfig(snr_floor=2)
 
 
-def test_batches_cover_the_data_and_differ_by_rank():
-    seen = [i for step in range(6) for i in batch_indices(12, 4, step, seed=0, rank=0, world=1)]
-    assert sorted(seen[:12]) == list(range(12)) and sorted(seen[12:]) == list(range(12))
-    r0 = batch_indices(12, 4, 0, seed=0, rank=0, world=2)
-    r1 = batch_indices(12, 4, 0, seed=0, rank=1, world=2)
-    assert not set(r0) & set(r1)
+def test_batches_walk_seeded_passes_over_the_data_and_a_resume_reads_on_where_it_stopped():
+    from accelerate import Accelerator
+
+    from core.loader import shuffled_loader
+
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare_data_loader(shuffled_loader(range(12), 4, 6 * 4, seed=0), device_placement=False)
+    seen = [b.tolist() for b in loader]
+    flat = sum(seen, [])
+    assert len(seen) == 6 and sorted(flat[:12]) == list(range(12)) and sorted(flat[12:]) == list(range(12))
+    assert flat[:12] != flat[12:]  # each pass is a fresh permutation
+    again = accelerator.prepare_data_loader(shuffled_loader(range(12), 4, 6 * 4, seed=0), device_placement=False)
+    assert [b.tolist() for b in accelerator.skip_first_batches(again, 4)] == seen[4:]
+    other = accelerator.prepare_data_loader(shuffled_loader(range(12), 4, 6 * 4, seed=1), device_placement=False)
+    assert [b.tolist() for b in other] != seen
 
 
 def test_bad_input_fails_before_any_compute(setup):
@@ -316,11 +372,15 @@ def test_shapes_data_is_generated_once_into_cache(tmp_path, monkeypatch):
     assert train.resolve_data(train.TrainConfig(data="my_folder")) == "my_folder"
 
 
-def test_on_step_hears_every_step_with_its_logs(setup):
-    heard = []
-    cfg = train.parse_args(args(setup, setup / "on_step", "--steps", "2"))
-    train.train(cfg, on_step=lambda done, logs: heard.append((done, sorted(logs))))
-    assert heard == [(1, ["images_per_s", "loss", "lr"]), (2, ["images_per_s", "loss", "lr"])]
+def test_each_step_is_logged_to_metrics_jsonl(setup):
+    out = setup / "metrics"
+    train.main(args(setup, out, "--steps", "2"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["images_per_s"] > 0 for r in rows)
+    assert sorted(rows[0]) == ["images_per_s", "loss", "lr", "step"]
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1e-3)  # warmup 1: 0, then the peak
+    state = json.loads((out / "checkpoints" / "step_000002" / "state.json").read_text())
+    assert state["precision"] == "no"
 
 
 def test_a_checkpoint_of_the_unfused_optimizer_resumes_on_the_fused_kernel():
@@ -333,14 +393,15 @@ def test_a_checkpoint_of_the_unfused_optimizer_resumes_on_the_fused_kernel():
         for p in params:
             p.grad = torch.randn_like(p)
         old.step()
-    tensors, meta = train.optimizer_tensors(old)
+    tensors, meta = ckpt.optimizer_tensors(old)
     tensors = {k: v.clone() for k, v in tensors.items()}  # as read back from the checkpoint's file
     meta = json.loads(json.dumps(meta))  # and its state.json
     assert meta["param_groups"][0]["fused"] is None
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     new = torch.optim.AdamW(copies, lr=0.5, weight_decay=0.0, fused=True)
-    train.load_optimizer(new, tensors, meta)
-    assert new.param_groups[0]["fused"] is True and new.param_groups[0]["lr"] == 0.01
+    new.param_groups[0]["lr"] = 0.01  # this run's rate is kept (lr_schedule sets it from the step)
+    ckpt.load_optimizer(new, tensors, meta)
+    assert new.param_groups[0]["fused"] is True and new.param_groups[0]["weight_decay"] == 0.1
     grads = [torch.randn_like(p) for p in params]
     for opt, ps in ((old, params), (new, copies)):
         for p, g in zip(ps, grads, strict=True):

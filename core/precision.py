@@ -1,4 +1,5 @@
-"""Which floating-point type to run in, chosen from the hardware at run time.
+"""Which floating-point type to run in, chosen from the hardware at run time: the one decision, for sampling
+(`inference_dtype`) and for training under accelerate (`mixed_precision`).
 
 On a CPU with AVX-512 BF16 or AMX, bf16 convolutions and matmuls run 2–2.5× faster than fp32; on a CPU
 without them bf16 is 2–38× *slower* (PITFALLS.md), and fp16 on any CPU is ~60× slower. A Space's CPU
@@ -45,3 +46,11 @@ def inference_dtype(device: torch.device | str, requested: str = "auto") -> torc
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def mixed_precision(cpu: bool = False) -> str:
+    """accelerate's `mixed_precision` for training: bf16 on a GPU that supports it (else fp16), bf16 on a CPU
+    with fast bf16, else "no" (fp32). `cpu`: the run stays on the CPU even where a GPU is present."""
+    if torch.cuda.is_available() and not cpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "no"
