@@ -17,7 +17,8 @@ Named API endpoints (gradio_client): `generate` (samples + seed), then, in the s
 `attention` (per-word overlays, per-head maps of one word, the layer × word grid), `self_attention` (where one
 pixel looked, per self-attention layer) and `export_maps` (a zip of PNG + npz + JSON); `word_maps` does it in one
 call (a sample, its word overlays and where each word looked, as numbers), for agents and scripts that keep no
-session: it is the MCP tool at /gradio_api/mcp/ (see "agents" below).
+session: it is the MCP tool at /gradio_api/mcp/ (see "agents" below). `compare` runs the same seeds through two
+models or two prompts and returns both rows of samples and the first image's word maps aligned word by word.
 
 A public Space runs for weeks, for strangers and their scripts: every parameter is checked in one place
 (`validated`, with the limits of diffusion/limits.py) and a bad one gets an error naming it and what is
@@ -134,6 +135,11 @@ CHECKS: dict[str, Check] = {
     "word": Text(MAX_NAME_CHARS),
     "self_attention": Flag(),
     "model": Text(MAX_NAME_CHARS),  # which of the served models: build_demo checks the name against them
+    # The Compare tab: two models (checked against the served ones like model) or two prompts, the same seeds.
+    "model_a": Text(MAX_NAME_CHARS),
+    "model_b": Text(MAX_NAME_CHARS),
+    "prompt_b": Prompt(MAX_PROMPT_CHARS),  # "": the first prompt
+    "compare_image": Whole(0, MAX_IMAGES - 1, " (0 is the first image)"),  # and below the comparison's count
 }
 # Bounds that follow the session's last run (its images, timestep bins, layers, heads and size): made per call
 # from its maps and the values checked before them (a layer's head count).
@@ -148,7 +154,7 @@ RUN_CHECKS: dict[str, Callable[[AttentionMaps, dict], Check]] = {
                                                                  "image)"),
 }
 RUN = "result"  # the session's last GenerationResult: a handler that reads it needs its maps
-TRUSTED = {"pipe", "progress", "evt"}  # set by the app or by Gradio, never by a client
+TRUSTED = {"pipe", "pipes", "comparison", "progress", "evt"}  # set by the app or by Gradio, never by a client
 NO_MAPS = ("No maps in this session: generate images first. The explorer shows the session's last run; its "
            "maps are released when the session ends, some time after the run, or when the server needs the room.")
 
@@ -413,6 +419,164 @@ def word_maps_report(pipe: TextToImagePipeline, prompt: str, negative_prompt: st
     return render.upscale(result.images[0]), render.word_strip(result), summary
 
 
+# -- comparing two models or two prompts ----------------------------------------------------------------------
+NO_COMPARISON = ("No comparison in this session: press Compare first. Its maps are released when the session ends, "
+                 "some time after the run, or when the server needs the room.")
+
+
+@on_torch_thread
+@validated
+def compare_runs(pipes: tuple[TextToImagePipeline, TextToImagePipeline], model_a: str, model_b: str, prompt: str,
+                 prompt_b: str, steps: int, guidance: float, seed: int, sampler: str, num_images: int,
+                 normalization: str, progress: gr.Progress | None = None) -> tuple:
+    """Sample the same seeds on side A (pipes[0], prompt) and side B (pipes[1], prompt_b, "" for the same prompt).
+
+    Returns the two rows of samples, the first image's aligned word maps and differences with their note
+    (render.comparison_view), and the render.Comparison for other images and normalisations."""
+    progress = progress or (lambda *args, **kwargs: None)
+    prompts = (prompt, prompt_b if prompt_b.strip() else prompt)
+    runs = []
+    for k, (pipe, text) in enumerate(zip(pipes, prompts, strict=True)):
+        def on_step(step: int, timestep: int, total: int, k: int = k) -> None:
+            progress((k * total + step, 2 * total), desc=f"Sampling side {'AB'[k]}", unit="steps")
+
+        runs.append(pipe(text, num_images=num_images, steps=steps, guidance_scale=guidance, seed=seed, sampler=sampler,
+                         record_attention=True, callback=on_step, attention_bins=TIME_BINS,
+                         relation_guidance=RELATION_GUIDANCE, object_guidance=OBJECT_GUIDANCE))
+    # Each side is named by what differs: the model, the prompt, or both.
+    labels = [" · ".join(([m] if model_a != model_b else []) + ([f'"{t}"'] if prompts[0] != prompts[1] else []))
+              or m for m, t in zip((model_a, model_b), prompts, strict=True)]
+    comparison = render.Comparison(*runs, *labels)
+    rows = [[(render.upscale(im), f"{side} · seed {s}") for im, s in zip(r.images, r.seeds, strict=True)]
+            for side, r in zip("AB", runs, strict=True)]
+    for side, r in zip("AB", runs, strict=True):
+        for warning in r.warnings:
+            gr.Warning(f"{side}: {warning}")
+    grid, note = render.comparison_view(comparison, 0, normalization)
+    return *rows, grid, note, comparison
+
+
+def live_comparison(comparison) -> render.Comparison:
+    """The session's comparison with its maps, or InvalidInput saying to compare first."""
+    if not isinstance(comparison, render.Comparison) or comparison.a.attention is None or \
+            comparison.b.attention is None:
+        raise InvalidInput(NO_COMPARISON)
+    return comparison
+
+
+@on_torch_thread
+@validated
+def render_comparison(comparison: render.Comparison, compare_image: int, normalization: str) -> tuple:
+    """Another image or normalisation of the session's comparison: the aligned word-map grid and its note."""
+    return render.comparison_view(live_comparison(comparison), compare_image, normalization)
+
+
+@validated
+def comparison_images(comparison: render.Comparison) -> dict:
+    """The image selector's choices for a new comparison (its count and seeds), on the first image."""
+    seeds = live_comparison(comparison).a.seeds
+    return gr.update(choices=[(f"image {i + 1} · seed {s}", i) for i, s in enumerate(seeds)], value=0)
+
+
+def build_compare_tab(pipe_for: Callable[[str], TextToImagePipeline], model_names: Callable[[], list[str]],
+                      budget: MapsBudget, cache: CacheKeeper, settings: Settings) -> None:
+    """The Compare tab, inside build_demo's Blocks: the same seeds on two models (base vs fine-tuned) or two
+    prompts on one (change one word), both rows of samples, and per image their word maps aligned word by word
+    with the difference of each shared word's maps. Models are looked up when a request comes (pipe_for), and
+    the selectors' choices refreshed from model_names() when the tab opens: models added later appear."""
+    names = model_names()
+    with gr.Tab("Compare", elem_id="compare-tab") as tab:
+        gr.Markdown("The same prompt and seeds on two models, or two prompts on one model (change one word, keep "
+                    "the seed): both rows of samples, then per image where each word looked in A and in B, in the "
+                    "same column for a word of both prompts, and the difference of the two maps.",
+                    elem_classes="small-note")
+        comparison = gr.State(None, time_to_live=settings.session_ttl_s,
+                              delete_callback=lambda c: [budget.release(r) for r in (c.a, c.b)] if c else None)
+        with gr.Row():
+            with gr.Column():
+                model_a = gr.Dropdown(names, value=names[0], label="A drawn by", elem_id="compare-model-a")
+                prompt = gr.Textbox(label="Prompt A", max_lines=2, elem_id="compare-prompt-a")
+            with gr.Column():
+                model_b = gr.Dropdown(names, value=names[-1], label="B drawn by", elem_id="compare-model-b")
+                prompt_b = gr.Textbox(label="Prompt B", max_lines=2, placeholder="empty: prompt A",
+                                      elem_id="compare-prompt-b", info="Empty: A's prompt (compare two models).")
+        with gr.Row():
+            steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+            guidance = gr.Slider(0, MAX_GUIDANCE, value=4.0, step=0.5, label="Guidance scale")
+            seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
+            sampler = gr.Dropdown(sorted(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
+            num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
+            run = gr.Button("Compare", variant="primary", min_width=110)
+        samples_a = gr.Gallery(label="A", columns=MAX_IMAGES, height="auto", format="png", object_fit="contain",
+                               allow_preview=False, elem_classes="pixelated", elem_id="compare-samples-a")
+        samples_b = gr.Gallery(label="B (same seeds)", columns=MAX_IMAGES, height="auto", format="png",
+                               object_fit="contain", allow_preview=False, elem_classes="pixelated",
+                               elem_id="compare-samples-b")
+        with gr.Row():
+            image = gr.Dropdown([(f"image {i + 1}", i) for i in range(MAX_IMAGES)], value=0, label="Compare image")
+            normalization = gr.Radio([(label, value) for value, label in NORMALIZATION_LABELS.items()],
+                                     value="absolute", label="Normalisation (both rows alike)", scale=3)
+        note = gr.Markdown(elem_id="compare-note")
+        grid = gr.Image(label="Word maps: A, B and A − B", format="png", interactive=False, elem_classes="pixelated",
+                        buttons=["download", "fullscreen"], elem_id="compare-grid")
+
+    @session_tool  # it keeps the comparison in the session (agents share one over MCP)
+    @functools.partial(with_limits, checks={**CHECKS, "model_a": Choice(tuple(names)),
+                                            "model_b": Choice(tuple(names))})
+    def compare(prompt: str, prompt_b: str, model_a: str, model_b: str, steps: int, guidance: float, seed: int,
+                sampler: str, num_images: int, normalization: str, progress=gr.Progress()):  # noqa: B008
+        """Generate images from the same seeds with two models, or two prompts on one model, and show where each
+        word looked in both, word by word: a word of both prompts in one column, with the difference of its two
+        maps.
+
+        Args:
+            prompt: side A's prompt, e.g. "a red circle"; {prompt}.
+            prompt_b: side B's prompt, e.g. "a blue circle", "" for A's (to compare two models); {prompt_b}.
+            model_a: which of the served models draws side A; {model_a}.
+            model_b: which of the served models draws side B; {model_b}.
+            steps: denoising steps, 20 is a good start; {steps}.
+            guidance: classifier-free guidance scale, 4 is a good start; {guidance}.
+            seed: the random seed of both sides; image i uses seed + i; {seed}.
+            sampler: the sampling method; {sampler}.
+            num_images: how many images per side; {num_images}.
+            normalization: "absolute" (both rows on one scale), "minmax" (each word's map on its own) or "tokens"
+                (which word wins each pixel); {normalization}.
+
+        Returns:
+            side A's samples, side B's samples (256-pixel PNGs captioned with their seeds), the first image's word
+            maps (rows A, B and A − B, a column per word), and a note on what is shown and which words moved most.
+        """
+        pipes = []
+        for name, value in (("model_a", model_a), ("model_b", model_b)):
+            try:
+                pipes.append(pipe_for(value))
+            except gr.Error as e:
+                raise gr.Error(f"{name}: {e.message}", print_exception=False) from e
+        shown = [m if isinstance(m, str) and m else model_names()[0] for m in (model_a, model_b)]
+        *out, kept = compare_runs(tuple(pipes), *shown, prompt, prompt_b, steps, guidance, seed, sampler,
+                                  num_images, normalization, progress=progress)
+        cache.sweep()
+        for run_ in (kept.a, kept.b):
+            budget.hold(run_)
+        return *out, kept
+
+    def refresh_models(model_a: str, model_b: str) -> tuple:
+        """The selectors offer the models served now (some may have been added since the page loaded)."""
+        now = model_names()
+        return tuple(gr.update(choices=now, value=v if v in now else now[0]) for v in (model_a, model_b))
+
+    raw = {"preprocess": False}
+    light = {"concurrency_id": "explorer", "concurrency_limit": 2, "show_progress": "minimal", **raw}
+    compared = gr.on([run.click, prompt.submit, prompt_b.submit], compare,
+                     [prompt, prompt_b, model_a, model_b, steps, guidance, seed, sampler, num_images, normalization],
+                     [samples_a, samples_b, grid, note, comparison], api_name="compare", concurrency_id="sampling",
+                     **raw)
+    compared.success(comparison_images, [comparison], image, api_visibility="private", **raw)
+    gr.on([image.input, normalization.input], render_comparison, [comparison, image, normalization], [grid, note],
+          api_visibility="private", **light)
+    tab.select(refresh_models, [model_a, model_b], [model_a, model_b], api_visibility="private", **raw)
+
+
 def maps_gallery(label: str, columns: int, **kwargs) -> gr.Gallery:
     """A gallery of 256 px overlays: fixed columns (a 2-word prompt must not blow maps up), exact PNG pixels."""
     return gr.Gallery(label=label, columns=columns, fit_columns=False, height="auto", format="png",
@@ -560,6 +724,7 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
                                               info="Each layer's position × position maps: about 10× the size")
                     export = gr.Button("Export maps (zip)")
                     download = gr.File(label="Download")
+        build_compare_tab(pipe_for, lambda: list(models), budget, cache, settings)
         # word_maps has no UI of its own: its outputs are hidden, and only API clients and agents call it.
         with gr.Column(visible=False):
             agent_run = gr.Button("word maps")

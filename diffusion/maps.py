@@ -106,9 +106,10 @@ class AttentionMaps:
 
     def word_maps(self, image: int, layer: str | None = None, bins: list[int] | None = None,
                   head: int | None = None, negative: bool = False, include_special: bool = False,
-                  normalize: str = "minmax") -> dict[str, torch.Tensor]:
+                  normalize: str | None = "minmax") -> dict[str, torch.Tensor]:
         """{word: (H, W) map}; sub-tokens of a word are summed. include_special adds <start>/<end>,
-        which soak up most attention in CLIP-conditioned models (hidden by default)."""
+        which soak up most attention in CLIP-conditioned models (hidden by default). normalize=None keeps the
+        attention probabilities as they are (to normalise two runs' maps together)."""
         row = self._row(image, negative)
         maps = self.token_maps(image, layer, bins, head, negative)  # (L, H, W)
         words, ids = self.encoding.words[row], self.encoding.word_ids[row]
@@ -121,7 +122,7 @@ class AttentionMaps:
                 out[key] = out.get(key, 0) + maps[i]
         if include_special and len(ids) > 1 and ids[-1] is None:
             out[END] = maps[len(ids) - 1]
-        return normalize_maps(out, normalize)
+        return out if normalize is None else normalize_maps(out, normalize)
 
     def self_attention(self, image: int, layer: str, pixel: tuple[int, int], bins: list[int] | None = None,
                        normalize: str = "minmax") -> torch.Tensor:

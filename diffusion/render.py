@@ -6,9 +6,18 @@ or −1 (`MEAN_HEADS`: their mean), a normalisation of diffusion/maps.py. `map_o
 AttentionMaps' arguments; `word_views` and `self_attention_views` return galleries of (overlay, caption) and a
 line saying what is shown. Samples are 16–32 px: everything is shown nearest-upscaled to `DISPLAY` pixels
 (`upscale`), and a click on such a picture maps back to a sample pixel (`display_to_pixel`).
+
+Two runs with the same seeds (two models, or two prompts on one model) are compared word by word: `align_words`
+puts a word of both prompts in one column, `compared_maps` normalises the two runs' word maps together, and
+`comparison_view` draws rows A, B and their difference, with a line on which shared words moved most.
 """
 
+import re
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from diffusion.maps import AttentionMaps, display_size, normalize_maps, overlay
@@ -176,3 +185,193 @@ def display_to_pixel(point: tuple[int, int], image_size: tuple[int, int], size: 
     dw, dh = display_size((W, H), size)
     x, y = point
     return min(H - 1, int(y * H / dh)), min(W - 1, int(x * W / dw))
+
+
+# -- comparing two runs -----------------------------------------------------------------------------------------
+# A diverging colormap for differences (ColorBrewer's RdBu, 5 control points, blue → white → red) in 256 entries.
+_RDBU = np.array([[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]], np.float32)
+DIVERGING = np.stack([np.interp(np.linspace(0, 4, 256), np.arange(5), _RDBU[:, c]) for c in range(3)], 1)
+MOVED_WORDS = 3  # the summary line names this many shared words, the most moved first
+
+
+@dataclass
+class Comparison:
+    """Two runs with the same seeds, and what each side is called in the pictures ("base", "a red circle")."""
+
+    a: GenerationResult
+    b: GenerationResult
+    label_a: str
+    label_b: str
+
+
+def word_text(label: str) -> str:
+    """A word map's label without its repeat number: "a #2" → "a"."""
+    return re.sub(r" #\d+$", "", label)
+
+
+def align_words(a: list[str], b: list[str]) -> list[tuple[str | None, str | None]]:
+    """Two prompts' word labels in columns: (label in A, label in B), None where one prompt lacks the word.
+
+    The words of both are a longest common subsequence of the two lists, compared by their text ("a #2" of one
+    prompt can meet "a" of the other), so shared words stay in order; a word of one prompt alone gets its own
+    column, between the shared words around it (A's before B's)."""
+    ta, tb = [word_text(w) for w in a], [word_text(w) for w in b]
+    n, m = len(a), len(b)
+    lcs = [[0] * (m + 1) for _ in range(n + 1)]  # lcs[i][j]: the common subsequence's length of a[i:] and b[j:]
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            lcs[i][j] = lcs[i + 1][j + 1] + 1 if ta[i] == tb[j] else max(lcs[i + 1][j], lcs[i][j + 1])
+    columns, i, j = [], 0, 0
+    while i < n and j < m:
+        if ta[i] == tb[j]:
+            columns.append((a[i], b[j]))
+            i, j = i + 1, j + 1
+        elif lcs[i + 1][j] >= lcs[i][j + 1]:
+            columns.append((a[i], None))
+            i += 1
+        else:
+            columns.append((None, b[j]))
+            j += 1
+    return columns + [(w, None) for w in a[i:]] + [(None, w) for w in b[j:]]
+
+
+def common_size(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """The (H, W) both runs' maps are compared at: the larger of each side."""
+    return max(a[0], b[0]), max(a[1], b[1])
+
+
+def resized(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An (H, W) map at another (H, W), bilinear (as maps are upsampled from their layers)."""
+    if tuple(heat.shape) == tuple(size):
+        return heat
+    return F.interpolate(heat[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def compared_maps(a: AttentionMaps, b: AttentionMaps, image: int, normalization: str) -> tuple:
+    """Image `image`'s word maps of two runs, aligned and normalised together.
+
+    Returns (columns, maps_a, maps_b, size): align_words' columns, each run's {word: (H, W) map} at the common
+    size (common_size), normalised so the rows compare: "absolute" divides both rows by the largest value of
+    either; "minmax" scales each map on its own (shape only); "tokens" is each run's share per pixel (0…1 in
+    both rows already)."""
+    size = common_size(a.image_size, b.image_size)
+    raw_a = {w: resized(m, size) for w, m in a.word_maps(image, normalize=None).items()}
+    raw_b = {w: resized(m, size) for w, m in b.word_maps(image, normalize=None).items()}
+    if normalization == "tokens":  # a share of the run's own words: per row
+        maps_a, maps_b = normalize_maps(raw_a, "tokens"), normalize_maps(raw_b, "tokens")
+    else:
+        both = normalize_maps({**{("A", w): m for w, m in raw_a.items()}, **{("B", w): m for w, m in raw_b.items()}},
+                              normalization)
+        maps_a, maps_b = {w: both["A", w] for w in raw_a}, {w: both["B", w] for w in raw_b}
+    return align_words(list(raw_a), list(raw_b)), maps_a, maps_b, size
+
+
+def map_differences(columns: list, maps_a: dict, maps_b: dict) -> dict[tuple[str, str], torch.Tensor]:
+    """{(word in A, word in B): A's map − B's map} for each shared word: > 0 where A looked more."""
+    return {(wa, wb): maps_a[wa] - maps_b[wb] for wa, wb in columns if wa is not None and wb is not None}
+
+
+def diverging(diff: torch.Tensor, scale: float, size: int = GRID_CELL) -> Image.Image:
+    """A difference map in the diverging colormap: −scale blue, 0 white, +scale red; the longer side `size`."""
+    H, W = diff.shape
+    w, h = display_size((W, H), size)
+    d = F.interpolate(diff.float()[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    idx = ((d / max(scale, 1e-12)).clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8).numpy()
+    return Image.fromarray(DIVERGING[idx].astype(np.uint8))
+
+
+def moved_words(cmp: Comparison, image: int, columns: list, diffs: dict, size: tuple[int, int]) -> list[tuple]:
+    """(column name, mean |A − B| of the shown maps, centre shift in pixels of the common size) per shared word,
+    the most moved first. Centres are AttentionMaps.word_summary's, scaled to the common size."""
+    cents = []
+    for maps in (cmp.a.attention, cmp.b.attention):
+        H, W = maps.image_size
+        cents.append({w: (c["centre"][0] * size[0] / H, c["centre"][1] * size[1] / W)
+                      for w, c in maps.word_summary(image).items()})
+    out = [(column_name(wa, wb), d.abs().mean().item(),
+            float(np.hypot(cents[0][wa][0] - cents[1][wb][0], cents[0][wa][1] - cents[1][wb][1])))
+           for (wa, wb), d in diffs.items()]
+    return sorted(out, key=lambda row: -row[1])
+
+
+def column_name(wa: str | None, wb: str | None) -> str:
+    """A column's header: the word, or "a #2 / a" where its labels differ."""
+    return wa if wb is None or wa == wb else wb if wa is None else f"{wa} / {wb}"
+
+
+def comparison_view(cmp: Comparison, image: int, normalization: str, alpha: float = 0.6) -> tuple[Image.Image, str]:
+    """Image `image` of both runs, word by word: one picture with a column per word (shared words in one column,
+    align_words), rows A and B (each word's overlay on its own run's sample; an empty cell where a prompt lacks
+    the word) and A − B for shared words (diverging: red where A looked more, blue where B did, one scale for
+    the row, in its legend), and a note saying what is shown and which shared words moved most."""
+    a, b = cmp.a.attention, cmp.b.attention
+    if not 0 <= image < min(a.num_images, b.num_images):
+        raise ValueError(f"image must be from 0 to {min(a.num_images, b.num_images) - 1}: the comparison made "
+                         f"{a.num_images} images per side; got {image}.")
+    columns, maps_a, maps_b, size = compared_maps(a, b, image, normalization)
+    diffs = map_differences(columns, maps_a, maps_b)
+    scale = max((d.abs().max().item() for d in diffs.values()), default=0.0)
+    grid = _comparison_grid(cmp, image, columns, maps_a, maps_b, diffs, scale, alpha)
+
+    lines = [f"Image {image + 1} · seed {cmp.a.seeds[image]} · A: {cmp.label_a} · B: {cmp.label_b} · "
+             f"{NORMALIZATION_LABELS[normalization]}, "
+             + ("each row on its own (shares)" if normalization == "tokens" else "both rows on one scale")
+             + (f" · A − B: red where A looked more, blue where B did; full colour = ±{scale:.3g}" if diffs else "")]
+    if cmp.a.prompts[image] == cmp.b.prompts[image]:
+        lines[0] += f' · prompt "{cmp.a.prompts[image]}" on both sides'
+    if a.image_size != b.image_size:
+        lines.append(f"A's maps are {'×'.join(map(str, a.image_size))} and B's {'×'.join(map(str, b.image_size))}: "
+                     f"both resized to {'×'.join(map(str, size))} (bilinear) to compare.")
+    moved = moved_words(cmp, image, columns, diffs, size)
+    if moved:
+        lines.append("Moved most (mean |A − B| of the shown maps; shift of the attention's centre): " + ", ".join(
+            f"**{w}** {l1:.3f} ({shift:.1f} px)" for w, l1, shift in moved[:MOVED_WORDS]) + ".")
+    else:
+        lines.append("The prompts share no word: nothing to subtract.")
+    only_a, only_b = [wa for wa, wb in columns if wb is None], [wb for wa, wb in columns if wa is None]
+    if only_a or only_b:
+        lines.append(" · ".join(([f"only in A: {', '.join(only_a)}"] if only_a else [])
+                                + ([f"only in B: {', '.join(only_b)}"] if only_b else [])))
+    return grid, "\n\n".join(lines)
+
+
+def _comparison_grid(cmp: Comparison, image: int, columns: list, maps_a: dict, maps_b: dict, diffs: dict,
+                     scale: float, alpha: float) -> Image.Image:
+    """The picture of comparison_view: a header of words, rows A, B and A − B, and the difference's legend."""
+    font = ImageFont.load_default(size=13)  # Pillow's bundled font (no "×" or "−" glyph: "x", "-" below)
+    label_w, header_h, legend_h, pad = 150, 24, 34, 4
+    cell = GRID_CELL + pad
+    width = label_w + cell * max(1, len(columns))
+    grid = Image.new("RGB", (max(width, label_w + 300), header_h + 3 * cell + legend_h), "white")
+    draw = ImageDraw.Draw(grid)
+    samples = (cmp.a.images[image], cmp.b.images[image])
+    rows = [(f"A: {cmp.label_a}", 0), (f"B: {cmp.label_b}", 1), ("A - B", 2)]
+    for i, (label, _) in enumerate(rows):
+        draw.text((4, header_h + i * cell + GRID_CELL // 2), _clip(label, 20), fill="black", font=font, anchor="lm")
+    for j, (wa, wb) in enumerate(columns):
+        x = label_w + j * cell
+        draw.text((x + GRID_CELL // 2, header_h // 2), _clip(column_name(wa, wb), 13), fill="black", font=font,
+                  anchor="mm")
+        cells = [overlay(samples[0], maps_a[wa], alpha, GRID_CELL) if wa is not None else None,
+                 overlay(samples[1], maps_b[wb], alpha, GRID_CELL) if wb is not None else None,
+                 diverging(diffs[wa, wb], scale) if (wa, wb) in diffs else None]
+        for i, picture in enumerate(cells):
+            y = header_h + i * cell
+            if picture is None:  # the word is not in this prompt
+                draw.rectangle((x, y, x + GRID_CELL - 1, y + GRID_CELL - 1), fill=(235, 235, 235))
+                draw.text((x + GRID_CELL // 2, y + GRID_CELL // 2), "-", fill="gray", font=font, anchor="mm")
+            else:
+                grid.paste(picture, (x, y))
+    # Legend: the difference's colormap from −scale (B looked more) to +scale (A looked more).
+    y, bar_w = header_h + 3 * cell + 4, 200
+    bar = Image.fromarray(np.repeat(DIVERGING[None, np.linspace(0, 255, bar_w).round().astype(int)], 10, 0)
+                          .astype(np.uint8))
+    grid.paste(bar, (label_w + 50, y))
+    draw.text((label_w + 46, y + 5), f"B more -{scale:.2g}", fill="black", font=font, anchor="rm")
+    draw.text((label_w + 54 + bar_w, y + 5), f"+{scale:.2g} A more", fill="black", font=font, anchor="lm")
+    return grid
+
+
+def _clip(text: str, chars: int) -> str:
+    """Text cut to `chars` characters with an ellipsis, to fit a label."""
+    return text if len(text) <= chars else text[: chars - 2] + ".."
