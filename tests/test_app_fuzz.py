@@ -38,6 +38,8 @@ BASE = {
     "export_maps": {"self_attention": False},
     "word_maps": {"prompt": "a red circle", "negative_prompt": "", "steps": 1, "guidance": 4.0, "seed": 0,
                   "sampler": "ddim", "model": "default"},
+    "compare": {"prompt": "a red circle", "prompt_b": "", "model_a": "default", "model_b": "default", "steps": 1,
+                "guidance": 4.0, "seed": 0, "sampler": "ddim", "num_images": 1, "normalization": "absolute"},
 }
 STATEFUL = {"attention", "self_attention", "export_maps"}  # they read the session's last run
 # What scripts send. The last group is valid somewhere (an edge, another parameter's value): a clear error or
@@ -54,7 +56,8 @@ COSTLY = {"steps": 3, "num_images": 2}  # a valid but larger value is cut to thi
 # Valid wherever the session's last run has at least one image and step (the tiny model: 16 px, 2 heads).
 VALID_IN_ANY_RUN = {"image": [0], "layer": ["all", "mid.0.cross_attn"], "time_bin": [0, 1], "head": [-1, 0, 1],
                     "pixel_y": [0, 8, 15], "pixel_x": [0, 8, 15],
-                    "model": ["default", ""]}  # the served model's name ("": the default), as build_demo checks it
+                    # the served model's name ("": the default), as build_demo checks it
+                    "model": ["default", ""], "model_a": ["default", ""], "model_b": ["default", ""]}
 
 
 def valid_value(name: str, rng: random.Random):
@@ -153,7 +156,8 @@ def run_in_process(demo: gr.Blocks, seed: int, n: int) -> dict[str, int]:
 def test_a_few_hundred_fuzzed_calls_get_an_answer_or_a_clear_error(demo):
     start = time.perf_counter()
     counts = run_in_process(demo, seed=0, n=400)
-    assert counts["error"] > 200 and counts["ok"] > 100, counts  # both kinds were exercised
+    # both kinds were exercised (compare's ten parameters make errors likelier: ~95 answers of 400 at seed 0)
+    assert counts["error"] > 200 and counts["ok"] > 80, counts
     assert time.perf_counter() - start < 60
 
 

@@ -31,7 +31,8 @@ def demo():
 def test_every_api_parameter_is_described_with_its_limits(demo):
     # Gradio reads one docstring line per argument (API page, MCP tool descriptions): the rest would be lost.
     endpoints = {fn.api_name: fn.fn for fn in demo.fns.values() if fn.api_name and fn.api_visibility == "public"}
-    assert set(endpoints) == {"generate", "attention", "self_attention", "export_maps", "word_maps"}
+    assert set(endpoints) == {"generate", "attention", "self_attention", "export_maps", "word_maps",
+                              "compare"}
     for api_name, fn in endpoints.items():
         _, described, _ = get_function_description(fn)
         for name, text in described.items():
@@ -68,8 +69,9 @@ def over_mcp(url: str, session_fn):
 
 def test_an_agent_lists_the_tools_that_work_without_a_session(mcp_url):
     tools = {t.name: t for t in over_mcp(mcp_url, lambda s: s.list_tools()).tools}
-    # generate, attention, self_attention and export_maps write or read a session's last run: Gradio's MCP server
-    # shares one session between all agents, so they are not offered there (app.py, "agents").
+    # generate, attention, self_attention, export_maps and compare write or read a session's last run (or
+    # comparison): Gradio's MCP server shares one session between all agents, so they are not offered there (app.py,
+    # "agents").
     assert set(tools) == {"word_maps"}
     word_maps = tools["word_maps"]
     assert "where each of its words looked" in word_maps.description
