@@ -456,6 +456,13 @@ def compare_runs(pipes: tuple[TextToImagePipeline, TextToImagePipeline], model_a
     return *rows, grid, note, comparison
 
 
+@validated
+def check_compare(prompt: str, prompt_b: str, model_a: str, model_b: str, steps: int, guidance: float, seed: int,
+                  sampler: str, num_images: int, normalization: str) -> None:
+    """The Compare form's checks alone, as the first step of the browser's Compare (as check_generate): a bad
+    request shows a toast and leaves the last comparison on screen."""
+
+
 def live_comparison(comparison) -> render.Comparison:
     """The session's comparison with its maps, or InvalidInput saying to compare first."""
     if not isinstance(comparison, render.Comparison) or comparison.a.attention is None or \
@@ -567,10 +574,11 @@ def build_compare_tab(pipe_for: Callable[[str], TextToImagePipeline], model_name
 
     raw = {"preprocess": False}
     light = {"concurrency_id": "explorer", "concurrency_limit": 2, "show_progress": "minimal", **raw}
-    compared = gr.on([run.click, prompt.submit, prompt_b.submit], compare,
-                     [prompt, prompt_b, model_a, model_b, steps, guidance, seed, sampler, num_images, normalization],
-                     [samples_a, samples_b, grid, note, comparison], api_name="compare", concurrency_id="sampling",
-                     **raw)
+    inputs = [prompt, prompt_b, model_a, model_b, steps, guidance, seed, sampler, num_images, normalization]
+    checked = gr.on([run.click, prompt.submit, prompt_b.submit], check_compare, inputs, None, api_visibility="private",
+                    concurrency_id="checks", concurrency_limit=4, show_progress="hidden", **raw)
+    compared = checked.success(compare, inputs, [samples_a, samples_b, grid, note, comparison], api_name="compare",
+                               concurrency_id="sampling", **raw)
     compared.success(comparison_images, [comparison], image, api_visibility="private", **raw)
     gr.on([image.input, normalization.input], render_comparison, [comparison, image, normalization], [grid, note],
           api_visibility="private", **light)

@@ -127,3 +127,38 @@ def test_prompt_to_samples_to_attention_maps_in_a_browser(app_url, tmp_path):
             shutil.copy(tmp_path / "own.png", "/tmp/app_own_screenshot.png")
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+                    reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
+def test_compare_two_models_word_by_word_in_a_browser(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url)
+            page.get_by_role("tab", name="Compare").click()
+            page.locator("#compare-prompt-a textarea").fill("a red circle")
+            page.locator("#compare-prompt-b textarea").fill("a blue circle")
+            page.get_by_role("button", name="Compare", exact=True).click()
+
+            # Two rows of samples with the same seeds, the aligned grid, and a note on what moved. Two runs of 4
+            # images and 20 steps: ~3 s on 2 free cores, but 40-50 s each while another process holds one of them.
+            expect(page.locator("#compare-samples-a img")).to_have_count(4, timeout=180_000)
+            expect(page.locator("#compare-samples-b img")).to_have_count(4, timeout=30_000)
+            expect(page.locator("#compare-grid img")).to_be_visible(timeout=30_000)
+            note = page.locator("#compare-note")
+            expect(note).to_contain_text("only in A: red · only in B: blue", timeout=30_000)
+            expect(note).to_contain_text("Moved most")
+
+            # Another image of the comparison.
+            page.get_by_label("Compare image").click()
+            page.get_by_role("option", name=re.compile(r"^image 2 · seed")).click()
+            expect(note).to_contain_text("Image 2 ·", timeout=30_000)
+            page.screenshot(path=tmp_path / "compare.png", full_page=True)
+            shutil.copy(tmp_path / "compare.png", "/tmp/app_compare_screenshot.png")
+        finally:
+            browser.close()

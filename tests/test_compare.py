@@ -207,3 +207,11 @@ def test_the_compare_endpoint_is_documented_with_its_limits(demo):
     assert "model_b: which of the served models draws side B; one of 'a', 'b'." in doc
     api = demo.get_api_info()["named_endpoints"]["/compare"]
     assert [p["parameter_name"] for p in api["parameters"]] == list(compare_args())
+
+
+def test_the_browser_checks_the_compare_form_first():
+    app.check_compare(**compare_args())  # the valid form passes
+    with pytest.raises(gr.Error, match="prompt_b has 301 characters"):
+        app.check_compare(**compare_args(prompt_b="x" * 301))
+    with pytest.raises(gr.Error, match="num_images must be a whole number from 1 to 8"):
+        app.check_compare(**compare_args(num_images=0))
