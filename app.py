@@ -506,7 +506,7 @@ def build_compare_tab(pipe_for: Callable[[str], TextToImagePipeline], model_name
             with gr.Column():
                 model_b = gr.Dropdown(names, value=names[-1], label="B drawn by", elem_id="compare-model-b")
                 prompt_b = gr.Textbox(label="Prompt B", max_lines=2, placeholder="empty: prompt A",
-                                      elem_id="compare-prompt-b", info="Empty: A's prompt (compare two models).")
+                                      elem_id="compare-prompt-b", info="Empty: the same prompt as A.")
         with gr.Row():
             steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
             guidance = gr.Slider(0, MAX_GUIDANCE, value=4.0, step=0.5, label="Guidance scale")
