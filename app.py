@@ -514,11 +514,12 @@ def build_compare_tab(pipe_for: Callable[[str], TextToImagePipeline], model_name
             sampler = gr.Dropdown(sorted(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
             num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
             run = gr.Button("Compare", variant="primary", min_width=110)
-        samples_a = gr.Gallery(label="A", columns=MAX_IMAGES, height="auto", format="png", object_fit="contain",
-                               allow_preview=False, elem_classes="pixelated", elem_id="compare-samples-a")
-        samples_b = gr.Gallery(label="B (same seeds)", columns=MAX_IMAGES, height="auto", format="png",
-                               object_fit="contain", allow_preview=False, elem_classes="pixelated",
-                               elem_id="compare-samples-b")
+        # A column per image, never widened: image i of A sits above image i of B (the same seed). One row of
+        # square cells about 1/8 of a laptop screen's width (the "auto" height left a blank box under them).
+        row = {"columns": MAX_IMAGES, "fit_columns": False, "height": 40 + 2 * SAMPLES_WIDTH // MAX_IMAGES,
+               "format": "png", "object_fit": "contain", "allow_preview": False, "elem_classes": "pixelated"}
+        samples_a = gr.Gallery(label="A", elem_id="compare-samples-a", **row)
+        samples_b = gr.Gallery(label="B (same seeds)", elem_id="compare-samples-b", **row)
         with gr.Row():
             image = gr.Dropdown([(f"image {i + 1}", i) for i in range(MAX_IMAGES)], value=0, label="Compare image")
             normalization = gr.Radio([(label, value) for value, label in NORMALIZATION_LABELS.items()],
