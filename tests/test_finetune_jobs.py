@@ -1,0 +1,165 @@
+"""The app's fine-tune jobs (finetune_jobs.py): the data check names bad files, a zip cannot escape its folder,
+and a run is train.py in a background process that finishes, stops keeping its checkpoint, resumes, and is
+the only one at a time."""
+
+import json
+import time
+import zipfile
+
+import pytest
+from PIL import Image
+
+from finetune_jobs import Busy, FineTuneJobs, safe_extract
+from tests.tiny import OWN_CAPTIONS, tiny_pipeline
+
+TINY = ("--resolution", "16", "--batch-size", "4", "--lr", "1e-3", "--warmup", "1", "--checkpoint-every", "2",
+        "--validate-every", "1000", "--mixed-precision", "no", "--validation-steps", "2")
+
+
+def write_pictures(folder, bad: bool = True):
+    """Six good captioned pictures; with bad, also a corrupt image and a row without a caption."""
+    folder.mkdir(parents=True)
+    rows = []
+    for i, caption in enumerate(OWN_CAPTIONS[:6]):
+        Image.new("RGB", (20, 20), (40 * i, 200 - 30 * i, 90)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": caption})
+    if bad:
+        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        rows.append({"file_name": "broken.png", "text": "a broken picture"})
+        Image.new("RGB", (20, 20)).save(folder / "quiet.png")
+        rows.append({"file_name": "quiet.png", "text": ""})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base") / "init"
+    tiny_pipeline(OWN_CAPTIONS, grammar=None).save_pretrained(folder)
+    return folder
+
+
+def jobs_in(tmp_path, base, **kw):
+    return FineTuneJobs(tmp_path / "runs", base, extra_args=TINY, **kw)
+
+
+def wait_for(predicate, timeout=240, what="it"):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_check_names_the_corrupt_picture_and_the_captionless_row_and_estimates_the_time(tmp_path, base):
+    pictures = write_pictures(tmp_path / "pictures")
+    archive = tmp_path / "pictures.zip"
+    with zipfile.ZipFile(archive, "w") as zf:  # a zipped folder: the metadata one level down
+        for p in pictures.iterdir():
+            zf.write(p, f"pictures/{p.name}")
+    jobs = jobs_in(tmp_path, base)
+    report = jobs.check(str(archive), name="mine", steps=3)
+    assert report.images == 6 and report.caption_column == "text" and report.sizes == [("20x20", 6)]
+    assert len(report.skipped) == 2
+    assert any(s.startswith("broken.png") and "unreadable" in s for s in report.skipped)
+    assert any(s.startswith("quiet.png") and "empty caption" in s for s in report.skipped)
+    assert report.steps == 3 and report.batch_size == 4 and report.seconds > 0
+    text = report.summary()
+    assert "6 pictures" in text and "2 skipped" in text and "broken.png" in text and "pictures/s" in text
+    written = [json.loads(line) for line in (tmp_path / "runs" / "mine" / "data" / "metadata.jsonl").open()]
+    assert len(written) == 6 and all(r["file_name"].startswith("/") for r in written)
+    with pytest.raises(ValueError, match="exists already"):
+        jobs.check(str(pictures), name="mine")
+
+
+def test_without_steps_the_check_uses_train_pys_own_choice(tmp_path, base):
+    jobs = FineTuneJobs(tmp_path / "runs", base)
+    report = jobs.check(str(write_pictures(tmp_path / "p", bad=False)))
+    assert report.steps == 200 and report.batch_size == 16  # resolve_auto: 6 pictures → its least steps
+
+
+def test_what_cannot_be_trained_is_refused_plainly(tmp_path, base, monkeypatch):
+    jobs = jobs_in(tmp_path, base)
+    folder = tmp_path / "nothing"
+    folder.mkdir()
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": ""}) + "\n")
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    with pytest.raises(ValueError, match="none of the 1 rows"):
+        jobs.check(str(folder))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="Hub can't be reached"):
+        jobs.check("someone/cats")
+    with pytest.raises(ValueError, match="does not read folders"):
+        jobs_in(tmp_path, base, allow_local=False).check(str(folder))
+    assert jobs.runs() == []  # a refused check leaves no run behind
+
+
+@pytest.mark.parametrize("entry", ["../evil.txt", "/tmp/evil.txt", "a/../../evil.txt"])
+def test_a_zip_cannot_write_outside_its_folder(tmp_path, entry):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(entry, "gotcha")
+    with pytest.raises(ValueError, match="outside the folder"):
+        safe_extract(archive, tmp_path / "out", max_bytes=2**20)
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_a_zip_past_the_size_limit_or_not_a_zip_is_refused(tmp_path):
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", b"\0" * 3 * 2**20)  # 3 MB of zeros: a few KB zipped
+    with pytest.raises(ValueError, match="more than 1 MB"):
+        safe_extract(archive, tmp_path / "out", max_bytes=2**20)
+    (tmp_path / "fake.zip").write_text("hello")
+    with pytest.raises(ValueError, match="not a zip file"):
+        safe_extract(tmp_path / "fake.zip", tmp_path / "out2", max_bytes=2**20)
+
+
+def test_a_run_trains_in_the_background_and_exports_a_model(tmp_path, base):
+    jobs = jobs_in(tmp_path, base)
+    jobs.check(str(write_pictures(tmp_path / "p")), name="quick", steps=3)
+    assert jobs.start("quick", who="ada") == "Started 'quick'."
+    wait_for(lambda: jobs.status("quick").state != "running", what="the run to end")
+    status = jobs.status("quick")
+    assert status.state == "finished", jobs.log_tail("quick")
+    assert [s for s, _ in status.losses] == [1, 2, 3] and status.grid.endswith("step_000003.png")
+    assert jobs.pipeline("quick") is not None and jobs.zip_pipeline("quick").stat().st_size > 0
+    with zipfile.ZipFile(jobs.zip_pipeline("quick")) as zf:
+        assert "quick/unet/model.safetensors" in zf.namelist()
+    with pytest.raises(ValueError, match="has finished"):
+        jobs.start("quick")
+
+
+def test_a_cancelled_run_keeps_its_checkpoint_resumes_and_is_the_only_one(tmp_path, base, monkeypatch):
+    jobs = jobs_in(tmp_path, base)
+    jobs.check(str(write_pictures(tmp_path / "p")), name="long", steps=400)
+    jobs.check(str(tmp_path / "p"), name="other", steps=2)
+    jobs.start("long", who="ada")
+    try:
+        wait_for(lambda: jobs.status("long").checkpoint, what="a first checkpoint")
+        with pytest.raises(Busy, match="'long' by ada is running"):
+            jobs.start("other")
+        assert "One fine-tune at a time" in jobs.busy()
+    finally:
+        message = jobs.cancel()
+    status = jobs.status("long")
+    assert status.state == "stopped" and status.checkpoint and f"step {status.checkpoint} is kept" in message
+    assert jobs.busy() is None
+    # Resume: the same command, from the newest checkpoint (a shorter run, so the test ends soon)
+    job = json.loads((tmp_path / "runs" / "long" / "job.json").read_text())
+    kept = status.checkpoint
+    assert jobs.start("long") == f"Resumed 'long' from step {kept}."
+    wait_for(lambda: max((s for s, _ in jobs.status("long").losses), default=0) > kept + 1,
+             what="steps after the checkpoint")
+    jobs.cancel()
+    assert job["steps"] == 400
+
+
+def test_old_runs_are_cleaned_by_count(tmp_path, base):
+    jobs = jobs_in(tmp_path, base, keep_runs=2)
+    pictures = write_pictures(tmp_path / "p", bad=False)
+    for name in ("a", "b", "c"):
+        jobs.check(str(pictures), name=name, steps=2)
+        time.sleep(0.01)
+    assert jobs.runs() == ["c", "b"]
