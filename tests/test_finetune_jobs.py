@@ -163,3 +163,50 @@ def test_old_runs_are_cleaned_by_count(tmp_path, base):
         jobs.check(str(pictures), name=name, steps=2)
         time.sleep(0.01)
     assert jobs.runs() == ["c", "b"]
+
+
+def test_the_apps_tab_checks_trains_shows_progress_and_offers_the_new_model(tmp_path, base):
+    import gradio as gr
+
+    import app
+
+    pictures = write_pictures(tmp_path / "p")
+    archive = tmp_path / "p.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in pictures.iterdir():
+            zf.write(p, p.name)
+    jobs = jobs_in(tmp_path, base)
+    demo = app.build_demo({"base": tiny_pipeline(OWN_CAPTIONS, grammar=None)}, jobs=jobs)
+    try:
+        ours = [f for f in demo.fns.values() if f.fn is not None and f.fn.__module__ == "app"]
+        assert [f.name for f in ours if f.preprocess] == []  # raw inputs, as every event of the app
+        fn = {f.name: f.fn for f in ours}
+        report, runs = fn["checked"]({"path": str(archive)}, "", "mine", 3, None)  # a gr.File's raw value
+        assert "6 pictures" in report and "broken.png" in report and runs["value"] == "mine"
+        with pytest.raises(gr.Error, match="steps must be a whole number"):
+            fn["checked"]({"path": str(archive)}, "", "again", -2, None)
+        said, timer = fn["started"]("mine", None)
+        assert said == "Started 'mine'." and timer.active
+        last, seen_points, seen_grid = {}, 0, None
+        end = time.time() + 240
+        while time.time() < end:
+            message, plot, grid, button, offered, last, timer = fn["poll"]("mine", last)
+            if isinstance(plot, dict) and plot.get("value") is not None:
+                seen_points = len(plot["value"]["data"]) if isinstance(plot["value"], dict) else len(plot["value"])
+            seen_grid = grid if isinstance(grid, str) else seen_grid
+            if last["state"] != "running":
+                break
+            assert not button["interactive"]  # no second start of a running run
+            time.sleep(0.5)
+        assert last["state"] == "finished", jobs.log_tail("mine")
+        assert seen_points == 3 and seen_grid.endswith("step_000003.png") and not timer.active
+        assert offered["choices"] == ["base", "mine"] and offered["value"] == "mine" and offered["visible"]
+        assert "in the Model selector" in message
+        select = next(f for f in demo.fns.values() if f.name == "select_model").fn
+        assert select("mine")[2].startswith(select("base")[2][:10])  # the new model's words are shown
+        assert fn["poll"]("mine", last)[4] == gr.update()  # offered once
+        assert fn["zip_model"]("mine").endswith("mine.zip")
+        assert "offline" in fn["push_model"]("mine", "someone/mine", "") or "Could not push" in \
+            fn["push_model"]("mine", "someone/mine", "")
+    finally:
+        demo.close()
