@@ -74,7 +74,7 @@ from diffusion.vocabulary import CAPTIONS_FILE, example_prompts
 from finetune_jobs import Busy, FineTuneJobs
 
 DEFAULT_MODEL = "weights/default"
-FINETUNE_ROOT = Path("runs/app")  # the Fine-tune tab's runs (settings.finetune_keep_runs of them)
+FINETUNE_ROOT = "runs/app"  # the Fine-tune tab's runs (settings.finetune_keep_runs of them), unless --finetune-dir
 log = logging.getLogger(__name__)
 
 SAMPLES_WIDTH = 640  # about the samples gallery's width on a laptop screen, for its height
@@ -457,10 +457,11 @@ def build_finetune_tab(jobs: FineTuneJobs, model: gr.Dropdown,
                 source = gr.Textbox(label="…or a folder on this machine, or a hub dataset id (owner/name)",
                                     max_lines=1, visible=jobs.allow_local, elem_id="finetune-source")
             with gr.Column(scale=2):
-                run_name = gr.Textbox(label="Name of the new model", max_lines=1, placeholder="e.g. my-cats",
+                run_name = gr.Textbox(label="Run name", max_lines=1, placeholder="e.g. my-cats",
+                                      info="Also the new model's name in the selector (default: tune-DATE-TIME)",
                                       elem_id="finetune-name")
                 with gr.Accordion("Advanced", open=False):
-                    steps = gr.Number(None, label="Steps", precision=0, minimum=1, elem_id="finetune-steps",
+                    steps = gr.Number(None, label="Training steps", precision=0, minimum=1, elem_id="finetune-steps",
                                       info="Empty: train.py's choice for the number of pictures (200 steps or "
                                            "more). A few steps: a quick try.")
                 check = gr.Button("Check the pictures", variant="secondary", elem_id="finetune-check")
@@ -917,6 +918,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="U-Net compute type; auto = bf16 where this CPU runs it fast, else fp32 (default: auto)")
+    parser.add_argument("--finetune-dir", default=FINETUNE_ROOT,
+                        help="where the Fine-tune tab's runs go (default: %(default)s)")
     add_settings_flags(parser, Settings.from_env())
     args = parser.parse_args(argv)
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
@@ -938,7 +941,7 @@ def main(argv: list[str] | None = None) -> None:
             models[name] = load_pipeline(source, args.dtype)
         except Exception as e:  # a CLI: one clear line beats a traceback through three libraries
             sys.exit(f"Could not load the model {source!r}: {e}")
-    jobs = finetune_jobs(settings, sources[0], models)
+    jobs = finetune_jobs(settings, sources[0], models, args.finetune_dir)
     _COMPUTE.submit(torch.set_num_threads, os.cpu_count() or 1).result()
     # The first sampling run builds the CPU kernels for its shapes (~1.5 s here). Do that for the default
     # settings while Gradio builds and starts the server: queued on the torch thread, the first request
@@ -946,16 +949,17 @@ def main(argv: list[str] | None = None) -> None:
     for pipe in models.values():
         _COMPUTE.submit(warm_up, pipe)
     build_demo(models, settings, jobs).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                            theme=THEME, css=CSS, allowed_paths=[str(FINETUNE_ROOT)],
+                                            theme=THEME, css=CSS, allowed_paths=[args.finetune_dir],
                                             **launch_options(settings))
 
 
-def finetune_jobs(settings: Settings, base: str, models: dict[str, TextToImagePipeline]) -> FineTuneJobs | None:
+def finetune_jobs(settings: Settings, base: str, models: dict[str, TextToImagePipeline],
+                  root: str = FINETUNE_ROOT) -> FineTuneJobs | None:
     """The Fine-tune tab's jobs over the first model (a local folder: train.py --init reads it), or None (off, or
     a hub model). The finished runs kept from before a restart join `models`."""
     if not settings.finetune or not (Path(base) / "unet").is_dir():
         return None
-    jobs = FineTuneJobs(FINETUNE_ROOT, base, threads=settings.finetune_threads, keep_runs=settings.finetune_keep_runs,
+    jobs = FineTuneJobs(root, base, threads=settings.finetune_threads, keep_runs=settings.finetune_keep_runs,
                         max_upload_mb=settings.finetune_upload_mb, allow_local=settings.finetune_local_data)
     for name in jobs.runs():
         folder = jobs.pipeline(name)
