@@ -438,6 +438,11 @@ def raw_path(value) -> str:
     return (value.get("path") or "") if isinstance(value, dict) else (value or "")
 
 
+def loss_table(losses: list[tuple[int, float]]) -> pd.DataFrame:
+    return pd.DataFrame({"step": pd.Series([s for s, _ in losses], dtype="int64"),
+                         "loss": pd.Series([v for _, v in losses], dtype="float64")})
+
+
 def who_is(request: gr.Request | None) -> str:
     if request is None:
         return "someone"
@@ -473,7 +478,9 @@ def build_finetune_tab(jobs: FineTuneJobs, model: gr.Dropdown,
             cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="finetune-cancel")
         state = gr.Markdown(elem_id="finetune-state")
         with gr.Row(equal_height=False):
-            loss = gr.LinePlot(x="step", y="loss", label="Training loss", height=260, scale=1, elem_id="finetune-loss")
+            # Typed empty columns from the start: the plot then reads loss as a number (not a category) later.
+            loss = gr.LinePlot(loss_table([]), x="step", y="loss", label="Training loss", height=260, scale=1,
+                               elem_id="finetune-loss")
             grid = gr.Image(label="Latest validation samples", type="filepath", interactive=False, format="png",
                             elem_classes="pixelated", scale=1, elem_id="finetune-grid")
         with gr.Accordion("Share the model", open=False):
@@ -519,7 +526,7 @@ def build_finetune_tab(jobs: FineTuneJobs, model: gr.Dropdown,
             raise gr.Error(str(e), print_exception=False) from e
         shown = {"run": name, "state": st.state, "points": len(st.losses), "grid": st.grid}
         new_run = last.get("run") != name
-        plot = gr.update(value=pd.DataFrame(st.losses, columns=["step", "loss"])) \
+        plot = gr.update(value=loss_table(st.losses)) \
             if new_run or last.get("points") != shown["points"] else gr.update()
         picture = st.grid if new_run or last.get("grid") != st.grid else gr.update()
         offered = gr.update()
