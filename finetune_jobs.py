@@ -201,10 +201,10 @@ class FineTuneJobs:
     def __init__(self, root: str | Path, base: str | Path, threads: int = 1, keep_runs: int = 5,
                  max_upload_mb: int = 500, allow_local: bool = True, extra_args: tuple[str, ...] = (),
                  python: str = sys.executable):
-        self.root, self.base = Path(root), Path(base)
+        self.root, self.base = Path(root).resolve(), Path(base)  # absolute: train.py runs from the repository
         self.threads, self.keep_runs, self.max_upload_mb = threads, keep_runs, max_upload_mb
         self.allow_local, self.extra_args, self.python = allow_local, tuple(extra_args), python
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._process: subprocess.Popen | None = None
         self._current: str | None = None
 
@@ -370,9 +370,9 @@ class FineTuneJobs:
         """Stop the running run (its process group: SIGTERM, then SIGKILL after 10 s). Its newest checkpoint
         stays, and start(name) resumes from it."""
         with self._lock:
-            process, name = self._process, self._current
-            if process is None or process.poll() is not None:
+            if self._running_job() is None:
                 return "No fine-tune is running."
+            process, name = self._process, self._current
             job = self._read_job(name)
             job["cancelled"] = True
             self._write_job(name, job)
@@ -391,9 +391,22 @@ class FineTuneJobs:
         return f"Stopped '{name}'; {kept}."
 
     def _running_job(self) -> dict | None:
-        if self._process is not None and self._process.poll() is None:
-            return self._read_job(self._current)
+        with self._lock:
+            self._adopt()
+            if self._process is not None and self._process.poll() is None:
+                return self._read_job(self._current)
         return None
+
+    def _adopt(self) -> None:
+        """After an app restart, a run the last app started may still be training (its own session: the app's end
+        did not stop it). Such a run, found by its pid and a command line that names its folder, is this app's
+        running run: no second one starts beside it, and Cancel stops it."""
+        if self._process is not None and self._process.poll() is None:
+            return
+        for job in self._runs():
+            if job.get("pid") and training(job["pid"], self.root / job["name"]):
+                self._process, self._current = Adopted(job["pid"], self.root / job["name"]), job["name"]
+                return
 
     def _busy_message(self, job: dict) -> str:
         status = self.status(job["name"])
@@ -414,6 +427,7 @@ class FineTuneJobs:
     # -- following ---------------------------------------------------------------------------------
     def status(self, name: str) -> JobStatus:
         job = self._read_job(name)
+        self._running_job()  # adopts a run the last app left training
         run = self.root / name
         rows = read_metrics(run / "metrics.jsonl")
         # a resumed run writes again the steps after its checkpoint: the last line of a step wins
@@ -513,6 +527,36 @@ class FineTuneJobs:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(job, indent=1))
         tmp.replace(path)
+
+
+def training(pid: int, run: Path) -> bool:
+    """Whether process pid is alive and a train.py of the run (its command line names the run's folder)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and str(run).encode() in cmdline and any(a.endswith(b"train.py") for a in cmdline)
+
+
+class Adopted:
+    """The few Popen methods FineTuneJobs uses, for a run another app process started (its exit code is unknown:
+    a run that ended without its export counts as stopped)."""
+
+    returncode = None
+
+    def __init__(self, pid: int, run: Path):
+        self.pid, self.run = pid, run
+
+    def poll(self) -> int | None:
+        return None if training(self.pid, self.run) else 0
+
+    def wait(self, timeout: float) -> None:
+        end = time.time() + timeout
+        while training(self.pid, self.run):
+            if time.time() > end:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.1)
 
 
 def skipped_name(problem: str, folder: Path | str) -> str:

@@ -133,7 +133,7 @@ def test_a_run_trains_in_the_background_and_exports_a_model(tmp_path, base):
 
 def test_a_cancelled_run_keeps_its_checkpoint_resumes_and_is_the_only_one(tmp_path, base, monkeypatch):
     jobs = jobs_in(tmp_path, base)
-    jobs.check(str(write_pictures(tmp_path / "p")), name="long", steps=400)
+    jobs.check(str(write_pictures(tmp_path / "p")), name="long", steps=100_000)  # runs until cancelled
     jobs.check(str(tmp_path / "p"), name="other", steps=2)
     jobs.start("long", who="ada")
     try:
@@ -153,7 +153,7 @@ def test_a_cancelled_run_keeps_its_checkpoint_resumes_and_is_the_only_one(tmp_pa
     wait_for(lambda: max((s for s, _ in jobs.status("long").losses), default=0) > kept + 1,
              what="steps after the checkpoint")
     jobs.cancel()
-    assert job["steps"] == 400
+    assert job["steps"] == 100_000
 
 
 def test_old_runs_are_cleaned_by_count(tmp_path, base):
@@ -210,3 +210,20 @@ def test_the_apps_tab_checks_trains_shows_progress_and_offers_the_new_model(tmp_
             fn["push_model"]("mine", "someone/mine", "")
     finally:
         demo.close()
+
+
+def test_a_run_left_training_by_a_restarted_app_is_still_the_one_run(tmp_path, base):
+    before = jobs_in(tmp_path, base)
+    before.check(str(write_pictures(tmp_path / "p")), name="long", steps=100_000)  # runs until cancelled
+    before.check(str(tmp_path / "p"), name="other", steps=2)
+    before.start("long", who="ada")
+    after = jobs_in(tmp_path, base)  # the app restarted: a new instance over the same folder
+    try:
+        wait_for(lambda: after.status("long").step > 0, what="a first step")
+        assert after.status("long").state == "running"
+        with pytest.raises(Busy, match="'long' by ada is running"):
+            after.start("other")
+    finally:
+        assert after.cancel().startswith("Stopped 'long'")
+    assert after.status("long").state == "stopped" and before.status("long").state == "stopped"
+    assert after.busy() is None
