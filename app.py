@@ -449,7 +449,7 @@ def who_is(request: gr.Request | None) -> str:
     return request.username or f"session {(request.session_hash or '?')[:6]}"
 
 
-def build_finetune_tab(jobs: FineTuneJobs, model: gr.Dropdown,
+def build_finetune_tab(demo: gr.Blocks, jobs: FineTuneJobs, model: gr.Dropdown,
                        add_model: Callable[[str, TextToImagePipeline], dict]) -> None:
     """The Fine-tune tab: check pictures, train, follow (loss, ETA, validation grid), cancel, resume, share; a
     finished run's model is loaded and offered by `model` (add_model). The work is finetune_jobs.FineTuneJobs'."""
@@ -538,6 +538,11 @@ def build_finetune_tab(jobs: FineTuneJobs, model: gr.Dropdown,
                            interactive=st.state in ("checked", "stopped", "failed"))
         return message, plot, picture, button, offered, shown, gr.Timer(active=st.state == "running")
 
+    def opened():
+        """A page opened while a run trains follows it; the runs are as they are now."""
+        running = jobs.running()
+        return gr.update(choices=jobs.runs(), value=running), gr.Timer(active=running is not None)
+
     def zip_model(name: str):
         try:
             return str(jobs.zip_pipeline(name))
@@ -556,6 +561,7 @@ def build_finetune_tab(jobs: FineTuneJobs, model: gr.Dropdown,
     cancel.click(cancelled, None, state, **quiet).then(poll, [run, seen], shown_outputs, **quiet)
     gr.on([run.input, timer.tick], poll, [run, seen], shown_outputs, **quiet)
     download.click(zip_model, [run], zipped, **quiet)
+    demo.load(opened, None, [run, timer], **quiet)
     push.click(push_model, [run, repo, token], pushed, **quiet)
 
 
@@ -863,7 +869,7 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
         example_rows.click(use_example, [model, example_rows], prompt, **private)
         demo.load(served_models, None, model, **private)
         if jobs is not None:
-            build_finetune_tab(jobs, model, add_model)
+            build_finetune_tab(demo, jobs, model, add_model)
         agent_run.click(word_maps, [prompt, negative_prompt, steps, guidance, seed, sampler, model],
                         [agent_sample, agent_strip, agent_words], api_name="word_maps", concurrency_id="sampling",
                         **raw)

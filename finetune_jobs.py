@@ -418,6 +418,11 @@ class FineTuneJobs:
                 f"(started {time.strftime('%H:%M', time.localtime(job['started']))}, step {status.step} of "
                 f"{status.steps}{eta}). Try again when it is done.")
 
+    def running(self) -> str | None:
+        """The name of the run training now, or None."""
+        job = self._running_job()
+        return job["name"] if job else None
+
     def busy(self) -> str | None:
         """Who is fine-tuning now, and until when; None when the machine is free."""
         with self._lock:

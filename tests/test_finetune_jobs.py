@@ -185,8 +185,11 @@ def test_the_apps_tab_checks_trains_shows_progress_and_offers_the_new_model(tmp_
         assert "6 pictures" in report and "broken.png" in report and runs["value"] == "mine"
         with pytest.raises(gr.Error, match="steps must be a whole number"):
             fn["checked"]({"path": str(archive)}, "", "again", -2, None)
+        assert fn["opened"]()[0]["value"] is None and not fn["opened"]()[1].active
         said, timer = fn["started"]("mine", None)
         assert said == "Started 'mine'." and timer.active
+        runs, timer = fn["opened"]()  # another page opened now follows the run
+        assert runs["value"] == "mine" and timer.active
         last, seen_points, seen_grid = {}, 0, None
         end = time.time() + 240
         while time.time() < end:
