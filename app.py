@@ -450,7 +450,7 @@ def who_is(request: gr.Request | None) -> str:
 
 
 def build_finetune_tab(demo: gr.Blocks, jobs: FineTuneJobs, model: gr.Dropdown,
-                       add_model: Callable[[str, TextToImagePipeline], dict]) -> None:
+                       add_model: Callable[[str, str], dict]) -> None:
     """The Fine-tune tab: check pictures, train, follow (loss, ETA, validation grid), cancel, resume, share; a
     finished run's model is loaded and offered by `model` (add_model). The work is finetune_jobs.FineTuneJobs'."""
     steps_check = Whole(1, 100_000)
@@ -532,8 +532,8 @@ def build_finetune_tab(demo: gr.Blocks, jobs: FineTuneJobs, model: gr.Dropdown,
         offered = gr.update()
         message = st.message
         if st.state == "finished" and (new_run or last.get("state") != "finished"):
-            offered = add_model(name, load_pipeline(str(jobs.pipeline(name))))
-            message += f" The model **{name}** is in the Model selector (above), selected: try a prompt."
+            offered = add_model(name, str(jobs.pipeline(name)))
+            message += f" The model **{offered['value']}** is in the Model selector (above), selected: try a prompt."
         button = gr.update(value="Resume" if st.state in ("stopped", "failed") else "Train",
                            interactive=st.state in ("checked", "stopped", "failed"))
         return message, plot, picture, button, offered, shown, gr.Timer(active=st.state == "running")
@@ -593,10 +593,20 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
             examples[model] = example_prompts(p.captions, p.layout_grammar, max_chars=MAX_PROMPT_CHARS)
         return examples[model]
 
-    def add_model(name: str, pipe: TextToImagePipeline) -> dict:
-        """Offer a model loaded while the app runs (a finished fine-tune); the selector's update."""
-        models[name] = pipe
-        return gr.update(choices=list(models), value=name, visible=True)
+    def add_model(name: str, folder: str) -> dict:
+        """Offer a pipeline folder while the app runs (a finished fine-tune), loaded once; the selector's update
+        with it selected. A name a served model has already gets ' (fine-tune)'."""
+        with adding:
+            if folder not in added:
+                key = name if name not in models else f"{name} (fine-tune)"
+                models[key], added[folder] = load_pipeline(folder), key
+        return gr.update(choices=list(models), value=added[folder], visible=True)
+
+    added: dict[str, str] = {}  # pipeline folder → its name in the selector
+    adding = threading.Lock()
+    for run_name in jobs.runs() if jobs else []:  # finished runs kept from before a restart
+        if jobs.pipeline(run_name) is not None:
+            add_model(run_name, str(jobs.pipeline(run_name)))
 
     budget = MapsBudget(settings.maps_budget_mb * 2**20, _COMPUTE)
     pipe = models[names[0]]
@@ -620,9 +630,9 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
                                         info=f"Emphasis: (word:1.5) strengthens a word's cross-attention, "
                                              f"(word:0.5) weakens it (weights 0–{MAX_WEIGHT:g}).")
                     run = gr.Button("Generate", variant="primary", scale=1, min_width=110)
-                model = gr.Dropdown(names, value=names[0], label="Model", visible=len(names) > 1, elem_id="model",
-                                    info="Each model knows its own words: see its examples and 'What this model "
-                                         "knows'.")
+                model = gr.Dropdown(list(models), value=names[0], label="Model", visible=len(models) > 1,
+                                    elem_id="model", info="Each model knows its own words: see its examples and "
+                                                          "'What this model knows'.")
                 # The selected model's examples (a Dataset its selection refills: models come and go at run time)
                 example_rows = gr.Dataset(components=[prompt], samples=[[e] for e in examples_for(names[0])],
                                           label="Examples", visible=bool(examples_for(names[0])), elem_id="examples")
@@ -954,7 +964,7 @@ def main(argv: list[str] | None = None) -> None:
             models[name] = load_pipeline(source, args.dtype)
         except Exception as e:  # a CLI: one clear line beats a traceback through three libraries
             sys.exit(f"Could not load the model {source!r}: {e}")
-    jobs = finetune_jobs(settings, sources[0], models, args.finetune_dir)
+    jobs = finetune_jobs(settings, sources[0], args.finetune_dir)
     _COMPUTE.submit(torch.set_num_threads, os.cpu_count() or 1).result()
     # The first sampling run builds the CPU kernels for its shapes (~1.5 s here). Do that for the default
     # settings while Gradio builds and starts the server: queued on the torch thread, the first request
@@ -966,18 +976,13 @@ def main(argv: list[str] | None = None) -> None:
                                             **launch_options(settings))
 
 
-def finetune_jobs(settings: Settings, base: str, models: dict[str, TextToImagePipeline],
-                  root: str = FINETUNE_ROOT) -> FineTuneJobs | None:
+def finetune_jobs(settings: Settings, base: str, root: str = FINETUNE_ROOT) -> FineTuneJobs | None:
     """The Fine-tune tab's jobs over the first model (a local folder: train.py --init reads it), or None (off, or
-    a hub model). The finished runs kept from before a restart join `models`."""
+    a hub model)."""
     if not settings.finetune or not (Path(base) / "unet").is_dir():
         return None
     jobs = FineTuneJobs(root, base, threads=settings.finetune_threads, keep_runs=settings.finetune_keep_runs,
                         max_upload_mb=settings.finetune_upload_mb, allow_local=settings.finetune_local_data)
-    for name in jobs.runs():
-        folder = jobs.pipeline(name)
-        if folder is not None and name not in models:
-            models[name] = load_pipeline(str(folder))
     return jobs
 
 

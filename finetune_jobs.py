@@ -405,7 +405,7 @@ class FineTuneJobs:
             return
         for job in self._runs():
             if job.get("pid") and training(job["pid"], self.root / job["name"]):
-                self._process, self._current = Adopted(job["pid"], self.root / job["name"]), job["name"]
+                self._process, self._current = Adopted(job["pid"]), job["name"]
                 return
 
     def _busy_message(self, job: dict) -> str:
@@ -534,14 +534,24 @@ class FineTuneJobs:
         tmp.replace(path)
 
 
+def alive(pid: int) -> bool:
+    """Whether process pid exists and has not exited: a zombie has, unless its other threads are still exiting
+    (the main thread of a killed train.py is a zombie before its torch threads are gone)."""
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except (OSError, IndexError):
+        return False
+
+
 def training(pid: int, run: Path) -> bool:
     """Whether process pid is alive and a train.py of the run (its command line names the run's folder)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    except OSError:
         return False
-    return state != "Z" and str(run).encode() in cmdline and any(a.endswith(b"train.py") for a in cmdline)
+    return alive(pid) and str(run).encode() in cmdline and any(a.endswith(b"train.py") for a in cmdline)
 
 
 class Adopted:
@@ -550,15 +560,15 @@ class Adopted:
 
     returncode = None
 
-    def __init__(self, pid: int, run: Path):
-        self.pid, self.run = pid, run
+    def __init__(self, pid: int):
+        self.pid = pid
 
     def poll(self) -> int | None:
-        return None if training(self.pid, self.run) else 0
+        return None if alive(self.pid) else 0
 
     def wait(self, timeout: float) -> None:
         end = time.time() + timeout
-        while training(self.pid, self.run):
+        while alive(self.pid):  # not the command line: it reads empty while the process exits
             if time.time() > end:
                 raise subprocess.TimeoutExpired(str(self.pid), timeout)
             time.sleep(0.1)

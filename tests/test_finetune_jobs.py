@@ -228,5 +228,24 @@ def test_a_run_left_training_by_a_restarted_app_is_still_the_one_run(tmp_path, b
             after.start("other")
     finally:
         assert after.cancel().startswith("Stopped 'long'")
-    assert after.status("long").state == "stopped" and before.status("long").state == "stopped"
+    assert after.status("long").state == "stopped"
+    wait_for(lambda: before.status("long").state == "stopped", timeout=30, what="its parent to see it end")
     assert after.busy() is None
+
+
+def test_after_a_restart_the_finished_runs_are_offered_under_names_of_their_own(tmp_path, base):
+    import app
+
+    jobs = jobs_in(tmp_path, base)
+    jobs.check(str(write_pictures(tmp_path / "p", bad=False)), name="base", steps=2)  # the served model's name
+    jobs.start("base")
+    wait_for(lambda: jobs.status("base").state != "running", what="the run to end")
+    demo = app.build_demo({"base": tiny_pipeline(OWN_CAPTIONS, grammar=None)}, jobs=jobs_in(tmp_path, base))
+    try:
+        selector = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model")
+        assert [c[1] for c in selector.choices] == ["base", "base (fine-tune)"] and selector.visible
+        poll = next(f for f in demo.fns.values() if f.name == "poll").fn
+        offered = poll("base", {})[4]  # a tab that sees it finished selects it: loaded once, not again
+        assert offered["choices"] == ["base", "base (fine-tune)"] and offered["value"] == "base (fine-tune)"
+    finally:
+        demo.close()
