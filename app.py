@@ -463,7 +463,7 @@ def build_finetune_tab(demo: gr.Blocks, jobs: FineTuneJobs, model: gr.Dropdown,
                                     max_lines=1, visible=jobs.allow_local, elem_id="finetune-source")
             with gr.Column(scale=2):
                 run_name = gr.Textbox(label="Run name", max_lines=1, placeholder="e.g. my-cats",
-                                      info="Also the new model's name in the selector (default: tune-DATE-TIME)",
+                                      info="Also its name in the selector above (default: tune-DATE-TIME)",
                                       elem_id="finetune-name")
                 with gr.Accordion("Advanced", open=False):
                     steps = gr.Number(None, label="Training steps", precision=0, minimum=1, elem_id="finetune-steps",
