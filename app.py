@@ -41,6 +41,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -71,8 +72,10 @@ from diffusion.render import ALL_LAYERS, MEAN_HEADS, NORMALIZATION_LABELS
 from diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
 from diffusion.serving import CacheKeeper, MapsBudget, Settings, add_settings_flags
 from diffusion.vocabulary import CAPTIONS_FILE, example_prompts
+from finetune_jobs import Busy, FineTuneJobs
 
 DEFAULT_MODEL = "weights/default"
+FINETUNE_ROOT = "runs/app"  # the Fine-tune tab's runs (settings.finetune_keep_runs of them), unless --finetune-dir
 log = logging.getLogger(__name__)
 
 SAMPLES_WIDTH = 640  # about the samples gallery's width on a laptop screen, for its height
@@ -153,6 +156,8 @@ RUN_CHECKS: dict[str, Callable[[AttentionMaps, dict], Check]] = {
     "pixel_x": lambda maps, _: Whole(0, maps.image_size[1] - 1, f" (a column of the {maps.image_size[1]}-pixel "
                                                                  "image)"),
 }
+NO_EXAMPLES = (f"No examples: this model's folder has no summary of its training captions ({CAPTIONS_FILE}). Describe "
+               "an image in the words it was trained on; 'What this model knows' lists its tokenizer's words.")
 RUN = "result"  # the session's last GenerationResult: a handler that reads it needs its maps
 TRUSTED = {"pipe", "pipes", "comparison", "progress", "evt"}  # set by the app or by Gradio, never by a client
 NO_MAPS = ("No maps in this session: generate images first. The explorer shows the session's last run; its "
@@ -592,34 +597,195 @@ def maps_gallery(label: str, columns: int, **kwargs) -> gr.Gallery:
                       object_fit="contain", elem_classes="pixelated", **kwargs)
 
 
+# -- fine-tuning ----------------------------------------------------------------------------------
+FINETUNE_INTRO = (
+    "Teach the model your own pictures: a zip of images with a `metadata.jsonl` (one line per picture: "
+    '`{"file_name": "cat1.png", "text": "a grey cat on a sofa"}`) or a `metadata.csv` (columns `file_name,text`). '
+    "The pictures are checked first; then `train.py` fine-tunes the first model on them in the background, and "
+    "the result joins the Model selector. One fine-tune at a time on this machine; generating keeps working.")
+FINETUNE_POLL_S = 2.0  # how often an open tab reads its run's progress, while it runs
+
+
+def raw_path(value) -> str:
+    """A gr.File's raw value (preprocess off): Gradio's FileData dict, or a path."""
+    return (value.get("path") or "") if isinstance(value, dict) else (value or "")
+
+
+def loss_table(losses: list[tuple[int, float]]) -> pd.DataFrame:
+    return pd.DataFrame({"step": pd.Series([s for s, _ in losses], dtype="int64"),
+                         "loss": pd.Series([v for _, v in losses], dtype="float64")})
+
+
+def who_is(request: gr.Request | None) -> str:
+    if request is None:
+        return "someone"
+    return request.username or f"session {(request.session_hash or '?')[:6]}"
+
+
+def build_finetune_tab(demo: gr.Blocks, jobs: FineTuneJobs, model: gr.Dropdown,
+                       add_model: Callable[[str, str], dict]) -> None:
+    """The Fine-tune tab: check pictures, train, follow (loss, ETA, validation grid), cancel, resume, share; a
+    finished run's model is loaded and offered by `model` (add_model). The work is finetune_jobs.FineTuneJobs'."""
+    steps_check = Whole(1, 100_000)
+    with gr.Tab("Fine-tune", id="finetune"):
+        gr.Markdown(FINETUNE_INTRO)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                upload = gr.File(label="Pictures (a zip)", file_types=[".zip"], elem_id="finetune-upload")
+                source = gr.Textbox(label="…or a folder on this machine, or a hub dataset id (owner/name)",
+                                    max_lines=1, visible=jobs.allow_local, elem_id="finetune-source")
+            with gr.Column(scale=2):
+                run_name = gr.Textbox(label="Run name", max_lines=1, placeholder="e.g. my-cats",
+                                      info="Also its name in the selector above (default: tune-DATE-TIME)",
+                                      elem_id="finetune-name")
+                with gr.Accordion("Advanced", open=False):
+                    steps = gr.Number(None, label="Training steps", precision=0, minimum=1, elem_id="finetune-steps",
+                                      info="Empty: train.py's choice for the number of pictures (200 steps or "
+                                           "more). A few steps: a quick try.")
+                check = gr.Button("Check the pictures", variant="secondary", elem_id="finetune-check")
+        report = gr.Markdown(elem_id="finetune-report")
+        with gr.Row():
+            run = gr.Dropdown(jobs.runs(), value=None, label="Run", allow_custom_value=False, scale=3,
+                              elem_id="finetune-run")
+            start = gr.Button("Train", variant="primary", scale=1, elem_id="finetune-start")
+            cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="finetune-cancel")
+        state = gr.Markdown(elem_id="finetune-state")
+        with gr.Row(equal_height=False):
+            # Typed empty columns from the start: the plot then reads loss as a number (not a category) later.
+            loss = gr.LinePlot(loss_table([]), x="step", y="loss", label="Training loss", height=260, scale=1,
+                               elem_id="finetune-loss")
+            grid = gr.Image(label="Latest validation samples", type="filepath", interactive=False, format="png",
+                            elem_classes="pixelated", scale=1, elem_id="finetune-grid")
+        with gr.Accordion("Share the model", open=False):
+            with gr.Row():
+                download = gr.Button("Zip the model", scale=1)
+                zipped = gr.File(label="Download", scale=3)
+            gr.Markdown("Or push it to the Hugging Face Hub as a model repository (a write token from "
+                        "huggingface.co/settings/tokens; it is used for this push only and not stored).",
+                        elem_classes="small-note")
+            with gr.Row():
+                repo = gr.Textbox(label="Repository (owner/name)", max_lines=1, scale=2)
+                token = gr.Textbox(label="Token", type="password", max_lines=1, scale=2)
+                push = gr.Button("Push to the Hub", scale=1)
+            pushed = gr.Markdown()
+        seen = gr.State({})  # what this tab last showed: the run, its state, its points and grid
+        timer = gr.Timer(FINETUNE_POLL_S, active=False)
+
+    def checked(upload_value, source_value: str, name: str, steps_value, request: gr.Request):
+        try:
+            wanted = None if steps_value in (None, "") else steps_check.parse("steps", steps_value)
+            found = jobs.check(raw_path(upload_value) or (source_value or ""), name or "", who_is(request), wanted)
+        except ValueError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        return (found.summary() + "\n\nPress **Train** to start.", gr.update(choices=jobs.runs(), value=found.name))
+
+    def started(name: str, request: gr.Request):
+        try:
+            said = jobs.start(name, who_is(request))
+        except (ValueError, Busy) as e:  # Busy: who is training, and until when
+            raise gr.Error(str(e), print_exception=False) from e
+        return said, gr.Timer(active=True)
+
+    def cancelled():
+        return jobs.cancel()
+
+    def poll(name: str, last: dict):
+        """The run's progress for this tab; a run seen finishing is loaded and offered by the Model selector."""
+        if not name:
+            return gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), last, gr.Timer(active=False)
+        try:
+            st = jobs.status(name)
+        except ValueError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        shown = {"run": name, "state": st.state, "points": len(st.losses), "grid": st.grid}
+        new_run = last.get("run") != name
+        plot = gr.update(value=loss_table(st.losses)) \
+            if new_run or last.get("points") != shown["points"] else gr.update()
+        picture = st.grid if new_run or last.get("grid") != st.grid else gr.update()
+        offered = gr.update()
+        message = st.message
+        if st.state == "finished" and (new_run or last.get("state") != "finished"):
+            offered = add_model(name, str(jobs.pipeline(name)))
+            message += f" The model **{offered['value']}** is in the Model selector (above), selected: try a prompt."
+        button = gr.update(value="Resume" if st.state in ("stopped", "failed") else "Train",
+                           interactive=st.state in ("checked", "stopped", "failed"))
+        return message, plot, picture, button, offered, shown, gr.Timer(active=st.state == "running")
+
+    def opened():
+        """A page opened while a run trains follows it; the runs are as they are now."""
+        running = jobs.running()
+        return gr.update(choices=jobs.runs(), value=running), gr.Timer(active=running is not None)
+
+    def zip_model(name: str):
+        try:
+            return str(jobs.zip_pipeline(name))
+        except ValueError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+
+    def push_model(name: str, repo_id: str, token_value: str):
+        return jobs.push(name, repo_id or "", token_value or "")
+
+    quiet = {"api_visibility": "private", "preprocess": False, "concurrency_id": "finetune",
+             "concurrency_limit": 4, "show_progress": "hidden"}
+    shown_outputs = [state, loss, grid, start, model, seen, timer]
+    check.click(checked, [upload, source, run_name, steps], [report, run], **{**quiet, "show_progress": "full"}
+                ).success(poll, [run, seen], shown_outputs, **quiet)
+    start.click(started, [run], [state, timer], **quiet).success(poll, [run, seen], shown_outputs, **quiet)
+    cancel.click(cancelled, None, state, **quiet).then(poll, [run, seen], shown_outputs, **quiet)
+    gr.on([run.input, timer.tick], poll, [run, seen], shown_outputs, **quiet)
+    download.click(zip_model, [run], zipped, **quiet)
+    demo.load(opened, None, [run, timer], **quiet)
+    push.click(push_model, [run, repo, token], pushed, **quiet)
+
+
 # -- the app --------------------------------------------------------------------------------------
 def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
-               settings: Settings | None = None) -> gr.Blocks:
+               settings: Settings | None = None, jobs: FineTuneJobs | None = None) -> gr.Blocks:
     """The Blocks over one loaded pipeline, or several by name: a model selector picks which one draws (the
-    first is the default), and the examples, 'What this model knows' and the model card follow it. Launch it
-    yourself, as main() does (theme=THEME, css=CSS, and launch_options(settings) for the MCP server and the
-    session capacity)."""
+    first is the default), and the examples, 'What this model knows' and the model card follow it. With
+    `jobs`, a Fine-tune tab trains the first model on someone's pictures and adds the result to the selector.
+    Launch it yourself, as main() does (theme=THEME, css=CSS, and launch_options(settings) for the MCP server
+    and the session capacity)."""
     settings = settings or Settings.from_env()
-    models = models if isinstance(models, dict) else {"default": models}
+    models = dict(models) if isinstance(models, dict) else {"default": models}  # grows: a fine-tune adds to it
     if not models:
         raise ValueError("build_demo needs at least one model.")
-    names = list(models)
-    model_check = Choice(tuple(names))
-    limits = functools.partial(with_limits, checks={**CHECKS, "model": model_check})
+    names = list(models)  # the models at start-up (the API's documented choices)
+    limits = functools.partial(with_limits, checks={**CHECKS, "model": Choice(tuple(names))})
 
     def pipe_for(model: str) -> TextToImagePipeline:
         """The model a request names ("" or None: the default), or an error listing the served ones."""
         try:
-            return models[model_check.parse("model", model or names[0])]
+            return models[Choice(tuple(models)).parse("model", model or names[0])]
         except InvalidInput as e:
             raise gr.Error(str(e), print_exception=False) from e
+
+    def examples_for(model: str) -> list[str]:
+        if model not in examples:
+            p = models[model]
+            examples[model] = example_prompts(p.captions, p.layout_grammar, max_chars=MAX_PROMPT_CHARS)
+        return examples[model]
+
+    def add_model(name: str, folder: str) -> dict:
+        """Offer a pipeline folder while the app runs (a finished fine-tune), loaded once; the selector's update
+        with it selected. A name a served model has already gets ' (fine-tune)'."""
+        with adding:
+            if folder not in added:
+                key = name if name not in models else f"{name} (fine-tune)"
+                models[key], added[folder] = load_pipeline(folder), key
+        return gr.update(choices=list(models), value=added[folder], visible=True)
+
+    added: dict[str, str] = {}  # pipeline folder → its name in the selector
+    adding = threading.Lock()
+    for run_name in jobs.runs() if jobs else []:  # finished runs kept from before a restart
+        if jobs.pipeline(run_name) is not None:
+            add_model(run_name, str(jobs.pipeline(run_name)))
 
     budget = MapsBudget(settings.maps_budget_mb * 2**20, _COMPUTE)
     pipe = models[names[0]]
     cross_layers = [n for n, b in pipe.unet.attention_layers.items() if b.kind == "cross"]
     n_heads = min(pipe.unet.attention_layers[n].num_heads for n in cross_layers)
-    examples = {name: example_prompts(p.captions, p.layout_grammar, max_chars=MAX_PROMPT_CHARS)
-                for name, p in models.items()}
+    examples: dict[str, list[str]] = {}  # each model's example prompts, made when first asked for
 
     with gr.Blocks(title="Look Inside Diffusion", delete_cache=CacheKeeper.delete_cache(settings)) as demo:
         cache = CacheKeeper(demo.GRADIO_CACHE, settings)
@@ -632,25 +798,18 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 with gr.Row():
-                    prompt = gr.Textbox(label="Prompt", placeholder=placeholder_for(examples[names[0]]),
+                    prompt = gr.Textbox(label="Prompt", placeholder=placeholder_for(examples_for(names[0])),
                                         max_lines=2, scale=5, autofocus=True, elem_id="prompt",
                                         info=f"Emphasis: (word:1.5) strengthens a word's cross-attention, "
                                              f"(word:0.5) weakens it (weights 0–{MAX_WEIGHT:g}).")
                     run = gr.Button("Generate", variant="primary", scale=1, min_width=110)
-                model = gr.Dropdown(names, value=names[0], label="Model", visible=len(names) > 1, elem_id="model",
-                                    info="Each model knows its own words: see its examples and 'What this model "
-                                         "knows'.")
-                example_panels = []  # one per model; the selected model's is shown
-                for name in names:
-                    with gr.Column(visible=name == names[0]) as panel:
-                        if examples[name]:
-                            gr.Examples(examples[name], inputs=[prompt], cache_examples=False, label="Examples")
-                        else:
-                            gr.Markdown(f"No examples: this model's folder has no summary of its training captions "
-                                        f"({CAPTIONS_FILE}). Describe an image in the words it was trained on; "
-                                        f"'What this model knows' lists its tokenizer's words.",
-                                        elem_classes="small-note")
-                    example_panels.append(panel)
+                model = gr.Dropdown(list(models), value=names[0], label="Model", visible=len(models) > 1,
+                                    elem_id="model", info="Each model knows its own words: see its examples and "
+                                                          "'What this model knows'.")
+                # The selected model's examples (a Dataset its selection refills: models come and go at run time)
+                example_rows = gr.Dataset(components=[prompt], samples=[[e] for e in examples_for(names[0])],
+                                          label="Examples", visible=bool(examples_for(names[0])), elem_id="examples")
+                no_examples = gr.Markdown(NO_EXAMPLES, visible=not examples_for(names[0]), elem_classes="small-note")
                 with gr.Accordion("Advanced settings", open=False):
                     negative_prompt = gr.Textbox("", label="Negative prompt", max_lines=2,
                                                  info="Replaces the empty prompt of classifier-free guidance; "
@@ -668,14 +827,10 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
                                                   label="Relation guidance", info=RELATION_INFO + layout_off(pipe))
                     object_guidance = gr.Slider(0, MAX_OBJECT_GUIDANCE, value=OBJECT_GUIDANCE, step=5,
                                                 label="Object guidance", info=OBJECT_INFO + layout_off(pipe))
-                about_panels = []  # each model's words and card
-                for name, p in models.items():
-                    with gr.Column(visible=name == names[0]) as panel:
-                        with gr.Accordion("What this model knows", open=False):
-                            gr.Markdown(vocabulary.knows_note(p.captions, p.whole_words, p.layout_grammar))
-                        with gr.Accordion("Model card", open=False):
-                            gr.Markdown(vocabulary.model_card_text(p.model_card))
-                    about_panels.append(panel)
+                with gr.Accordion("What this model knows", open=False):
+                    knows = gr.Markdown(vocabulary.knows_note(pipe.captions, pipe.whole_words, pipe.layout_grammar))
+                with gr.Accordion("Model card", open=False):
+                    card = gr.Markdown(vocabulary.model_card_text(pipe.model_card))
             with gr.Column(scale=6):
                 gallery = gr.Gallery(label="Samples", columns=2, height=SAMPLES_WIDTH + 40,
                                      format="png", object_fit="contain", allow_preview=False,
@@ -733,7 +888,6 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
                                               info="Each layer's position × position maps: about 10× the size")
                     export = gr.Button("Export maps (zip)")
                     download = gr.File(label="Download")
-        build_compare_tab(pipe_for, lambda: list(models), budget, cache, settings)
         # word_maps has no UI of its own: its outputs are hidden, and only API clients and agents call it.
         with gr.Column(visible=False):
             agent_run = gr.Button("word maps")
@@ -822,10 +976,26 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
         def select_model(model: str) -> list:
             """Show the chosen model's examples, words and card, and what layout guidance does for it."""
             chosen = pipe_for(model)
-            shown = [gr.update(visible=name == model) for name in names]
-            return [*shown, *shown, gr.update(placeholder=placeholder_for(examples[model])),
+            rows = examples_for(model)
+            return [gr.update(samples=[[e] for e in rows], visible=bool(rows)), gr.update(visible=not rows),
+                    vocabulary.knows_note(chosen.captions, chosen.whole_words, chosen.layout_grammar),
+                    vocabulary.model_card_text(chosen.model_card), gr.update(placeholder=placeholder_for(rows)),
                     gr.update(info=RELATION_INFO + layout_off(chosen)),
                     gr.update(info=OBJECT_INFO + layout_off(chosen)), vocabulary.word_maps_note(chosen.layout_grammar)]
+
+        def use_example(model: str, index) -> str:
+            """The example clicked (the Dataset sends its index) of the selected model."""
+            try:
+                rows = examples_for(Choice(tuple(models)).parse("model", model or names[0]))
+                if not rows:
+                    raise InvalidInput("this model has no examples")
+                return rows[Whole(0, len(rows) - 1).parse("example", index)]
+            except InvalidInput as e:
+                raise gr.Error(str(e), print_exception=False) from e
+
+        def served_models() -> dict:
+            """The selector as it is now (a page opened before a fine-tune finished learns of its model)."""
+            return gr.update(choices=list(models), visible=len(models) > 1)
 
         @validated
         def center_pixel(result: GenerationResult) -> tuple[int, int]:
@@ -877,8 +1047,13 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
         target.select(click_pixel, [result, image], [pixel_y, pixel_x], **private).success(
             render_self_attention, self_inputs, [target, self_maps], **private)
         export.click(export_maps, [result, export_self], download, api_name="export_maps", **light)
-        model.change(select_model, [model], [*example_panels, *about_panels, prompt, relation_guidance,
+        model.change(select_model, [model], [example_rows, no_examples, knows, card, prompt, relation_guidance,
                                              object_guidance, words_note], **private)
+        example_rows.click(use_example, [model, example_rows], prompt, **private)
+        demo.load(served_models, None, model, **private)
+        build_compare_tab(pipe_for, lambda: list(models), budget, cache, settings)  # beside Fine-tune: one tab row
+        if jobs is not None:
+            build_finetune_tab(demo, jobs, model, add_model)
         agent_run.click(word_maps, [prompt, negative_prompt, steps, guidance, seed, sampler, model],
                         [agent_sample, agent_strip, agent_words], api_name="word_maps", concurrency_id="sampling",
                         **raw)
@@ -940,6 +1115,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="also serve on a temporary public gradio.live link")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="U-Net compute type; auto = bf16 where this CPU runs it fast, else fp32 (default: auto)")
+    parser.add_argument("--finetune-dir", default=FINETUNE_ROOT,
+                        help="where the Fine-tune tab's runs go (default: %(default)s)")
     add_settings_flags(parser, Settings.from_env())
     args = parser.parse_args(argv)
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
@@ -961,14 +1138,26 @@ def main(argv: list[str] | None = None) -> None:
             models[name] = load_pipeline(source, args.dtype)
         except Exception as e:  # a CLI: one clear line beats a traceback through three libraries
             sys.exit(f"Could not load the model {source!r}: {e}")
+    jobs = finetune_jobs(settings, sources[0], args.finetune_dir)
     _COMPUTE.submit(torch.set_num_threads, os.cpu_count() or 1).result()
     # The first sampling run builds the CPU kernels for its shapes (~1.5 s here). Do that for the default
     # settings while Gradio builds and starts the server: queued on the torch thread, the first request
     # waits for it (the default model's first, then the others').
     for pipe in models.values():
         _COMPUTE.submit(warm_up, pipe)
-    build_demo(models, settings).launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME,
-                                      css=CSS, **launch_options(settings))
+    build_demo(models, settings, jobs).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                            theme=THEME, css=CSS, allowed_paths=[args.finetune_dir],
+                                            **launch_options(settings))
+
+
+def finetune_jobs(settings: Settings, base: str, root: str = FINETUNE_ROOT) -> FineTuneJobs | None:
+    """The Fine-tune tab's jobs over the first model (a local folder: train.py --init reads it), or None (off, or
+    a hub model)."""
+    if not settings.finetune or not (Path(base) / "unet").is_dir():
+        return None
+    jobs = FineTuneJobs(root, base, threads=settings.finetune_threads, keep_runs=settings.finetune_keep_runs,
+                        max_upload_mb=settings.finetune_upload_mb, allow_local=settings.finetune_local_data)
+    return jobs
 
 
 if __name__ == "__main__":

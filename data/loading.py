@@ -383,8 +383,14 @@ def load_captioned(source: str | Path, config: LoadConfig = LoadConfig()) -> Cap
     source: folder with images + metadata.jsonl/.csv/.parquet (optionally in split subfolders,
         e.g. the output of `data.shapes.generate_dataset`), or a hub id like "owner/name".
     """
+    return CaptionedImages(load_table(source, config.split), config, source=str(source))
+
+
+def load_table(source: str | Path, split: str = "train") -> datasets.Dataset:
+    """The rows of a folder or hub dataset as `datasets` reads them (images undecoded where local), before any
+    check of a row: for a caller that looks at the columns first (which holds the captions?), as the app's
+    fine-tune tab does. Folder mistakes raise the same errors, naming the fix, as load_captioned."""
     path = Path(source)
     if path.is_dir():
         _check_local_folder(path)
-    hf = _load_hf(source, config.split)
-    return CaptionedImages(hf, config, source=str(source))
+    return _load_hf(source, split)

@@ -47,6 +47,15 @@ class Settings:
     max_sessions: int = setting(1000, "sessions Gradio remembers at once; the oldest is forgotten")
     queue_size: int = setting(32, "requests that may wait in the queue; one more is told the queue is full")
     mcp: bool = setting(True, "also serve the endpoints as MCP tools at /gradio_api/mcp/")
+    finetune: bool = setting(True, "show the Fine-tune tab: people train the first model on their own pictures "
+                                   "(one run at a time, in a background train.py)")
+    finetune_threads: int = setting(1, "CPU threads a fine-tune run gets (it is also niced): the rest keep sampling "
+                                       "responsive")
+    finetune_keep_runs: int = setting(5, "fine-tune runs kept on disk (data, checkpoints, export, zip); the oldest "
+                                         "go first, never the running one")
+    finetune_upload_mb: int = setting(500, "the largest upload a fine-tune accepts, unpacked, in MB")
+    finetune_local_data: bool = setting(True, "a fine-tune may also read a folder on this machine by its path (turn "
+                                              "it off on a public Space: uploads only)")
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "Settings":

@@ -300,21 +300,27 @@ def test_two_models_each_show_their_own_examples_words_and_card(pipe):
     demo = app.build_demo({"shapes": pipe, "own": own})
     try:
         datasets = [block.samples for block in demo.blocks.values() if isinstance(block, gr.Dataset)]
-        assert len(datasets) == 2 and {row[0] for row in datasets[1]} <= set(OWN_CAPTIONS)
+        assert len(datasets) == 1 and {row[0] for row in datasets[0]} <= set(pipe.captions.examples)
         shown = [block.value for block in demo.blocks.values() if isinstance(block, gr.Markdown)]
-        for p in (pipe, own):  # each model's 'What this model knows' and card, in one panel each
-            assert vocabulary.knows_note(p.captions, p.whole_words, p.layout_grammar) in shown
-        assert shown.count(vocabulary.model_card_text(None)) == 2  # neither tiny model has a card
+        assert vocabulary.knows_note(pipe.captions, pipe.whole_words, pipe.layout_grammar) in shown
+        assert shown.count(vocabulary.model_card_text(None)) == 1  # the first model's card
         selector = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model")
         assert selector.visible and [c[1] for c in selector.choices] == ["shapes", "own"]
         select = next(fn for fn in demo.fns.values() if fn.name == "select_model").fn
-        updates = select("own")
-        assert [u["visible"] for u in updates[:4]] == [False, True, False, True]  # examples, then words + card
+        updates = select("own")  # examples, the no-examples note, words, card, then the prompt and guidance
+        assert {row[0] for row in updates[0]["samples"]} <= set(OWN_CAPTIONS) and updates[0]["visible"]
+        assert updates[1]["visible"] is False
+        assert updates[2] == vocabulary.knows_note(own.captions, own.whole_words, own.layout_grammar)
+        assert updates[3] == vocabulary.model_card_text(None)
         assert "polar bear" in updates[4]["placeholder"] and "not in the shapes grammar" in updates[5]["info"]
         assert "not in the shapes grammar" not in select("shapes")[5]["info"]
         assert updates[7] == vocabulary.WORDS_NOTE and select("shapes")[7] == vocabulary.GROUNDED_WORDS_NOTE
         with pytest.raises(gr.Error, match="model must be one of 'shapes', 'own'; got 'cat'"):
             select("cat")
+        use = next(fn for fn in demo.fns.values() if fn.name == "use_example").fn
+        assert use("own", 0) == updates[0]["samples"][0][0]  # a click sends the example's index
+        with pytest.raises(gr.Error, match="example must be a whole number"):
+            use("own", 999)
     finally:
         demo.close()
     one = app.build_demo(pipe)  # one model: no selector to show

@@ -129,6 +129,87 @@ def test_prompt_to_samples_to_attention_maps_in_a_browser(app_url, tmp_path):
             browser.close()
 
 
+@pytest.fixture
+def finetune_app(tmp_path):
+    """The app over one tiny model, its Fine-tune runs in tmp_path/runs; and a zip of captioned pictures with a
+    corrupt image in it."""
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    base = tmp_path / "base"
+    tiny_pipeline(OWN_CAPTIONS, grammar=None).save_pretrained(base)
+    archive = tmp_path / "pictures.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        rows = []
+        for i, caption in enumerate(OWN_CAPTIONS[:6]):
+            path = tmp_path / f"{i}.png"
+            Image.new("RGB", (20, 20), (40 * i, 200 - 30 * i, 90)).save(path)
+            zf.write(path, f"pictures/{i}.png")
+            rows.append({"file_name": f"{i}.png", "text": caption})
+        zf.writestr("pictures/broken.png", b"\x89PNG not really")
+        rows.append({"file_name": "broken.png", "text": "a broken picture"})
+        zf.writestr("pictures/metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(base), "--finetune-dir", str(tmp_path / "runs"),
+                             "--port", str(free_port())], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        yield wait_for_url(proc, START_TIMEOUT_S), archive
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+                    reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
+def test_upload_pictures_train_a_few_steps_and_draw_with_the_new_model(finetune_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, archive = finetune_app
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_role("tab", name="Fine-tune").click()
+            page.locator("#finetune-upload input[type=file]").set_input_files(str(archive))
+            page.locator("#finetune-name").locator("textarea, input").first.fill("mine")
+            page.get_by_text("Advanced", exact=True).last.click()
+            page.locator("#finetune-steps input").fill("3")
+            page.locator("#finetune-check").click()
+
+            # The check: what was found, the corrupt picture by name, the time it will take.
+            report = page.locator("#finetune-report")
+            expect(report).to_contain_text("6 pictures", timeout=60_000)
+            expect(report).to_contain_text("broken.png")
+            expect(report).to_contain_text("3 steps")
+
+            # Train: the loss plot, a validation grid, and the new model in the selector, selected.
+            page.locator("#finetune-start").click()
+            expect(page.locator("#finetune-state")).to_contain_text("Finished", timeout=180_000)
+            expect(page.locator("#finetune-loss canvas, #finetune-loss svg").first).to_be_visible(timeout=30_000)
+            expect(page.locator("#finetune-grid img")).to_be_visible(timeout=30_000)
+            expect(page.get_by_label("Model", exact=True)).to_have_value("mine", timeout=60_000)
+            page.screenshot(path=tmp_path / "finetune.png", full_page=True)
+            shutil.copy(tmp_path / "finetune.png", "/tmp/app_finetune_screenshot.png")
+
+            # And it draws.
+            page.locator("#prompt textarea").fill("a polar bear")
+            page.get_by_role("button", name="Generate").click()
+            expect(page.locator("#samples img")).to_have_count(4, timeout=60_000)
+            expect(page.locator("#status")).to_contain_text(re.compile(r"Seed \d+"))
+        finally:
+            browser.close()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
                     reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")

@@ -191,14 +191,19 @@ def test_rerendering_needs_a_comparison_and_an_image_it_made(demo):
         app.render_comparison(comparison, 0, "none")
 
 
-def test_models_added_after_the_app_was_built_can_be_compared(pipes, tmp_path):
-    models = {"a": pipes[0]}
-    demo = app.build_demo(models)
+def test_models_added_after_the_app_was_built_can_be_compared(pipes):
+    import inspect
+
+    demo = app.build_demo({"a": pipes[0]})
     try:
-        models["late"] = pipes[1]  # as a fine-tune would add one at run time
         refresh = next(fn.fn for fn in demo.fns.values() if fn.name == "refresh_models")
+        # build_demo's own models dict, which a finished fine-tune adds to (add_model)
+        models = inspect.getclosurevars(inspect.getclosurevars(refresh).nonlocals["model_names"]).nonlocals["models"]
+        models["late"] = pipes[1]
         updates = refresh("a", "late")
         assert [u["choices"] for u in updates] == [["a", "late"]] * 2 and updates[1]["value"] == "late"
+        *_, note, comparison = handler(demo, "compare")(**compare_args(model_b="late"))
+        assert "A: a · B: late" in note and comparison.b.attention is not None
     finally:
         demo.close()
 

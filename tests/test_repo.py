@@ -50,7 +50,8 @@ def test_quickstart_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-PROJECT = {"unet", "conditioning", "core", "diffusion", "data", "app", "train", "evaluate", "benchmarks", "tests"}
+PROJECT = {"unet", "conditioning", "core", "diffusion", "data", "app", "train", "evaluate", "benchmarks", "tests",
+           "finetune_jobs"}
 
 
 def imported_packages(package: str) -> set[tuple[str, str]]:
@@ -91,6 +92,11 @@ def test_import_direction():
     # benchmarks time the product's code: train.py as a process (as a user runs it), never the tests' helpers;
     # the seed's blocks they compare against live in benchmarks/seed_blocks.py
     assert not imported_project_packages("benchmarks") & {"tests", "train"}
+    # the app's fine-tune jobs read data sets and run train.py, but draw nothing: no UI library
+    tree = ast.parse((ROOT / "finetune_jobs.py").read_text())
+    jobs = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names} | {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert "gradio" not in jobs and not jobs & {"app", "tests"}
 
 
 def test_no_pickles_tracked():
