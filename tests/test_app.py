@@ -14,6 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -403,6 +404,30 @@ def test_live_each_request_draws_with_the_model_it_names(pipe, tmp_path, monkeyp
             client.predict(**form, model="cat", api_name="/generate")
     finally:
         demo.close()
+
+
+def test_torch_work_leaves_the_cores_a_running_fine_tune_holds():
+    class Jobs:  # a fine-tune on one thread, running or not
+        threads, name = 1, None
+
+        def running(self):
+            return self.name
+
+    threads, jobs, seen = app.TorchThreads(), Jobs(), []
+
+    def work():  # on a thread of its own: the test process's torch threads stay as they are
+        threads.fit()  # not set up (no main()): left alone
+        seen.append(torch.get_num_threads())
+        threads.cores, threads.jobs = 4, jobs
+        for name in ("mine", None, "mine"):
+            jobs.name = name
+            threads.fit()
+            seen.append(torch.get_num_threads())
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert seen[1:] == [3, 4, 3]
 
 
 def test_all_torch_work_runs_on_one_thread(pipe):
