@@ -1079,9 +1079,12 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
                                              object_guidance, words_note], **private)
         example_rows.click(use_example, [model, example_rows], prompt, **private)
         demo.load(served_models, None, model, **private)
-        build_compare_tab(pipe_for, lambda: list(models), budget, cache, settings)  # beside Fine-tune: one tab row
-        if jobs is not None:
-            build_finetune_tab(demo, jobs, model, add_model)
+        # Below the explorer, a section of its own: compare two models or two prompts, and teach a model new words.
+        gr.Markdown("## Compare" + (" and fine-tune" if jobs is not None else ""), elem_id="more")
+        with gr.Tabs():
+            build_compare_tab(pipe_for, lambda: list(models), budget, cache, settings)
+            if jobs is not None:
+                build_finetune_tab(demo, jobs, model, add_model)
         agent_run.click(word_maps, [prompt, negative_prompt, steps, guidance, seed, sampler, model],
                         [agent_sample, agent_strip, agent_words], api_name="word_maps", concurrency_id="sampling",
                         **raw)
