@@ -687,7 +687,7 @@ def build_finetune_tab(demo: gr.Blocks, jobs: FineTuneJobs, model: gr.Dropdown,
         with gr.Accordion("Share the model", open=False):
             with gr.Row():
                 download = gr.Button("Zip the model", scale=1)
-                zipped = gr.File(label="Download", scale=3)
+                zipped = gr.File(label="Download", scale=3, elem_id="finetune-zip")
             gr.Markdown("Or push it to the Hugging Face Hub as a model repository (a write token from "
                         "huggingface.co/settings/tokens; it is used for this push only and not stored).",
                         elem_classes="small-note")

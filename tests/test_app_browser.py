@@ -170,7 +170,7 @@ def finetune_app(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
                     reason=f"needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
-def test_upload_pictures_train_a_few_steps_and_draw_with_the_new_model(finetune_app, tmp_path):
+def test_upload_pictures_train_draw_zip_and_compare_the_new_model_with_the_base(finetune_app, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     url, archive = finetune_app
@@ -206,6 +206,23 @@ def test_upload_pictures_train_a_few_steps_and_draw_with_the_new_model(finetune_
             page.get_by_role("button", name="Generate").click()
             expect(page.locator("#samples img")).to_have_count(4, timeout=60_000)
             expect(page.locator("#status")).to_contain_text(re.compile(r"Seed \d+"))
+
+            # Share: the fine-tuned model as a zip.
+            page.get_by_text("Share the model", exact=True).click()
+            page.get_by_role("button", name="Zip the model").click()
+            expect(page.locator("#finetune-zip")).to_contain_text(re.compile(r"mine\s*\.zip"), timeout=60_000)
+
+            # Compare it with the base model: the same prompt and seeds, one row each.
+            page.get_by_role("tab", name="Compare").click()
+            page.locator("#compare-prompt-a textarea").fill("a polar bear")
+            page.get_by_label("A drawn by").click()
+            page.get_by_role("option", name="base", exact=True).click()
+            page.get_by_label("B drawn by").click()
+            page.get_by_role("option", name="mine", exact=True).last.click()  # A's closed list stays in the page
+            page.get_by_role("button", name="Compare", exact=True).click()
+            expect(page.locator("#compare-samples-a img")).to_have_count(4, timeout=180_000)
+            expect(page.locator("#compare-samples-b img")).to_have_count(4, timeout=30_000)
+            expect(page.locator("#compare-note")).to_contain_text("A: base", timeout=30_000)
         finally:
             browser.close()
 
