@@ -335,7 +335,7 @@ def generate(pipe: TextToImagePipeline, prompt: str, negative_prompt: str, steps
     status = (f"**Seed {result.seed}** (image *i* uses seed {result.seed} + *i* − 1) · {steps} {sampler} steps · "
               f"guidance {guidance:g}{layout} · {seconds:.1f} s. "
               "Click a sample to explore it below.")
-    status += "".join(f"\n\n{note}" for note in result.guidance_notes)
+    status += "".join(f"\n\n{note[:1].upper()}{note[1:]}" for note in result.guidance_notes)  # a sentence of its own
     status += "".join(f"\n\n⚠️ {w}" for w in result.warnings)
     return gallery, result.seed, status, result
 

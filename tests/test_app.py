@@ -209,7 +209,7 @@ def test_a_model_of_its_own_words_gets_its_examples_words_and_no_shapes_guidance
     _, _, status, res = app.generate(own, "a red apple above a polar bear", "", 2, 4.0, 0, False, "ddim", 1,
                                      progress=NoProgress())
     assert not (res.relation_guided or res.object_guided) and "relation guidance" not in status
-    assert "layout guidance is off: this model's captions are not in the shapes grammar" in status
+    assert "\n\nLayout guidance is off: this model's captions are not in the shapes grammar" in status
     with pytest.warns(UserWarning, match="unknown words: circle"):  # its own captions decide, not the shapes words
         status = app.generate(own, "a red circle", "", 1, 4.0, 0, False, "ddim", 1, progress=NoProgress())[2]
     assert "unknown words: circle" in status
