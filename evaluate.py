@@ -216,7 +216,7 @@ class ClipScorer:
 
     @torch.no_grad()
     def __call__(self, images: list, texts: list[str]) -> list[float]:
-        from conditioning.imagefolder import to_pixel_values
+        from conditioning.clip_images import to_pixel_values
 
         pixels = to_pixel_values(torch.stack([
             torch.from_numpy(np.array(im.convert("RGB").resize((self.size, self.size)))).permute(2, 0, 1)

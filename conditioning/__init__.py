@@ -1,5 +1,2 @@
-"""Text conditioning: the frozen CLIP text encoder and the small CLIP's pre-training (see pretrain_clip)."""
-
-from conditioning.text_encoder import EncodedPrompts, TextEncoder
-
-__all__ = ["EncodedPrompts", "TextEncoder"]
+"""Text conditioning: the frozen CLIP text encoder, its tokenizer, and CLIP's view of pictures (the trainer is
+the top-level pretrain_clip.py)."""

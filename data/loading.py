@@ -148,7 +148,7 @@ def _load_hf(source: str | Path, split: str) -> datasets.Dataset:
         try:
             return load(path, split, splits)
         except (ValueError, TypeError, datasets.exceptions.DatasetGenerationError) as e:
-            if isinstance(e, _SplitNotFound):
+            if isinstance(e, SplitNotFound):
                 raise
             cause = f"; {e.__cause__}" if e.__cause__ else ""  # DatasetGenerationError hides the reason there
             raise ValueError(
@@ -166,13 +166,13 @@ def _load_hf(source: str | Path, split: str) -> datasets.Dataset:
     raise FileNotFoundError(f"{source}: no such folder, and not a hub dataset id like 'owner/name'")
 
 
-class _SplitNotFound(ValueError):
-    pass
+class SplitNotFound(ValueError):
+    """The source has no split of that name (the message lists the ones it has)."""
 
 
 def _pick_split(splits, split: str, source):
     if split not in splits:
-        raise _SplitNotFound(f"split {split!r} not found in {source}; available splits: {list(splits)}. "
+        raise SplitNotFound(f"split {split!r} not found in {source}; available splits: {list(splits)}. "
                              "Pass LoadConfig(split=...)")
     return splits[split]
 
@@ -384,6 +384,44 @@ def load_captioned(source: str | Path, config: LoadConfig = LoadConfig()) -> Cap
         e.g. the output of `data.shapes.generate_dataset`), or a hub id like "owner/name".
     """
     return CaptionedImages(load_table(source, config.split), config, source=str(source))
+
+
+@dataclass
+class ImageTextPairs:
+    """N captioned pictures held in memory, for contrastive training (each batch scores all of its pairs).
+
+    pixels: (N, 3, R, R) uint8.  texts: per picture, its caption (the `text` column, its first if a list).
+    captions: per picture, every true phrasing known (`text` plus a `captions` column), for training (one is
+        drawn per step) and for judging retrieval (a hit = the query describes the picture).
+    """
+
+    pixels: torch.Tensor
+    texts: list[str]
+    captions: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, index: slice) -> ImageTextPairs:
+        return ImageTextPairs(self.pixels[index], self.texts[index], self.captions[index])
+
+
+def load_pairs(source: str | Path, resolution: int, split: str = "train") -> ImageTextPairs:
+    """Every row of a split in memory: the pictures under CaptionedImages' resize and centre crop, and their
+    captions. A bad row raises the same error, naming the file or column and the fix, as load_captioned."""
+    table = load_table(source, split)
+    config = LoadConfig(resolution=resolution, split=split, caption_column="text", pick_caption=False,
+                        verify_images=False)  # each picture is decoded once, below
+    data = CaptionedImages(table, config, source=str(source))
+    extra = table["captions"] if "captions" in table.column_names else [None] * len(table)
+    pixels = torch.empty(len(data), 3, resolution, resolution, dtype=torch.uint8)
+    texts, captions = [], []
+    for i in range(len(data)):
+        item = data[i]
+        pixels[i] = item["pixel_values"].add(1).mul(127.5).round().to(torch.uint8)  # to_tensor, undone exactly
+        texts.append(item["captions"][0])
+        captions.append(list(dict.fromkeys(item["captions"] + list(extra[item["index"]] or []))))  # keep order
+    return ImageTextPairs(pixels, texts, captions)
 
 
 def load_table(source: str | Path, split: str = "train") -> datasets.Dataset:

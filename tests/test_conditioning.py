@@ -23,10 +23,10 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from conditioning.imagefolder import CaptionedImages, load_split
-from conditioning.pretrain_clip import PRESETS, add_shapes_phrasings, evaluate, main, retrieval_top1
 from conditioning.text_encoder import TextEncoder
 from conditioning.tokenizer import BOS, EOS, UNK, save_clip_tokenizer, train_clip_bpe
+from data.loading import ImageTextPairs, LoadConfig, load_captioned, load_pairs
+from pretrain_clip import PRESETS, add_shapes_phrasings, evaluate, main, retrieval_top1
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 90, 225), "yellow": (235, 210, 35)}
 KINDS = ("circle", "square")
@@ -231,6 +231,8 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 def make_caption_folder(root: Path, n_train: int, n_val: int, val_name: str = "validation") -> Path:
     """A tiny imagefolder: one coloured circle or square per 16 px image, captioned."""
     for split, n in (("train", n_train), (val_name, n_val)):
+        if not n:
+            continue
         (root / split).mkdir(parents=True)
         rows = []
         for i in range(n):
@@ -246,27 +248,30 @@ def make_caption_folder(root: Path, n_train: int, n_val: int, val_name: str = "v
     return root
 
 
-def test_load_split_reads_captions_and_resizes(tmp_path):
-    folder = make_caption_folder(tmp_path / "data", 4, 0) / "train"
-    data = load_split(folder, image_size=8)
+def test_load_pairs_reads_captions_and_resizes(tmp_path):
+    root = make_caption_folder(tmp_path / "data", 4, 0)
+    data = load_pairs(root, resolution=8)
     assert data.pixels.shape == (4, 3, 8, 8) and data.pixels.dtype == torch.uint8
     assert data.texts[0] == "a red circle" and data.captions[0] == ["a red circle", "an image of a red circle"]
-    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "000.png", "caption": "x"}) + "\n")
-    with pytest.raises(ValueError, match="text"):
-        load_split(folder, image_size=8)
+    # the same pixels the batch loader gives (data.loading's one resize and crop), as uint8
+    batch = load_captioned(root, LoadConfig(resolution=8))[0]["pixel_values"]
+    assert torch.equal(data.pixels[0], batch.add(1).mul(127.5).round().to(torch.uint8))
+    (root / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "000.png", "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match="no column 'text'"):
+        load_pairs(root, resolution=8)
 
 
 def test_shapes_judge_adds_every_true_phrasing_and_leaves_other_data_alone(tmp_path):
-    split = make_caption_folder(tmp_path / "shapes", 1, 0) / "train"
-    data = load_split(split, image_size=8)
-    assert not add_shapes_phrasings(split, data)  # no shapes_info.json: not the shapes set
-    (tmp_path / "shapes" / "shapes_info.json").write_text("{}")
+    root = make_caption_folder(tmp_path / "shapes", 1, 0)
+    data = load_pairs(root, resolution=8)
+    assert not add_shapes_phrasings(root, "train", data)  # no shapes_info.json: not the shapes set
+    (root / "shapes_info.json").write_text("{}")
     row = {"file_name": "000.png", "text": "a red circle", "captions": ["a red circle"], "background": "white",
            "objects": [{"kind": "circle", "colour": "red", "size": "small", "row": 1, "col": 1,
                         "box": [12.0, 12.0, 18.0, 18.0]}]}
-    (split / "metadata.jsonl").write_text(json.dumps(row) + "\n")
-    data = load_split(split, image_size=8)
-    assert add_shapes_phrasings(split, data, draws=64)
+    (root / "train" / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    data = load_pairs(root, resolution=8)
+    assert add_shapes_phrasings(root, "train", data, draws=64)
     assert data.captions[0][0] == "a red circle"
     assert {"a small red circle", "a red circle in the center"} <= set(data.captions[0])
     assert not any("blue" in c or "square" in c for c in data.captions[0])
@@ -292,7 +297,7 @@ class OracleCLIP(torch.nn.Module):
 
 def test_retrieval_top1_counts_true_descriptions_not_only_the_paired_item(tokenizer):
     texts = ["a red circle", "a blue square", "a red circle", "a green square"]
-    data = CaptionedImages(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), texts, [[t] for t in texts])
+    data = ImageTextPairs(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), texts, [[t] for t in texts])
     model = OracleCLIP({"a red circle": 0, "a blue square": 1, "a green square": 2}, [0, 1, 0, 3])
     model.tokenizer = tokenizer
     scores = retrieval_top1(model, tokenizer, data, candidates=4)
@@ -372,7 +377,7 @@ def make_clipart_folder(root: Path, n_train: int, n_heldout: int) -> Path:
 
 
 def test_sources_share_every_batch_by_weight_and_read_their_own_rows(tmp_path):
-    from conditioning.pretrain_clip import load_sources
+    from pretrain_clip import load_sources
 
     art, shapes = make_clipart_folder(tmp_path / "art", 6, 4), make_caption_folder(tmp_path / "shapes", 10, 4)
     cfg = dataclasses.replace(PRESETS["tiny"], batch_size=8, data_weights=(0.75, 0.25), augment=(True, False))
@@ -401,7 +406,7 @@ def test_sources_share_every_batch_by_weight_and_read_their_own_rows(tmp_path):
 
 
 def test_zoom_out_keeps_the_whole_drawing_on_white_and_mirrors_only_where_allowed():
-    from conditioning.imagefolder import zoom_out_on_white
+    from conditioning.clip_images import zoom_out_on_white
 
     pixels = torch.full((64, 3, 16, 16), 255, dtype=torch.uint8)
     pixels[:, :, 4:12, 2:6] = 0  # a black bar left of centre
@@ -419,7 +424,7 @@ def test_zoom_out_keeps_the_whole_drawing_on_white_and_mirrors_only_where_allowe
 
 
 def test_a_grown_tokenizer_keeps_the_old_ids_and_reads_common_words_whole(tokenizer, tmp_path):
-    from conditioning.pretrain_clip import make_tokenizer
+    from pretrain_clip import make_tokenizer
 
     save_clip_tokenizer(tokenizer, tmp_path / "base")
     cfg = dataclasses.replace(PRESETS["tiny"], base_tokenizer=str(tmp_path / "base"), min_word_count=2)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel
 
 import evaluate
-from conditioning.imagefolder import to_pixel_values
+from conditioning.clip_images import to_pixel_values
 from conditioning.text_encoder import TextEncoder
 from data.detector import detect
 from data.shapes import ShapesConfig, make_example

@@ -1,15 +1,15 @@
 """Contrastive pre-training of a small CLIP on captioned images: the offline default text encoder.
 
     python -m data.shapes --out cache/shapes32 --size 32                     # the captioned shapes set
-    python -m conditioning.pretrain_clip --data cache/shapes32 --out runs/clip
-    python -m conditioning.pretrain_clip --data cache/shapes32 --out runs/clip --resume   # continue
-    python -m conditioning.pretrain_clip --data cache/shapes32 --eval runs/clip           # retrieval top-1
+    python pretrain_clip.py --data cache/shapes32 --out runs/clip
+    python pretrain_clip.py --data cache/shapes32 --out runs/clip --resume   # continue
+    python pretrain_clip.py --data cache/shapes32 --eval runs/clip           # retrieval top-1
 
     # the clip-art CLIP: real words from openclipart plus the shapes set, the shipped tokenizer grown with
     # whole-word tokens for the captions' common words (its old ids kept)
     python -m data.clipart --out cache/clipart64
     python -m data.shapes --out cache/shapes64 --size 64 --n-train 20000
-    python -m conditioning.pretrain_clip --preset clipart --data cache/clipart64 cache/shapes64 \
+    python pretrain_clip.py --preset clipart --data cache/clipart64 cache/shapes64 \
         --tokenizer weights/default/tokenizer --out runs/clip-clipart
 
 On a CPU shared with other jobs, run it with `nice -n 10` and `OMP_NUM_THREADS=1`: with two cores
@@ -61,20 +61,14 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from conditioning.imagefolder import (
-    CLIP_MEAN,
-    CLIP_STD,
-    CaptionedImages,
-    find_split,
-    load_split,
-    to_pixel_values,
-    zoom_out_on_white,
-)
+from conditioning.clip_images import CLIP_MEAN, CLIP_STD, to_pixel_values, zoom_out_on_white
 from conditioning.text_encoder import TextEncoder
 from conditioning.tokenizer import grow_tokenizer, save_clip_tokenizer, train_clip_bpe
 from core.checkpoints import checkpoints, load_optimizer, lr_schedule, optimizer_tensors, save_checkpoint
 from core.loader import shuffled_loader
 from core.precision import mixed_precision
+from data.loading import ImageTextPairs, SplitNotFound, load_pairs, load_table
+from data.shapes import Scene, ShapeObject, ShapesConfig, captions_for
 
 
 @dataclass
@@ -120,7 +114,7 @@ class PretrainConfig:
     base_tokenizer: str = ""
     min_word_count: int = 2
     # per --data folder: True zooms its pictures out on white by a random factor (>= augment_min_scale) and
-    # mirrors those whose captions say neither left nor right (imagefolder.zoom_out_on_white). Only for
+    # mirrors those whose captions say neither left nor right (clip_images.zoom_out_on_white). Only for
     # pictures of one drawing on white (clip art): the shapes set's captions name positions. Empty: none.
     augment: tuple[bool, ...] = ()
     augment_min_scale: float = 0.75
@@ -168,19 +162,16 @@ def build_model(cfg: PretrainConfig, tokenizer: CLIPTokenizer) -> CLIPModel:
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
 
 
-def load_splits(data: str | Path, cfg: PretrainConfig) -> tuple[CaptionedImages, CaptionedImages]:
-    """(train, validation); without a validation split, the last `cfg.val_holdout` train pairs."""
-    train_dir = find_split(data, "train")
-    if train_dir is None:
-        raise ValueError(
-            f"no train split in {data}: expected {data}/train/metadata.jsonl (imagefolder layout) or "
-            f"{data}/metadata.jsonl. Make one with `python -m data.shapes --out {data}`."
-        )
-    train = load_split(train_dir, cfg.image_size)
-    val_dir = find_split(data, "validation") or find_split(data, "heldout")
-    if val_dir is not None:
-        val = load_split(val_dir, cfg.image_size)
-        add_shapes_phrasings(val_dir, val)
+def load_splits(data: str | Path, cfg: PretrainConfig) -> tuple[ImageTextPairs, ImageTextPairs]:
+    """(train, validation) of a folder or hub dataset (data.loading, the one loader); the held-out split is
+    `validation`, else `heldout` (data.clipart's); without either, the last `cfg.val_holdout` train pairs."""
+    train = load_pairs(data, cfg.image_size, "train")
+    for split in ("validation", "heldout"):
+        try:
+            val = load_pairs(data, cfg.image_size, split)
+        except SplitNotFound:
+            continue
+        add_shapes_phrasings(data, split, val)
         return train, val
     if len(train) <= cfg.val_holdout:
         raise ValueError(f"{len(train)} training pairs and no validation split: cannot hold out {cfg.val_holdout}.")
@@ -193,11 +184,11 @@ class Sources:
     validation splits apart; `shares[k]` pairs of every batch come from folder k."""
 
     names: list[str]
-    train: CaptionedImages
+    train: ImageTextPairs
     offsets: list[int]  # where folder k's pairs start in `train`
     sizes: list[int]
     shares: list[int]
-    val: dict[str, CaptionedImages]
+    val: dict[str, ImageTextPairs]
     augment: torch.Tensor  # (len(train),) bool: zoom this pair's picture out on white (cfg.augment)
     mirror_ok: torch.Tensor  # (len(train),) bool: no caption of this pair says left or right
 
@@ -226,7 +217,7 @@ def load_sources(data: list[str | Path], cfg: PretrainConfig) -> Sources:
     shares = [math.floor(x) for x in exact]
     for k in sorted(range(len(exact)), key=lambda k: shares[k] - exact[k])[: cfg.batch_size - sum(shares)]:
         shares[k] += 1  # largest remainders first, so the shares add up to the batch size
-    train = CaptionedImages(torch.cat([t.pixels for t, _ in splits]), [x for t, _ in splits for x in t.texts],
+    train = ImageTextPairs(torch.cat([t.pixels for t, _ in splits]), [x for t, _ in splits for x in t.texts],
                             [x for t, _ in splits for x in t.captions])
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
     augment = torch.tensor([bool(cfg.augment and cfg.augment[k]) for k, size in enumerate(sizes) for _ in range(size)])
@@ -235,7 +226,7 @@ def load_sources(data: list[str | Path], cfg: PretrainConfig) -> Sources:
                    augment, mirror_ok)
 
 
-def add_shapes_phrasings(split_dir: Path, data: CaptionedImages, draws: int = 512) -> bool:
+def add_shapes_phrasings(data_dir: str | Path, split: str, data: ImageTextPairs, draws: int = 512) -> bool:
     """For the procedural shapes set (data/shapes.py), add every phrasing its caption generator can
     produce for each image's ground-truth scene to `data.captions`, which judge retrieval hits.
 
@@ -245,17 +236,16 @@ def add_shapes_phrasings(split_dir: Path, data: CaptionedImages, draws: int = 51
     generator is random, so its phrasings are collected over `draws` seeds (they cover every choice of
     size words, prefix and relation it makes). Returns False (captions untouched) for other data.
     """
-    if not (split_dir.parent / "shapes_info.json").is_file():
+    if not (Path(data_dir) / "shapes_info.json").is_file():
         return False
-    from data.shapes import Scene, ShapeObject, ShapesConfig, captions_for  # only for this data set
-
     config = ShapesConfig()
-    rows = [json.loads(line) for line in (split_dir / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    table = load_table(data_dir, split)
     try:
-        scenes = [Scene(row["background"], [ShapeObject(o["kind"], o["colour"], o["size"], o["row"], o["col"],
-                                                        tuple(o["box"])) for o in row["objects"]]) for row in rows]
-    except (KeyError, TypeError) as err:  # metadata written by another version of data/shapes.py
-        print(f"note: {split_dir} does not match data/shapes.py ({err!r}); judging retrieval by listed captions only")
+        scenes = [Scene(background, [ShapeObject(o["kind"], o["colour"], o["size"], o["row"], o["col"],
+                                                 tuple(o["box"])) for o in objects])
+                  for background, objects in zip(table["background"], table["objects"], strict=True)]
+    except (KeyError, TypeError, ValueError) as err:  # metadata written by another version of data/shapes.py
+        print(f"note: {data_dir} does not match data/shapes.py ({err!r}); judging retrieval by listed captions only")
         return False
     for scene, captions in zip(scenes, data.captions, strict=True):
         phrasings = {c for seed in range(draws) for c in captions_for(scene, random.Random(seed), config)}
@@ -263,7 +253,7 @@ def add_shapes_phrasings(split_dir: Path, data: CaptionedImages, draws: int = 51
     return True
 
 
-def pick_captions(data: CaptionedImages, idx: torch.Tensor, step: int, seed: int) -> list[str]:
+def pick_captions(data: ImageTextPairs, idx: torch.Tensor, step: int, seed: int) -> list[str]:
     """One phrasing per image, drawn afresh every step (deterministically, for resumes)."""
     g = torch.Generator().manual_seed(seed * 100_003 + 7 * step + 1)
     draws = torch.randint(0, 1 << 30, (len(idx),), generator=g).tolist()
@@ -275,7 +265,7 @@ def pick_captions(data: CaptionedImages, idx: torch.Tensor, step: int, seed: int
 
 @torch.no_grad()
 def retrieval_top1(
-    model: CLIPModel, tokenizer: CLIPTokenizer, data: CaptionedImages, candidates: int = 100, batch_size: int = 250
+    model: CLIPModel, tokenizer: CLIPTokenizer, data: ImageTextPairs, candidates: int = 100, batch_size: int = 250
 ) -> dict:
     """Text->image and image->text top-1 accuracy among `candidates`.
 
@@ -334,7 +324,7 @@ def format_scores(scores: dict) -> str:
             f"chance {scores['text_to_image_chance']:.3f} / {scores['image_to_text_chance']:.3f})")
 
 
-def retrieval_per_data(model: CLIPModel, tokenizer: CLIPTokenizer, val: dict[str, CaptionedImages],
+def retrieval_per_data(model: CLIPModel, tokenizer: CLIPTokenizer, val: dict[str, ImageTextPairs],
                        candidates: int, limit: int | None = None) -> dict[str, dict]:
     """`retrieval_top1` on each folder's validation pairs (the first `limit` of them), by folder name.
     A folder with fewer pairs than `candidates` is scored among all of its pairs."""
@@ -468,7 +458,7 @@ def _train_step(model, optimizer, scheduler, accelerator, tokenizer, sources, id
     return out.loss.item()
 
 
-def _report_long_captions(tokenizer: CLIPTokenizer, data: CaptionedImages, max_length: int) -> None:
+def _report_long_captions(tokenizer: CLIPTokenizer, data: ImageTextPairs, max_length: int) -> None:
     lengths = [len(ids) for ids in tokenizer([c for caps in data.captions for c in caps], verbose=False)["input_ids"]]
     cut = sum(n > max_length for n in lengths)
     if cut:
@@ -559,7 +549,7 @@ truth; about 16% of its captions, e.g. "a small yellow cross", fit more than one
 "Exact pair" counts only the item the caption was written for; "chance" is the hit rate of a random pick
 (above 1/candidates where several images share a caption, such as "a dog").
 Training: {result['steps']} steps of {cfg.batch_size} pairs, {result['train_seconds'] / 60:.0f} min.
-Reproduce the score: `python -m conditioning.pretrain_clip --data {" ".join(data)} --eval <this folder>`.
+Reproduce the score: `python pretrain_clip.py --data {" ".join(data)} --eval <this folder>`.
 Layout: `clip/` (full CLIPModel), `text_encoder/` + `tokenizer/` (what the diffusion pipeline loads).
 """
 
