@@ -11,7 +11,10 @@ top-5 with chance beside them, and foreground pointing: does each content word's
 object (pixels that differ from the plain background)? Where the folder has a `category` column (the
 clip-art set's), also: is the nearest picture of the caption's category (chance beside it)? Where the
 model folder has a `clip/`, the CLIP-score of the samples and of the captions' own pictures (the reference:
-a CLIP that cannot read the captions scores both alike).
+a CLIP that cannot read the captions scores both alike). It writes contact sheets of 16 captions drawn by the
+seed (retrieval.png, retrieval_heldout.png: sample, then the caption's own picture) and, with `--nouns K`,
+nouns.png: four samples of "a <noun>" for each of the K most common head nouns of the training captions, beside
+two of their training pictures, for a person to judge whether each is recognisable.
 
 Prompts are built from the shapes set's caption grammar (data/shapes.py) and scored by its detector,
 which is validated on ground truth at 100% per attribute (python -m data.detector --validate).
@@ -357,7 +360,8 @@ def evaluate_retrieval(pipe: TextToImagePipeline, folder: str, max_captions: int
     score top-1/top-5 retrieval of the caption's own picture, and content words' foreground pointing; where
     the folder has a `category` column, whether the nearest picture is of the caption's category; with `clip`,
     the CLIP-score of the samples and, for reference, of the captions' own pictures.
-    `sheet`: also write a PNG of the first seen captions' samples beside their own pictures."""
+    `sheet`: also write PNGs of 16 captions' samples beside their own pictures, drawn by `seed`: seen captions to
+    `sheet`, held-out ones to `<sheet>_heldout.png`."""
     size = pipe.unet.config.sample_size
     train, train_texts, train_cats = pixels_of(folder, "train", size)
     splits = {"seen": (train, train_texts, 0, train_cats)}
@@ -387,8 +391,11 @@ def evaluate_retrieval(pipe: TextToImagePipeline, folder: str, max_captions: int
                             pointing.append(bool(fg[y, xx]))
         own = [offset + i for i in picks]
         ranks = rank_of_own(torch.stack(samples), candidates, own)
-        if sheet is not None and name == "seen":
-            contact_sheet(samples[:16], [candidates[i] for i in own[:16]], sheet)
+        if sheet is not None:  # 16 pairs drawn by the seed, not picked by hand
+            shown = sorted(random.Random(seed).sample(range(len(samples)), min(16, len(samples))))
+            contact_sheet([samples[k] for k in shown], [candidates[own[k]] for k in shown],
+                          sheet if name == "seen" else sheet.with_name(f"{sheet.stem}_{name}{sheet.suffix}"),
+                          [texts[picks[k]] for k in shown])
         n = len(candidates)
         report[name] = {"captions": len(picks), "candidates": n,
                         "top1": sum(r < 1 for r in ranks) / len(ranks), "top5": sum(r < 5 for r in ranks) / len(ranks),
@@ -414,19 +421,67 @@ def to_pil(x: torch.Tensor):
     return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 
 
-def contact_sheet(samples: list[torch.Tensor], own: list[torch.Tensor], path: Path, scale: int = 4) -> None:
-    """Pairs side by side, four pairs a row: each sample, then the picture its caption describes."""
-    from PIL import Image
+def contact_sheet(samples: list[torch.Tensor], own: list[torch.Tensor], path: Path, captions: list[str] | None = None,
+                  scale: int = 4) -> None:
+    """Pairs side by side, four pairs a row: each sample, then the picture its caption describes, and the caption
+    under them."""
+    from PIL import Image, ImageDraw
 
     side = samples[0].shape[-1] * scale
+    label = 14 if captions else 0
     rows = math.ceil(len(samples) / 4)
-    out = Image.new("RGB", (4 * (2 * side + side // 4), rows * (side + side // 8)), "white")
+    out = Image.new("RGB", (4 * (2 * side + side // 4), rows * (side + side // 8 + label)), "white")
+    draw = ImageDraw.Draw(out)
     for k, (a, b) in enumerate(zip(samples, own, strict=True)):
-        x, y = (k % 4) * (2 * side + side // 4), (k // 4) * (side + side // 8)
+        x, y = (k % 4) * (2 * side + side // 4), (k // 4) * (side + side // 8 + label)
         out.paste(to_pil(a).resize((side, side), Image.NEAREST), (x, y))
         out.paste(to_pil(b).resize((side, side), Image.NEAREST), (x + side, y))
+        if captions:
+            draw.text((x + 2, y + side + 1), captions[k][:2 * side // 6], fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
+
+
+def head_nouns(captions: list[str], k: int = 20) -> list[str]:
+    """The k most common head nouns of short captions: each caption's last word ("a red flower" -> flower), a
+    plural counted with its singular ("frogs" -> frog) where the singular is a head noun too."""
+    last = [c.lower().split()[-1] for c in captions if c.split() and c.split()[-1].isalpha()]
+    singular = set(last)
+    counts: dict[str, int] = {}
+    for word in last:
+        word = word[:-1] if word.endswith("s") and word[:-1] in singular else word
+        counts[word] = counts.get(word, 0) + 1
+    return sorted(counts, key=lambda w: (-counts[w], w))[:k]
+
+
+def noun_sheet(pipe: TextToImagePipeline, folder: str, path: Path, nouns: int = 20, per_noun: int = 4,
+               steps: int = 20, guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0) -> list[str]:
+    """The sheet a person judges "is it recognisable?" on: one row per common head noun of the training captions,
+    `per_noun` samples of "a <noun>" (seeds seed, seed + 1, ...: drawn, not chosen), then, after a gap, two
+    training pictures whose caption ends in that noun, for reference. Returns the nouns, top row first."""
+    from PIL import Image, ImageDraw
+
+    size = pipe.unet.config.sample_size
+    train, texts, _ = pixels_of(folder, "train", size)
+    words = head_nouns(texts, nouns)
+    scale, label = 3, 90
+    side = size * scale
+    out = Image.new("RGB", (label + (per_noun + 3) * side, len(words) * (side + 4)), "white")
+    draw = ImageDraw.Draw(out)
+    for row, word in enumerate(words):
+        prompt = f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+        images = [pipe([prompt], num_images=1, steps=steps, guidance_scale=guidance, sampler=sampler,
+                       seed=seed + j).images[0] for j in range(per_noun)]
+        own = [i for i, t in enumerate(texts) if t.lower().split()[-1] in (word, word + "s")][:2]
+        y = row * (side + 4)
+        draw.text((4, y + side // 2 - 6), prompt, fill="black")
+        for j, image in enumerate(images):
+            out.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (label + j * side, y))
+        for j, i in enumerate(own):
+            out.paste(to_pil(train[i]).resize((side, side), Image.NEAREST), (label + (per_noun + 1 + j) * side, y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
+    return words
 
 
 def retrieval_markdown(report: dict, model: str) -> str:
@@ -515,6 +570,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--retrieval", metavar="FOLDER", default=None,
                         help="score retrieval on a captioned folder (train/ + heldout/) instead of the shapes tasks")
     parser.add_argument("--max-captions", type=int, default=96, help="with --retrieval: captions per split")
+    parser.add_argument("--nouns", type=int, default=0, metavar="K",
+                        help="with --retrieval: also write nouns.png, 4 samples of 'a <noun>' for each of the K most "
+                             "common head nouns of the training captions beside two of their training pictures")
     args = parser.parse_args(argv)
     if args.retrieval:
         pipe = TextToImagePipeline.from_pretrained(args.model, dtype=args.dtype)
@@ -524,6 +582,9 @@ def main(argv=None) -> dict:
                                     args.sampler, args.seed, sheet=Path(args.out) / "retrieval.png", clip=clip)
         report["model"] = args.model
         out = Path(args.out)
+        if args.nouns:
+            report["nouns"] = noun_sheet(pipe, args.retrieval, out / "nouns.png", args.nouns, steps=args.steps,
+                                         guidance=args.guidance, sampler=args.sampler, seed=args.seed)
         out.mkdir(parents=True, exist_ok=True)
         (out / "retrieval.json").write_text(json.dumps(report, indent=2))
         (out / "retrieval.md").write_text(retrieval_markdown(report, args.model))

@@ -286,7 +286,7 @@ def test_retrieval_report_on_a_real_pipeline(tmp_path, monkeypatch):
     assert report["heldout"]["top1"] == 1.0 and report["heldout"]["candidates"] == 4
     assert report["seen"]["chance_top1"] == pytest.approx(1 / 3)
     assert 0 <= report["foreground_pointing"]["score"] <= 1 and report["foreground_pointing"]["words"] > 0
-    assert Image.open(tmp_path / "sheet.png").size[0] > 0
+    assert Image.open(tmp_path / "sheet.png").size[0] > 0 and Image.open(tmp_path / "sheet_heldout.png").size[0] > 0
     assert "top-1" in evaluate.retrieval_markdown(report, "tiny")
     assert "category" not in report["seen"] and "clip_score" not in report["seen"]  # no such column, no CLIP
     clip = evaluate.ClipScorer(Path(__file__).resolve().parent.parent / "weights" / "default" / "clip")
@@ -295,6 +295,23 @@ def test_retrieval_report_on_a_real_pipeline(tmp_path, monkeypatch):
         assert 0 <= scored[split]["clip_score"] <= 100
         assert scored[split]["clip_score"] == pytest.approx(scored[split]["clip_score_own_pictures"], abs=0.5)
     assert "CLIP-score" in evaluate.retrieval_markdown(scored, "tiny")
+
+
+def test_head_nouns_are_the_last_words_with_plurals_counted_as_their_singular():
+    captions = ["a red apple", "apples", "green frogs", "a frog", "a frog", "glass", "a tall glass", "a 3"]
+    assert evaluate.head_nouns(captions, 3) == ["frog", "apple", "glass"]  # "glass" is not the plural of "glas"
+    assert evaluate.head_nouns(captions, 1) == ["frog"]
+
+
+def test_noun_sheet_draws_a_row_per_noun(tmp_path):
+    colours = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+    folder = captioned_folder(tmp_path / "data", colours)
+    words = evaluate.noun_sheet(tiny_pipeline(), str(folder), tmp_path / "nouns.png", nouns=5, per_noun=2, steps=2)
+    assert words == ["thing"]  # every caption ends in "thing"
+    sheet = Image.open(tmp_path / "nouns.png")
+    assert sheet.size == (90 + 5 * 16 * 3, 16 * 3 + 4)
+    assert sheet.getpixel((90 + 3 * 48 + 24, 24)) == colours["red"]  # the training pictures, after a gap
+    assert sheet.getpixel((90 + 4 * 48 + 24, 24)) == colours["green"]
 
 
 def test_category_retrieval_counts_the_nearest_pictures_category_against_chance():
