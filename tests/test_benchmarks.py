@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import common, endtoend
+from benchmarks import common, endtoend, models
 
 
 def test_interleaved_medians_runs_every_function_and_returns_medians():
@@ -215,3 +215,16 @@ def test_server_benchmark_serves_concurrent_sessions_and_measures_the_app_proces
     assert 0 < figures["cache_peak"] and figures["cache_end"] <= figures["cache_peak"]
     text = server.table(latency, figures, counts, 24, 3, "tiny")
     assert "| generate | " in text and "| all | 24 |" in text and "resident memory, peak" in text
+
+
+def test_models_benchmark_lists_default_first_and_compares_each_model_with_it(tmp_path):
+    for name in ("zoo", "clipart", "default", "notes"):
+        (tmp_path / name / ("unet" if name != "notes" else "other")).mkdir(parents=True)
+    assert [p.name for p in models.shipped(tmp_path)] == ["default", "clipart", "zoo"]
+    rows = [{"model": "default", "size": 32, "prompt": "a red circle", "params_m": 6.0, "dtype": "torch.bfloat16",
+             "2 threads": 1.0, "1 thread": 1.5},
+            {"model": "clipart", "size": 64, "prompt": "a cat", "params_m": 5.0, "dtype": "torch.bfloat16",
+             "2 threads": 1.5, "1 thread": 3.0}]
+    text = models.table(rows)
+    assert "| clipart | 64 px | 5.0 M | bfloat16 | \"a cat\" | 1.50 (1.50×) | 3.00 (2.00×) |" in text
+    assert "| default | 32 px | 6.0 M | bfloat16 | \"a red circle\" | 1.00 | 1.50 |" in text
