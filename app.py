@@ -66,7 +66,7 @@ from diffusion.limits import (
     Whole,
 )
 from diffusion.maps import AttentionMaps
-from diffusion.pipeline import GenerationResult, TextToImagePipeline
+from diffusion.pipeline import GenerationResult, TextToImagePipeline, model_folders
 from diffusion.prompts import MAX_WEIGHT
 from diffusion.render import ALL_LAYERS, MEAN_HEADS, NORMALIZATION_LABELS
 from diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS
@@ -1114,8 +1114,7 @@ def load_pipeline(model: str, dtype: str = "auto") -> TextToImagePipeline:
 
 def shipped_models(root: Path = Path("weights")) -> list[str]:
     """The model folders in weights/ (those with a trained unet/), weights/default first."""
-    found = sorted(str(p) for p in root.iterdir() if (p / "unet").is_dir()) if root.is_dir() else []
-    return sorted(found, key=lambda p: p != DEFAULT_MODEL) or [DEFAULT_MODEL]
+    return [str(p) for p in model_folders(root)] or [DEFAULT_MODEL]
 
 
 def model_names(sources: list[str]) -> dict[str, str]:

@@ -17,16 +17,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import interleaved_medians, write_section
-from diffusion.pipeline import TextToImagePipeline
+from diffusion.pipeline import TextToImagePipeline, model_folders
 from diffusion.vocabulary import example_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def shipped(root: Path = ROOT / "weights") -> list[Path]:
-    """weights/default first, then the other model folders by name."""
-    found = sorted(p for p in root.iterdir() if (p / "unet").is_dir())
-    return sorted(found, key=lambda p: p.name != "default")
 
 
 def app_call(pipe: TextToImagePipeline, prompt: str):
@@ -75,7 +69,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats; print, do not write BENCHMARKS.md")
     args = parser.parse_args(argv)
-    rows = measure(shipped(), repeats=3 if args.quick else 9)
+    rows = measure(model_folders(ROOT / "weights"), repeats=3 if args.quick else 9)
     body = ("## Each shipped model, as the app serves it (`benchmarks/models.py`)\n\n"
             "One app call: 4 images × 20 DPM++ steps, guidance 4, maps recorded and every image's word maps made, "
             "median seconds of interleaved repeats; in brackets, ÷ the first model.\n\n" + table(rows))

@@ -328,6 +328,13 @@ class TextToImagePipeline:
         return list(negative_prompt)
 
 
+def model_folders(root: str | Path = "weights") -> list[Path]:
+    """The pipeline folders in `root` (those with a unet/): `default` first, then the others by name."""
+    root = Path(root)
+    found = sorted(p for p in root.iterdir() if (p / "unet").is_dir()) if root.is_dir() else []
+    return sorted(found, key=lambda p: p.name != "default")
+
+
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] → PIL RGB images. NaN/inf means a broken model or precision: refuse it."""
     if not torch.isfinite(x).all():

@@ -283,10 +283,11 @@ def test_main_without_a_model_says_how_to_get_one(tmp_path, capsys):
 
 
 def test_the_selector_names_models_by_folder_and_finds_the_shipped_ones(tmp_path):
-    for name in ("default", "clipart", "notes"):
+    for name in ("zoo", "default", "clipart", "notes"):
         (tmp_path / "weights" / name / ("unet" if name != "notes" else "x")).mkdir(parents=True)
     found = app.shipped_models(tmp_path / "weights")
-    assert found == [str(tmp_path / "weights" / n) for n in ("clipart", "default")]
+    assert found == [str(tmp_path / "weights" / n) for n in ("default", "clipart", "zoo")]  # default first
+    assert app.shipped_models(tmp_path / "nothing") == [app.DEFAULT_MODEL]
     (tmp_path / "runs" / "f100" / "pipeline").mkdir(parents=True)
     assert list(app.model_names([str(tmp_path / "weights" / "clipart"), str(tmp_path / "runs" / "f100" / "pipeline"),
                                  "owner/name"])) == ["clipart", "f100", "owner/name"]
