@@ -425,10 +425,11 @@ def contact_sheet(samples: list[torch.Tensor], own: list[torch.Tensor], path: Pa
                   scale: int = 4) -> None:
     """Pairs side by side, four pairs a row: each sample, then the picture its caption describes, and the caption
     under them."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     side = samples[0].shape[-1] * scale
-    label = 14 if captions else 0
+    label = 18 if captions else 0
+    font = ImageFont.load_default(size=14)
     rows = math.ceil(len(samples) / 4)
     out = Image.new("RGB", (4 * (2 * side + side // 4), rows * (side + side // 8 + label)), "white")
     draw = ImageDraw.Draw(out)
@@ -437,7 +438,7 @@ def contact_sheet(samples: list[torch.Tensor], own: list[torch.Tensor], path: Pa
         out.paste(to_pil(a).resize((side, side), Image.NEAREST), (x, y))
         out.paste(to_pil(b).resize((side, side), Image.NEAREST), (x + side, y))
         if captions:
-            draw.text((x + 2, y + side + 1), captions[k][:2 * side // 6], fill="black")
+            draw.text((x + 2, y + side + 1), captions[k][:2 * side // 7], fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
 
@@ -459,12 +460,13 @@ def noun_sheet(pipe: TextToImagePipeline, folder: str, path: Path, nouns: int = 
     """The sheet a person judges "is it recognisable?" on: one row per common head noun of the training captions,
     `per_noun` samples of "a <noun>" (seeds seed, seed + 1, ...: drawn, not chosen), then, after a gap, two
     training pictures whose caption ends in that noun, for reference. Returns the nouns, top row first."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     size = pipe.unet.config.sample_size
     train, texts, _ = pixels_of(folder, "train", size)
     words = head_nouns(texts, nouns)
     scale, label = 3, 90
+    font = ImageFont.load_default(size=16)
     side = size * scale
     out = Image.new("RGB", (label + (per_noun + 3) * side, len(words) * (side + 4)), "white")
     draw = ImageDraw.Draw(out)
@@ -474,7 +476,7 @@ def noun_sheet(pipe: TextToImagePipeline, folder: str, path: Path, nouns: int = 
                        seed=seed + j).images[0] for j in range(per_noun)]
         own = [i for i, t in enumerate(texts) if t.lower().split()[-1] in (word, word + "s")][:2]
         y = row * (side + 4)
-        draw.text((4, y + side // 2 - 6), prompt, fill="black")
+        draw.text((4, y + side // 2 - 8), prompt, fill="black", font=font)
         for j, image in enumerate(images):
             out.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (label + j * side, y))
         for j, i in enumerate(own):
