@@ -629,8 +629,8 @@ def maps_gallery(label: str, columns: int, **kwargs) -> gr.Gallery:
 FINETUNE_INTRO = (
     "Teach the model your own pictures: a zip of images with a `metadata.jsonl` (one line per picture: "
     '`{"file_name": "cat1.png", "text": "a grey cat on a sofa"}`) or a `metadata.csv` (columns `file_name,text`). '
-    "The pictures are checked first; then `train.py` fine-tunes the first model on them in the background, and "
-    "the result joins the Model selector. One fine-tune at a time on this machine; generating keeps working.")
+    "The pictures are checked first; then `train.py` fine-tunes the model selected above on them in the background, "
+    "and the result joins the Model selector. One fine-tune at a time on this machine; generating keeps working.")
 FINETUNE_POLL_S = 2.0  # how often an open tab reads its run's progress, while it runs
 
 
@@ -651,8 +651,10 @@ def who_is(request: gr.Request | None) -> str:
 
 
 def build_finetune_tab(demo: gr.Blocks, jobs: FineTuneJobs, model: gr.Dropdown,
-                       add_model: Callable[[str, str], dict]) -> None:
+                       add_model: Callable[[str, str], dict],
+                       folder_for: Callable[[str], Path | None] = lambda name: None) -> None:
     """The Fine-tune tab: check pictures, train, follow (loss, ETA, validation grid), cancel, resume, share; a
+    run starts from the model `model` selects (its folder: folder_for(name); None: the jobs' base), and a
     finished run's model is loaded and offered by `model` (add_model). The work is finetune_jobs.FineTuneJobs'."""
     steps_check = Whole(1, 100_000)
     with gr.Tab("Fine-tune", id="finetune"):
@@ -699,10 +701,11 @@ def build_finetune_tab(demo: gr.Blocks, jobs: FineTuneJobs, model: gr.Dropdown,
         seen = gr.State({})  # what this tab last showed: the run, its state, its points and grid
         timer = gr.Timer(FINETUNE_POLL_S, active=False)
 
-    def checked(upload_value, source_value: str, name: str, steps_value, request: gr.Request):
+    def checked(upload_value, source_value: str, name: str, steps_value, selected: str, request: gr.Request):
         try:
             wanted = None if steps_value in (None, "") else steps_check.parse("steps", steps_value)
-            found = jobs.check(raw_path(upload_value) or (source_value or ""), name or "", who_is(request), wanted)
+            found = jobs.check(raw_path(upload_value) or (source_value or ""), name or "", who_is(request), wanted,
+                               base=folder_for(selected))
         except ValueError as e:
             raise gr.Error(str(e), print_exception=False) from e
         return (found.summary() + "\n\nPress **Train** to start.", gr.update(choices=jobs.runs(), value=found.name))
@@ -756,7 +759,7 @@ def build_finetune_tab(demo: gr.Blocks, jobs: FineTuneJobs, model: gr.Dropdown,
     quiet = {"api_visibility": "private", "preprocess": False, "concurrency_id": "finetune",
              "concurrency_limit": 4, "show_progress": "hidden"}
     shown_outputs = [state, loss, grid, start, model, seen, timer]
-    check.click(checked, [upload, source, run_name, steps], [report, run], **{**quiet, "show_progress": "full"}
+    check.click(checked, [upload, source, run_name, steps, model], [report, run], **{**quiet, "show_progress": "full"}
                 ).success(poll, [run, seen], shown_outputs, **quiet)
     start.click(started, [run], [state, timer], **quiet).success(poll, [run, seen], shown_outputs, **quiet)
     cancel.click(cancelled, None, state, **quiet).then(poll, [run, seen], shown_outputs, **quiet)
@@ -771,7 +774,7 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
                settings: Settings | None = None, jobs: FineTuneJobs | None = None) -> gr.Blocks:
     """The Blocks over one loaded pipeline, or several by name: a model selector picks which one draws (the
     first is the default), and the examples, 'What this model knows' and the model card follow it. With
-    `jobs`, a Fine-tune tab trains the first model on someone's pictures and adds the result to the selector.
+    `jobs`, a Fine-tune tab trains the selected model on someone's pictures and adds the result to the selector.
     Launch it yourself, as main() does (theme=THEME, css=CSS, and launch_options(settings) for the MCP server
     and the session capacity)."""
     settings = settings or Settings.from_env()
@@ -1084,7 +1087,8 @@ def build_demo(models: TextToImagePipeline | dict[str, TextToImagePipeline],
         with gr.Tabs():
             build_compare_tab(pipe_for, lambda: list(models), budget, cache, settings)
             if jobs is not None:
-                build_finetune_tab(demo, jobs, model, add_model)
+                build_finetune_tab(demo, jobs, model, add_model, lambda name: models[name].folder if name in models
+                                   else None)
         agent_run.click(word_maps, [prompt, negative_prompt, steps, guidance, seed, sampler, model],
                         [agent_sample, agent_strip, agent_words], api_name="word_maps", concurrency_id="sampling",
                         **raw)

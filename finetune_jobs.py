@@ -3,6 +3,7 @@ follow the run, stop and resume it, and share what it made. No UI here (app.py's
 
     jobs = FineTuneJobs("runs/app", base="weights/default")
     report = jobs.check("pictures.zip")          # or a folder, or a hub dataset id; says what it found
+    report = jobs.check("pictures.zip", base="weights/clipart")   # another model to start from
     jobs.start(report.name)                       # python train.py --init weights/default --data … --out runs/app/NAME
     jobs.status(report.name)                      # step, loss curve, ETA, the newest validation grid
     jobs.cancel()                                 # its newest checkpoint stays; jobs.start(name) resumes from it
@@ -67,6 +68,7 @@ class DataReport:
     seconds: float
     rate_source: str
     example_captions: list[str] = field(default_factory=list)
+    base: str = ""                     # the model it starts from (its folder's name)
 
     def summary(self) -> str:
         """Markdown for the tab."""
@@ -75,7 +77,8 @@ class DataReport:
                  f"captions from column `{self.caption_column}` ({self.distinct_captions} distinct, e.g. "
                  + "; ".join(f"“{c}”" for c in self.example_captions) + ").",
                  f"Training: {self.steps} steps of {self.batch_size} pictures, about **{duration(self.seconds)}** "
-                 f"on this machine ({self.rate_source})."]
+                 f"on this machine ({self.rate_source})" + (f", starting from the model *{self.base}*." if self.base
+                                                            else ".")]
         if self.skipped:
             shown = "\n".join(f"- {s}" for s in self.skipped[:20])
             more = f"\n- … and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
@@ -209,13 +212,18 @@ class FineTuneJobs:
         self._current: str | None = None
 
     # -- checking ----------------------------------------------------------------------------------
-    def check(self, source: str | Path, name: str = "", who: str = "", steps: int | None = None) -> DataReport:
+    def check(self, source: str | Path, name: str = "", who: str = "", steps: int | None = None,
+              base: str | Path | None = None) -> DataReport:
         """Read a zip (an uploaded file's path), a local folder or a hub dataset id; write the run's folder with
-        the good rows; say what was found. Raises ValueError, naming the problem and the fix, when nothing can
-        be trained on."""
+        the good rows; say what was found. `base`: the pipeline folder this run starts from (default: the jobs'
+        base). Raises ValueError, naming the problem and the fix, when nothing can be trained on."""
         source = str(source).strip()
         if not source:
             raise ValueError("Upload a zip of pictures with a metadata.jsonl (file_name, text), or name a folder.")
+        base = Path(base or self.base).resolve()
+        if not (base / "unet").is_dir():
+            raise ValueError(f"the model to start from, {base}, is not a pipeline folder with a unet/: select a "
+                             "model shipped with the app (or one fine-tuned here) and check again.")
         name = self._new_name(name)
         run = self.root / name
         try:
@@ -228,11 +236,11 @@ class FineTuneJobs:
                 folder, shown = Path(source).expanduser().resolve(), source
             else:
                 folder, shown = self._hub_id(source), source
-            report = self._check_rows(folder, shown, run, steps)
+            report = self._check_rows(folder, shown, run, steps, base)
         except Exception:
             shutil.rmtree(run, ignore_errors=True)
             raise
-        job = {"name": name, "who": who or "someone", "created": time.time(), "source": shown,
+        job = {"name": name, "who": who or "someone", "created": time.time(), "source": shown, "base": str(base),
                "report": asdict(report), "steps": report.steps, "batch_size": report.batch_size}
         self._write_job(name, job)
         self.clean()
@@ -266,7 +274,7 @@ class FineTuneJobs:
                              f"dataset {source!r} can't be downloaded: upload a zip of the pictures instead.")
         return source
 
-    def _check_rows(self, folder: Path | str, shown: str, run: Path, steps: int | None) -> DataReport:
+    def _check_rows(self, folder: Path | str, shown: str, run: Path, steps: int | None, base: Path) -> DataReport:
         """Every row checked with data.loading (a caption-less row or an unreadable picture is named and left
         out); the good ones written to run/data/metadata.jsonl with absolute file names."""
         from data.loading import CaptionedImages, LoadConfig, load_table
@@ -303,7 +311,7 @@ class FineTuneJobs:
                     sizes[f"{im.width}x{im.height}"] += 1
                 captions.extend([caption] if isinstance(caption, str) else caption)
                 f.write(json.dumps({"file_name": str(Path(path).resolve()), "text": caption}) + "\n")
-        cfg = self._resolved(len(data), captions, steps)
+        cfg = self._resolved(len(data), captions, steps, base)
         rate, rate_source = self.images_per_s()
         unique = list(dict.fromkeys(captions))
         return DataReport(name=run.name, source=shown, images=len(data), skipped=[skipped_name(s, folder)
@@ -311,19 +319,20 @@ class FineTuneJobs:
                           sizes=sizes.most_common(3), caption_column=column, distinct_captions=len(unique),
                           steps=cfg.steps, batch_size=cfg.batch_size, resolution=cfg.resolution,
                           seconds=cfg.steps * cfg.batch_size / rate, rate_source=rate_source,
-                          example_captions=unique[:: max(1, len(unique) // 3)][:3])
+                          example_captions=unique[:: max(1, len(unique) // 3)][:3],
+                          base=base.name if base.name != "pipeline" else base.parent.name)
 
-    def _resolved(self, n_images: int, captions: list[str], steps: int | None):
+    def _resolved(self, n_images: int, captions: list[str], steps: int | None, base: Path):
         """train.py's own choice of steps and batch for this folder (resolve_auto), with the tab's --steps."""
         from transformers import CLIPTokenizer
 
         import train  # heavy (accelerate): only when a check runs
 
-        cfg = train.parse_args(["--init", str(self.base), "--data", "checked", *self.extra_args,
+        cfg = train.parse_args(["--init", str(base), "--data", "checked", *self.extra_args,
                                 *(["--steps", str(steps)] if steps else [])])
-        tokenizer = CLIPTokenizer.from_pretrained(self.base / "tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
         cfg = train.resolve_auto(cfg, n_images, captions, SimpleNamespace(tokenizer=tokenizer))
-        resolution = cfg.resolution or json.loads((self.base / "unet" / "config.json").read_text())["sample_size"]
+        resolution = cfg.resolution or json.loads((base / "unet" / "config.json").read_text())["sample_size"]
         return SimpleNamespace(steps=cfg.steps, batch_size=cfg.batch_size, resolution=resolution)
 
     def images_per_s(self) -> tuple[float, str]:
@@ -338,7 +347,8 @@ class FineTuneJobs:
     def command(self, name: str) -> list[str]:
         job = self._read_job(name)
         run = self.root / name
-        cmd = [self.python, str(TRAIN_SCRIPT), "--init", str(self.base.resolve()), "--data", str(run / "data"),
+        base = Path(job.get("base") or self.base).resolve()  # no "base": a job.json from before runs had their own
+        cmd = [self.python, str(TRAIN_SCRIPT), "--init", str(base), "--data", str(run / "data"),
                "--out", str(run), "--steps", str(job["steps"]), *self.extra_args]
         nice = shutil.which("nice")  # the app's sampling comes first
         return [nice, "-n", "10", *cmd] if nice else cmd

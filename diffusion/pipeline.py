@@ -96,6 +96,7 @@ class TextToImagePipeline:
         self.scheduler_config = dict(scheduler_config)
         self.model_card = model_card
         self.captions = captions
+        self.folder: Path | None = None  # the folder it was loaded from (from_pretrained), e.g. a fine-tune's base
         self._whole_words: tuple[object, int, list[str]] | None = None  # (tokenizer, its size, its whole words)
         # Recording attaches a store to the shared U-Net's blocks: calls from several threads (a server's
         # workers, a warm-up) take turns, so one call's maps never land in another's store.
@@ -121,6 +122,7 @@ class TextToImagePipeline:
         card = (path / "README.md").read_text() if (path / "README.md").is_file() else None
         captions = CaptionSummary.load(path) if (path / CAPTIONS_FILE).is_file() else None
         pipe = cls(unet, text_encoder, scheduler_config, card, captions).to(device)
+        pipe.folder = path
         return pipe.to(dtype=dtype if isinstance(dtype, torch.dtype) else inference_dtype(pipe.device, dtype))
 
     def save_pretrained(self, path: str | Path, unet_dtype: torch.dtype | None = None) -> None:

@@ -79,6 +79,23 @@ def test_without_steps_the_check_uses_train_pys_own_choice(tmp_path, base):
     assert report.steps == 200 and report.batch_size == 16  # resolve_auto: 6 pictures → its least steps
 
 
+def test_a_run_starts_from_the_model_it_was_checked_with(tmp_path, base):
+    other = tmp_path / "clipart"
+    tiny_pipeline(OWN_CAPTIONS, grammar=None).save_pretrained(other)
+    jobs = jobs_in(tmp_path, base)
+    pictures = write_pictures(tmp_path / "p", bad=False)
+    report = jobs.check(str(pictures), name="on-other", steps=3, base=other)
+    assert "starting from the model *clipart*" in report.summary()
+    command = jobs.command("on-other")
+    assert command[command.index("--init") + 1] == str(other.resolve())
+    jobs.check(str(pictures), name="on-default", steps=3)  # no base named: the jobs' own
+    command = jobs.command("on-default")
+    assert command[command.index("--init") + 1] == str(base.resolve())
+    with pytest.raises(ValueError, match="not a pipeline folder"):
+        jobs.check(str(pictures), name="nowhere", base=tmp_path / "missing")
+    assert "nowhere" not in jobs.runs()
+
+
 def test_what_cannot_be_trained_is_refused_plainly(tmp_path, base, monkeypatch):
     jobs = jobs_in(tmp_path, base)
     folder = tmp_path / "nothing"
@@ -181,10 +198,10 @@ def test_the_apps_tab_checks_trains_shows_progress_and_offers_the_new_model(tmp_
         ours = [f for f in demo.fns.values() if f.fn is not None and f.fn.__module__ == "app"]
         assert [f.name for f in ours if f.preprocess] == []  # raw inputs, as every event of the app
         fn = {f.name: f.fn for f in ours}
-        report, runs = fn["checked"]({"path": str(archive)}, "", "mine", 3, None)  # a gr.File's raw value
+        report, runs = fn["checked"]({"path": str(archive)}, "", "mine", 3, "base", None)  # a gr.File's raw value
         assert "6 pictures" in report and "broken.png" in report and runs["value"] == "mine"
         with pytest.raises(gr.Error, match="steps must be a whole number"):
-            fn["checked"]({"path": str(archive)}, "", "again", -2, None)
+            fn["checked"]({"path": str(archive)}, "", "again", -2, "base", None)
         assert fn["opened"]()[0]["value"] is None and not fn["opened"]()[1].active
         said, timer = fn["started"]("mine", None)
         assert said == "Started 'mine'." and timer.active

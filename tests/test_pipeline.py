@@ -290,6 +290,7 @@ def test_save_and_load_pipeline(pipe, tmp_path):
     a = pipe("a red circle", steps=3, seed=4).images
     b = loaded("a red circle", steps=3, seed=4).images
     assert np.array_equal(pixels(a), pixels(b))
+    assert loaded.folder == tmp_path and pipe.folder is None  # where a fine-tune of it would start from
     assert TextToImagePipeline.from_pretrained(tmp_path).dtype == inference_dtype("cpu")  # "auto"
     with pytest.raises(FileNotFoundError, match="unet/"):
         TextToImagePipeline.from_pretrained(tmp_path / "unet")
