@@ -143,3 +143,33 @@ def test_object_guidance_draws_three_objects_not_four():
             for im in pipe(p.text, num_images=2, steps=20, seed=1000 * i, object_guidance=strength).images
         )
     assert right[OBJECT_GUIDANCE] >= right[0.0] + 2, right
+
+
+CLIPART = DEFAULT.parent / "clipart"
+
+
+@pytest.fixture(scope="module")
+def clipart_pipe():
+    return TextToImagePipeline.from_pretrained(CLIPART)
+
+
+def test_clipart_model_reads_everyday_words_and_keeps_the_shapes_ones(clipart_pipe):
+    out = clipart_pipe.text_encoder.encode(["a red apple", "a cat and a house", "a red circle above a blue square"])
+    assert out.unknown_words == [[], [], []]
+    assert out.tokens[1][1:-1] == ["a", "cat", "and", "a", "house"]  # whole-word tokens, not pieces
+    summary = clipart_pipe.captions
+    assert summary is not None and summary.grammar is None  # no shapes grammar: layout guidance stays off
+    assert {"apple", "cat", "house", "tree"} <= set(summary.word_counts)
+
+
+def test_clipart_model_draws_its_prompt_on_white(clipart_pipe):
+    stored = load_file(CLIPART / "unet" / "model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    result = clipart_pipe("a red apple", num_images=4, steps=20, seed=0, record_attention=True)
+    assert [im.size for im in result.images] == [(64, 64)] * 4
+    assert set(result.attention.word_maps(0)) == {"a", "red", "apple"}
+    pixels = np.stack([np.asarray(im, dtype=np.float32) for im in result.images])  # (4, 64, 64, 3)
+    border = np.concatenate([pixels[:, :4].reshape(-1, 3), pixels[:, -4:].reshape(-1, 3)])
+    assert (border.min(axis=1) > 200).mean() > 0.5  # clip art is drawn on white, and so are its samples
+    red = pixels[..., 0] - pixels[..., 1:].mean(-1)
+    assert (red > 60).mean() > 0.02  # and a red thing is there
