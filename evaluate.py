@@ -472,8 +472,8 @@ def noun_sheet(pipe: TextToImagePipeline, folder: str, path: Path, nouns: int = 
     draw = ImageDraw.Draw(out)
     for row, word in enumerate(words):
         prompt = f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
-        images = [pipe([prompt], num_images=1, steps=steps, guidance_scale=guidance, sampler=sampler,
-                       seed=seed + j).images[0] for j in range(per_noun)]
+        images = pipe([prompt], num_images=per_noun, steps=steps, guidance_scale=guidance, sampler=sampler,
+                      seed=seed).images  # image j has seed seed + j
         own = [i for i, t in enumerate(texts) if t.lower().split()[-1] in (word, word + "s")][:2]
         y = row * (side + 4)
         draw.text((4, y + side // 2 - 8), prompt, fill="black", font=font)
