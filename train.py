@@ -83,7 +83,7 @@ class TrainConfig:
     caption_column: str = "text"
     # None below: picked by `resolve_auto` -- the shapes recipe's values when training from scratch, and
     # values that fit the folder's size when fine-tuning (--init) on someone's own pictures.
-    resolution: int | None = None         # None: the U-Net's sample size (--init's, or the preset's)
+    resolution: int | None = None         # None: the preset's sample size, or --init's up to 32 px (fine_tune_size)
     batch_size: int | None = None
     grad_accum: int = 1
     steps: int | None = None
@@ -209,6 +209,18 @@ def check_resolution(unet: UNet, resolution: int) -> None:
     if resolution % f:
         raise ValueError(f"--resolution {resolution} is not divisible by {f}, which this U-Net needs; "
                          f"use e.g. {round(resolution / f) * f}.")
+
+
+FINE_TUNE_SIZE = 32
+
+
+def fine_tune_size(unet: UNet) -> int:
+    """The size a fine-tune runs at unless --resolution says: the base's own, at most FINE_TUNE_SIZE px. Measured on
+    98 Tux Paint stamps from the 64 px clip-art model, the one line's 800 steps of 32 on 2 CPU cores: retrieval
+    top-1 0.76 at 32 px in 4 min 49 s, 0.30 at 64 px in 11 min 5 s (a step is 2.3x faster and learns more)."""
+    size = unet.config.sample_size
+    fits = FINE_TUNE_SIZE % unet.config.downsample_factor == 0
+    return FINE_TUNE_SIZE if size > FINE_TUNE_SIZE and fits else size
 
 
 def at_resolution(unet: UNet, size: int) -> UNet:
@@ -400,7 +412,8 @@ def describe_run(cfg: TrainConfig, dataset, captions: list[str]) -> str:
     sizes = Counter(image_size(dataset.hf[r][cfg.image_column]) for r in dataset.rows[:200])
     sizes.pop(None, None)
     seen = "pictures of " + ", ".join(f"{w}x{h}" for (w, h), _ in sizes.most_common(3)) + " px" if sizes else "pictures"
-    return (f"{len(dataset)} {seen}, resized to {cfg.resolution} px; {len(set(captions))} distinct captions. "
+    resize = "used at" if set(sizes) == {(cfg.resolution, cfg.resolution)} else "resized to"
+    return (f"{len(dataset)} {seen}, {resize} {cfg.resolution} px; {len(set(captions))} distinct captions. "
             f"{cfg.steps} steps of {cfg.batch_size} at lr {cfg.lr:g} (warmup {cfg.warmup}); text encoder: "
             f"{cfg.text_encoder_training}" + (f" (lr {cfg.text_lr:g}, embeddings {cfg.embedding_lr:g})"
                                               if cfg.text_encoder_training != "frozen" else "")
@@ -467,7 +480,14 @@ def train(cfg: TrainConfig) -> Path:
     if not tensorboard:
         accelerator.print("tensorboard is not installed: logging to the console only (pip install tensorboard)")
     unet, text_encoder, noise_scheduler = build(cfg)
-    if cfg.init and cfg.resolution:
+    base_size = unet.config.sample_size
+    if cfg.init and not cfg.resolution and fine_tune_size(unet) != base_size:
+        cfg = replace(cfg, resolution=fine_tune_size(unet))
+        unet = at_resolution(unet, cfg.resolution)
+        accelerator.print(f"fine-tuning {cfg.init} at {cfg.resolution} px, not its {base_size} px: it learns a "
+                          f"small folder in fewer steps, each faster (--resolution {base_size} keeps its size). "
+                          "The export samples at that size.")
+    elif cfg.init and cfg.resolution:
         accelerator.print(f"fine-tuning {cfg.init} at {cfg.resolution} px: the export samples at that size.")
     cfg = replace(cfg, resolution=cfg.resolution or unet.config.sample_size)
     check_resolution(unet, cfg.resolution)

@@ -112,9 +112,10 @@ def fine_tune(root, out, *extra):
                 "--mixed-precision", "no", "--validation-steps", "2", *extra])
 
 
-def test_one_line_fine_tune_learns_the_words_and_exports_a_clip_that_loads_anywhere(own_folder):
+def test_one_line_fine_tune_learns_the_words_and_exports_a_clip_that_loads_anywhere(own_folder, capsys):
     out = own_folder / "run"
     fine_tune(own_folder, out, "--steps", "3")
+    assert "6 pictures of 20x20 px, resized to 16 px; 6 distinct captions" in capsys.readouterr().out
     state = json.loads((out / "checkpoints" / "step_000003" / "state.json").read_text())
     cfg = state["config"]
     assert cfg["text_encoder_training"] == "embeddings" and cfg["grow_tokenizer"] is True
@@ -185,15 +186,29 @@ def test_validation_prompts_come_from_the_captions():
     assert "a yellow kangaroo" in prompts
 
 
-def test_a_fine_tune_at_another_resolution_samples_at_it(own_folder):
+def test_a_fine_tune_at_another_resolution_samples_at_it(own_folder, capsys):
     out = own_folder / "bigger"
-    fine_tune(own_folder, out, "--steps", "2", "--resolution", "32")  # the tiny --init U-Net was built at 16 px
+    fine_tune(own_folder, out, "--steps", "2", "--resolution", "20")  # the tiny --init U-Net was built at 16 px
+    assert "6 pictures of 20x20 px, used at 20 px" in capsys.readouterr().out  # nothing resized: not said
     pipe = TextToImagePipeline.from_pretrained(out / "pipeline", dtype="fp32")  # loads strictly
     base = tiny_pipeline().unet.config
     levels = range(len(base.channel_mults))
-    assert pipe.unet.config.sample_size == 32
+    assert pipe.unet.config.sample_size == 20
     assert [pipe.unet.config.level_has_attention(i) for i in levels] == [base.level_has_attention(i) for i in levels]
-    assert pipe("a red apple", steps=2, seed=0).images[0].size == (32, 32)
+    assert pipe("a red apple", steps=2, seed=0).images[0].size == (20, 20)
+
+
+def test_a_base_larger_than_32_px_fine_tunes_at_32_unless_told(own_folder, capsys):
+    big = tiny_pipeline()
+    big.unet = train.at_resolution(big.unet, 64)  # a 64 px base, like weights/clipart
+    big.save_pretrained(own_folder / "init64")
+    args = ["--init", str(own_folder / "init64"), "--data", str(own_folder / "pictures"), "--batch-size", "2",
+            "--steps", "1", "--validate-every", "100", "--mixed-precision", "no", "--validation-steps", "2"]
+    train.main([*args, "--out", str(own_folder / "auto")])
+    assert "at 32 px, not its 64 px" in capsys.readouterr().out
+    assert TextToImagePipeline.from_pretrained(own_folder / "auto" / "pipeline").unet.config.sample_size == 32
+    train.main([*args, "--out", str(own_folder / "kept"), "--resolution", "64"])
+    assert TextToImagePipeline.from_pretrained(own_folder / "kept" / "pipeline").unet.config.sample_size == 64
 
 
 def test_at_resolution_keeps_the_weights_and_the_levels_with_attention():
