@@ -332,7 +332,10 @@ class FineTuneJobs:
                                 *(["--steps", str(steps)] if steps else [])])
         tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
         cfg = train.resolve_auto(cfg, n_images, captions, SimpleNamespace(tokenizer=tokenizer))
-        resolution = cfg.resolution or json.loads((base / "unet" / "config.json").read_text())["sample_size"]
+        from unet import UNetConfig
+
+        resolution = cfg.resolution or train.fine_tune_size(UNetConfig(**json.loads((base / "unet" / "config.json")
+                                                                                  .read_text())))
         return SimpleNamespace(steps=cfg.steps, batch_size=cfg.batch_size, resolution=resolution)
 
     def images_per_s(self) -> tuple[float, str]:

@@ -77,6 +77,15 @@ def test_without_steps_the_check_uses_train_pys_own_choice(tmp_path, base):
     jobs = FineTuneJobs(tmp_path / "runs", base)
     report = jobs.check(str(write_pictures(tmp_path / "p", bad=False)))
     assert report.steps == 200 and report.batch_size == 16  # resolve_auto: 6 pictures → its least steps
+    assert report.resolution == 16  # the base's own size
+
+    import train
+
+    big = tiny_pipeline(OWN_CAPTIONS, grammar=None)
+    big.unet = train.at_resolution(big.unet, 64)  # a 64 px base (like weights/clipart) trains at 32 px, as train.py
+    big.save_pretrained(tmp_path / "big")
+    report = jobs.check(str(tmp_path / "p"), name="big", base=tmp_path / "big")
+    assert report.resolution == 32 and "trained at 32 px" in report.summary()
 
 
 def test_a_run_starts_from_the_model_it_was_checked_with(tmp_path, base):
