@@ -327,15 +327,14 @@ class FineTuneJobs:
         from transformers import CLIPTokenizer
 
         import train  # heavy (accelerate): only when a check runs
+        from unet import UNetConfig
 
         cfg = train.parse_args(["--init", str(base), "--data", "checked", *self.extra_args,
                                 *(["--steps", str(steps)] if steps else [])])
         tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
         cfg = train.resolve_auto(cfg, n_images, captions, SimpleNamespace(tokenizer=tokenizer))
-        from unet import UNetConfig
-
-        resolution = cfg.resolution or train.fine_tune_size(UNetConfig(**json.loads((base / "unet" / "config.json")
-                                                                                  .read_text())))
+        base_config = UNetConfig(**json.loads((base / "unet" / "config.json").read_text()))
+        resolution = cfg.resolution or train.fine_tune_size(base_config)
         return SimpleNamespace(steps=cfg.steps, batch_size=cfg.batch_size, resolution=resolution)
 
     def images_per_s(self) -> tuple[float, str]:

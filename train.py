@@ -191,9 +191,7 @@ def build(cfg: TrainConfig) -> tuple[UNet, TextEncoder, DDPMScheduler]:
                 f"{cfg.init} was trained with prediction_type={noise_scheduler.config.prediction_type}; "
                 f"fine-tune it with --prediction-type {noise_scheduler.config.prediction_type}."
             )
-        unet = pipe.unet.grow(cfg.context_layers, cfg.position_embedding).train()
-        if cfg.resolution and cfg.resolution != unet.config.sample_size:  # fine-tuned, then sampled, at that size
-            unet = at_resolution(unet, cfg.resolution)
+        unet = pipe.unet.grow(cfg.context_layers, cfg.position_embedding).train()  # at its own size: see train()
         return unet, pipe.text_encoder, noise_scheduler
     text_encoder = TextEncoder.from_pretrained(cfg.text_encoder)
     size = {"sample_size": cfg.resolution} if cfg.resolution else {}
@@ -479,16 +477,15 @@ def train(cfg: TrainConfig) -> Path:
     if not tensorboard:
         accelerator.print("tensorboard is not installed: logging to the console only (pip install tensorboard)")
     unet, text_encoder, noise_scheduler = build(cfg)
-    base_size = unet.config.sample_size
-    if cfg.init and not cfg.resolution and fine_tune_size(unet.config) != base_size:
-        cfg = replace(cfg, resolution=fine_tune_size(unet.config))
-        unet = at_resolution(unet, cfg.resolution)
-        accelerator.print(f"fine-tuning {cfg.init} at {cfg.resolution} px, not its {base_size} px: it learns a "
-                          f"small folder in fewer steps, each faster (--resolution {base_size} keeps its size). "
-                          "The export samples at that size.")
-    elif cfg.init and cfg.resolution:
-        accelerator.print(f"fine-tuning {cfg.init} at {cfg.resolution} px: the export samples at that size.")
-    cfg = replace(cfg, resolution=cfg.resolution or unet.config.sample_size)
+    if cfg.init:  # fine-tuned, then sampled, at --resolution or fine_tune_size
+        base, size = unet.config.sample_size, cfg.resolution or fine_tune_size(unet.config)
+        if size != base:
+            unet = at_resolution(unet, size)
+        if cfg.resolution or size != base:
+            why = "" if cfg.resolution else (f", not its {base} px: it learns a small folder in fewer steps, each "
+                                             f"faster (--resolution {base} keeps its size)")
+            accelerator.print(f"fine-tuning {cfg.init} at {size} px{why}. The export samples at that size.")
+    cfg = replace(cfg, resolution=unet.config.sample_size)
     check_resolution(unet, cfg.resolution)
     dataset = load_captioned(resolve_data(cfg), LoadConfig(resolution=cfg.resolution, image_column=cfg.image_column,
                                                   caption_column=cfg.caption_column, pick_caption=False,

@@ -9,6 +9,7 @@ import zipfile
 import pytest
 from PIL import Image
 
+import train
 from finetune_jobs import Busy, FineTuneJobs, safe_extract
 from tests.tiny import OWN_CAPTIONS, tiny_pipeline
 
@@ -78,9 +79,6 @@ def test_without_steps_the_check_uses_train_pys_own_choice(tmp_path, base):
     report = jobs.check(str(write_pictures(tmp_path / "p", bad=False)))
     assert report.steps == 200 and report.batch_size == 16  # resolve_auto: 6 pictures → its least steps
     assert report.resolution == 16  # the base's own size
-
-    import train
-
     big = tiny_pipeline(OWN_CAPTIONS, grammar=None)
     big.unet = train.at_resolution(big.unet, 64)  # a 64 px base (like weights/clipart) trains at 32 px, as train.py
     big.save_pretrained(tmp_path / "big")

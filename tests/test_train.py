@@ -48,6 +48,8 @@ def test_cli_trains_checkpoints_and_exports_a_pipeline(setup):
     result = pipe("a red circle", steps=2, seed=0)
     assert result.images[0].size == (16, 16)
     assert "Training config" in (out / "pipeline" / "README.md").read_text()
+    unet_card = (out / "pipeline" / "unet" / "README.md").read_text()  # the mixin's card points at the pipeline's
+    assert "one level up" in unet_card and "More Information Needed" not in unet_card
     before = tiny_pipeline().unet.state_dict()
     after = pipe.unet.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # training changed the weights

@@ -166,7 +166,19 @@ class ResAttnLayer(nn.Module):
         return x
 
 
-class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion", tags=["text-to-image"]):
+# What PyTorchModelHubMixin writes as unet/README.md (its default is a "[More Information Needed]" placeholder).
+UNET_CARD = """---
+{{ card_data }}
+---
+
+The denoiser of a look-inside-diffusion pipeline folder (`UNetConfig` in `config.json`, weights in
+`model.safetensors`). The model card is the folder's `README.md`, one level up; load the whole folder with
+`TextToImagePipeline.from_pretrained`.
+"""
+
+
+class UNet(nn.Module, PyTorchModelHubMixin, library_name="look-inside-diffusion", tags=["text-to-image"],
+           model_card_template=UNET_CARD):
     """Text-conditioned diffusion U-Net with self- and cross-attention interleaved.
 
     forward(x (B, C, H, W), t (B,) or scalar, context (B, L, D), context_mask (B, L) bool or None,
