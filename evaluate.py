@@ -218,7 +218,8 @@ class ClipScorer:
         self.size = self.model.config.vision_config.image_size
 
     @torch.no_grad()
-    def __call__(self, images: list, texts: list[str]) -> list[float]:
+    def embed(self, images: list, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit image embeddings (B, D) and text embeddings (T, D)."""
         from conditioning.clip_images import to_pixel_values
 
         pixels = to_pixel_values(torch.stack([
@@ -227,8 +228,16 @@ class ClipScorer:
         ]))  # (B, 3, S, S), CLIP-normalised
         ids = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         out = self.model(**ids, pixel_values=pixels)
-        cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
-        return (100 * cos.clamp_min(0)).tolist()
+        return out.image_embeds, out.text_embeds  # CLIPModel returns them normalised
+
+    def __call__(self, images: list, texts: list[str]) -> list[float]:
+        image, text = self.embed(images, texts)
+        return (100 * (image * text).sum(-1).clamp_min(0)).tolist()
+
+    def pick(self, images: list, texts: list[str]) -> list[int]:
+        """Zero-shot: for each image, the index of the text it is nearest to."""
+        image, text = self.embed(images, texts)
+        return (image @ text.T).argmax(dim=1).tolist()
 
 
 def evaluate(pipe: TextToImagePipeline, per_task: int = 16, images_per_prompt: int = 4, steps: int = 20,
@@ -338,12 +347,17 @@ def nearest(samples: torch.Tensor, candidates: torch.Tensor) -> list[int]:
 def category_scores(samples: torch.Tensor, candidates: torch.Tensor, categories: list[str],
                     own: list[int]) -> dict:
     """Is each sample's nearest picture of its caption's category? top-1 against chance (a random picture's
-    category matching, averaged over the captions)."""
+    category matching, averaged over the captions) and against what the captions' own pictures score
+    (`own_pictures`: each own picture's nearest *other* picture of its category): the share a new, real
+    picture of the category gets, the most a sample can get without copying its own picture."""
     near = nearest(samples, candidates)
     hits = [categories[n] == categories[o] for n, o in zip(near, own, strict=True)]
+    d = torch.cdist(signature(candidates[own]), signature(candidates))
+    d[torch.arange(len(own)), torch.tensor(own)] = float("inf")  # itself does not count
+    real = [categories[n] == categories[o] for n, o in zip(d.argmin(dim=1).tolist(), own, strict=True)]
     share = {c: categories.count(c) / len(categories) for c in set(categories)}
     return {"top1": sum(hits) / len(hits), "chance": sum(share[categories[o]] for o in own) / len(own),
-            "categories": len(share)}
+            "own_pictures": sum(real) / len(real), "categories": len(share)}
 
 
 def foreground(image: torch.Tensor, threshold: float = 0.1) -> np.ndarray:
@@ -456,34 +470,47 @@ def head_nouns(captions: list[str], k: int = 20) -> list[str]:
 
 
 def noun_sheet(pipe: TextToImagePipeline, folder: str, path: Path, nouns: int = 20, per_noun: int = 4,
-               steps: int = 20, guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0) -> list[str]:
+               steps: int = 20, guidance: float = 4.0, sampler: str = "dpm++", seed: int = 0,
+               clip: "ClipScorer | None" = None) -> dict:
     """The sheet a person judges "is it recognisable?" on: one row per common head noun of the training captions,
     `per_noun` samples of "a <noun>" (seeds seed, seed + 1, ...: drawn, not chosen), then, after a gap, two
-    training pictures whose caption ends in that noun, for reference. Returns the nouns, top row first."""
+    training pictures whose caption ends in that noun, for reference. Returns {"nouns": [top row first, ...]} and,
+    with `clip`, a check beside the person's: "zero_shot", the share of samples whose nearest of the K prompts
+    "a <noun>" (by the CLIP) is their own, per noun and overall, against chance (1/K) and against what up to
+    `per_noun` training pictures of each noun score (the CLIP saw those: a ceiling, not a peer)."""
     from PIL import Image, ImageDraw, ImageFont
 
     size = pipe.unet.config.sample_size
     train, texts, _ = pixels_of(folder, "train", size)
     words = head_nouns(texts, nouns)
+    prompts = [f"{'an' if w[0] in 'aeiou' else 'a'} {w}" for w in words]
     scale, label = 3, 90
     font = ImageFont.load_default(size=16)
     side = size * scale
     out = Image.new("RGB", (label + (per_noun + 3) * side, len(words) * (side + 4)), "white")
     draw = ImageDraw.Draw(out)
-    for row, word in enumerate(words):
-        prompt = f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+    hits = {"samples": {}, "training_pictures": {}}
+    for row, (word, prompt) in enumerate(zip(words, prompts, strict=True)):
         images = pipe([prompt], num_images=per_noun, steps=steps, guidance_scale=guidance, sampler=sampler,
                       seed=seed).images  # image j has seed seed + j
-        own = [i for i, t in enumerate(texts) if t.lower().split()[-1] in (word, word + "s")][:2]
+        own = [i for i, t in enumerate(texts) if t.lower().split()[-1] in (word, word + "s")][:per_noun]
         y = row * (side + 4)
         draw.text((4, y + side // 2 - 8), prompt, fill="black", font=font)
         for j, image in enumerate(images):
             out.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (label + j * side, y))
-        for j, i in enumerate(own):
+        for j, i in enumerate(own[:2]):
             out.paste(to_pil(train[i]).resize((side, side), Image.NEAREST), (label + (per_noun + 1 + j) * side, y))
+        if clip is not None:
+            for kind, shown in (("samples", images), ("training_pictures", [to_pil(train[i]) for i in own])):
+                picked = clip.pick(shown, prompts)
+                hits[kind][word] = sum(p == row for p in picked) / len(picked)
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
-    return words
+    report = {"nouns": words}
+    if clip is not None:
+        report["zero_shot"] = {kind: {"score": float(np.mean(list(h.values()))), "per_noun": h}
+                               for kind, h in hits.items()} | {"chance": 1 / len(words)}
+    return report
 
 
 def retrieval_markdown(report: dict, model: str) -> str:
@@ -498,12 +525,18 @@ def retrieval_markdown(report: dict, model: str) -> str:
             if "category" in r:
                 c = r["category"]
                 extra.append(f"{name}: the nearest picture is of the caption's category {c['top1']:.2f} (chance "
-                             f"{c['chance']:.2f}, {c['categories']} categories).")
+                             f"{c['chance']:.2f}, {c['categories']} categories; the captions' own pictures, nearest "
+                             f"other picture: {c['own_pictures']:.2f}).")
             if "clip_score" in r:
                 extra.append(f"{name}: CLIP-score {r['clip_score']:.1f} (the captions' own pictures: "
                              f"{r['clip_score_own_pictures']:.1f}).")
     fp = report["foreground_pointing"]
-    lines += ["", *extra, f"Foreground pointing of content words: {fp['score']:.2f} ({fp['words']} words).", ""]
+    extra.append(f"Foreground pointing of content words: {fp['score']:.2f} ({fp['words']} words).")
+    if zs := report.get("nouns", {}).get("zero_shot"):
+        extra.append(f"Nouns (nouns.png), the CLIP's zero-shot check: {zs['samples']['score']:.2f} of the samples of "
+                     f"\"a <noun>\" are nearest their own of the {len(report['nouns']['nouns'])} prompts (chance "
+                     f"{zs['chance']:.2f}; training pictures of the nouns: {zs['training_pictures']['score']:.2f}).")
+    lines += ["", *extra, ""]
     return "\n".join(lines)
 
 
@@ -586,7 +619,7 @@ def main(argv=None) -> dict:
         out = Path(args.out)
         if args.nouns:
             report["nouns"] = noun_sheet(pipe, args.retrieval, out / "nouns.png", args.nouns, steps=args.steps,
-                                         guidance=args.guidance, sampler=args.sampler, seed=args.seed)
+                                         guidance=args.guidance, sampler=args.sampler, seed=args.seed, clip=clip)
         out.mkdir(parents=True, exist_ok=True)
         (out / "retrieval.json").write_text(json.dumps(report, indent=2))
         (out / "retrieval.md").write_text(retrieval_markdown(report, args.model))

@@ -214,8 +214,8 @@ FINE_TUNE_SIZE = 32
 
 def fine_tune_size(config: UNetConfig) -> int:
     """The size a fine-tune runs at unless --resolution says: the base's own, at most FINE_TUNE_SIZE px. Measured on
-    98 Tux Paint stamps from the 64 px clip-art model, the one line's 800 steps of 32 on 2 CPU cores: retrieval
-    top-1 0.76 at 32 px in 4 min 49 s, 0.30 at 64 px in 11 min 5 s (a step is 2.3x faster and learns more)."""
+    98 Tux Paint stamps from the clip-art model when it was 64 px, the one line's 800 steps of 32 on 2 CPU cores:
+    retrieval top-1 0.76 at 32 px in 4 min 49 s, 0.30 at 64 px in 11 min 5 s (a step is 2.3x faster, learns more)."""
     size, fits = config.sample_size, FINE_TUNE_SIZE % config.downsample_factor == 0
     return FINE_TUNE_SIZE if size > FINE_TUNE_SIZE and fits else size
 

@@ -232,6 +232,8 @@ def test_clip_score_prefers_the_true_caption():
     shifted = scorer(images, [row["text"] for _, row in examples[1:] + examples[:1]])  # someone else's caption
     assert all(0 <= s <= 100 for s in true + shifted)
     assert sum(t > s for t, s in zip(true, shifted, strict=True)) >= 6
+    texts = [row["text"] for _, row in examples]
+    assert sum(p == i for i, p in enumerate(scorer.pick(images, texts))) >= 5  # zero-shot: its own of the eight
 
 
 def captioned_folder(root: Path, colours: dict[str, tuple[int, int, int]], size: int = 16) -> Path:
@@ -297,6 +299,31 @@ def test_retrieval_report_on_a_real_pipeline(tmp_path, monkeypatch):
     assert "CLIP-score" in evaluate.retrieval_markdown(scored, "tiny")
 
 
+def test_noun_zero_shot_check_counts_samples_nearest_their_own_prompt(tmp_path):
+    import json
+
+    (tmp_path / "train").mkdir()
+    with (tmp_path / "train" / "metadata.jsonl").open("w") as f:
+        for i, text in enumerate(["a green frog", "a blue frog", "a red apple"]):
+            Image.new("RGB", (16, 16), "white").save(tmp_path / "train" / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": text}) + "\n")
+    seen = []
+
+    class FirstPrompt:  # a CLIP that names everything after the first prompt
+        def pick(self, images, texts):
+            seen.append(texts)
+            return [0] * len(images)
+
+    report = evaluate.noun_sheet(tiny_pipeline(), str(tmp_path), tmp_path / "nouns.png", nouns=5, per_noun=3,
+                                 steps=2, clip=FirstPrompt())
+    assert report["nouns"] == ["frog", "apple"] and seen[0] == ["a frog", "an apple"]
+    zs = report["zero_shot"]
+    assert zs["samples"]["per_noun"] == {"frog": 1.0, "apple": 0.0} and zs["samples"]["score"] == 0.5
+    assert zs["training_pictures"]["per_noun"] == {"frog": 1.0, "apple": 0.0} and zs["chance"] == 0.5
+    assert "zero-shot check: 0.50" in evaluate.retrieval_markdown(
+        {"nouns": report, "foreground_pointing": {"score": 0.0, "words": 0}, "settings": {"folder": "f"}}, "tiny")
+
+
 def test_head_nouns_are_the_last_words_with_plurals_counted_as_their_singular():
     captions = ["a red apple", "apples", "green frogs", "a frog", "a frog", "glass", "a tall glass", "a 3"]
     assert evaluate.head_nouns(captions, 3) == ["frog", "apple", "glass"]  # "glass" is not the plural of "glas"
@@ -306,8 +333,8 @@ def test_head_nouns_are_the_last_words_with_plurals_counted_as_their_singular():
 def test_noun_sheet_draws_a_row_per_noun(tmp_path):
     colours = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
     folder = captioned_folder(tmp_path / "data", colours)
-    words = evaluate.noun_sheet(tiny_pipeline(), str(folder), tmp_path / "nouns.png", nouns=5, per_noun=2, steps=2)
-    assert words == ["thing"]  # every caption ends in "thing"
+    report = evaluate.noun_sheet(tiny_pipeline(), str(folder), tmp_path / "nouns.png", nouns=5, per_noun=2, steps=2)
+    assert report == {"nouns": ["thing"]}  # every caption ends in "thing"; no CLIP, no zero-shot check
     sheet = Image.open(tmp_path / "nouns.png")
     assert sheet.size == (90 + 5 * 16 * 3, 16 * 3 + 4)
     assert sheet.getpixel((90 + 3 * 48 + 24, 24)) == colours["red"]  # the training pictures, after a gap
@@ -321,3 +348,5 @@ def test_category_retrieval_counts_the_nearest_pictures_category_against_chance(
     scores = evaluate.category_scores(samples, pictures, categories, own=[0, 3, 2])
     assert scores["top1"] == pytest.approx(1 / 3)  # caption 0 (animals) hit; the others missed
     assert scores["chance"] == pytest.approx((0.5 + 0.25 + 0.25) / 3) and scores["categories"] == 3
+    # the own pictures' nearest others: 0 → 1 (animals, hit), 3 → 2 (food ≠ plants), 2 → 3 (plants ≠ food)
+    assert scores["own_pictures"] == pytest.approx(1 / 3)

@@ -120,7 +120,8 @@ PRESETS = {
     # The clip-art model: 64 px; 16/32/64/128 channels at 64/32/16/8 px, attention at 16×16 and 8×8, GroupNorm
     # of 16 groups (the 16-channel level). 5.0 M parameters. Chosen by measurement (data/README.md): 1.47 CPU s
     # a training step of 32 against 2.36 for `cpu` at 64 px, and 4 images × 20 steps with maps in 1.31× the
-    # shipped 32 px model's time (1.88 against 1.44 s, one thread).
+    # shipped 32 px model's time (1.88 against 1.44 s, one thread). weights/clipart trained it at 64 px, then at
+    # 32 px (`train.py --resolution 32`: attention at 8×8 and 4×4), which drew things recognisably sooner.
     "c64n": UNetConfig(base_channels=16, channel_mults=(1, 2, 4, 8), sample_size=64, norm_groups=16),
     # A larger model for a GPU run: 64 px, attention at 16×16 and below.
     "gpu": UNetConfig(base_channels=128, channel_mults=(1, 2, 2, 4), sample_size=64, num_heads=8, context_dim=512),
