@@ -9,12 +9,14 @@ the caption's own? Seen captions (train/) look among the training pictures; held
 (heldout/, which the fine-tune never saw) among training and held-out pictures together. Top-1 and
 top-5 with chance beside them, and foreground pointing: does each content word's map peak on the drawn
 object (pixels that differ from the plain background)? Where the folder has a `category` column (the
-clip-art set's), also: is the nearest picture of the caption's category (chance beside it)? Where the
+clip-art set's), also: is the nearest picture of the caption's category (chance beside it, and the
+captions' own pictures' score: the most a new picture of the category gets)? Where the
 model folder has a `clip/`, the CLIP-score of the samples and of the captions' own pictures (the reference:
 a CLIP that cannot read the captions scores both alike). It writes contact sheets of 16 captions drawn by the
 seed (retrieval.png, retrieval_heldout.png: sample, then the caption's own picture) and, with `--nouns K`,
 nouns.png: four samples of "a <noun>" for each of the K most common head nouns of the training captions, beside
-two of their training pictures, for a person to judge whether each is recognisable.
+two of their training pictures, for a person to judge whether each is recognisable; with the model's clip/, also
+a check that is not a person's: how often the CLIP finds a sample nearest its own of the K prompts.
 
 Prompts are built from the shapes set's caption grammar (data/shapes.py) and scored by its detector,
 which is validated on ground truth at 100% per attribute (python -m data.detector --validate).
@@ -502,6 +504,8 @@ def noun_sheet(pipe: TextToImagePipeline, folder: str, path: Path, nouns: int = 
             out.paste(to_pil(train[i]).resize((side, side), Image.NEAREST), (label + (per_noun + 1 + j) * side, y))
         if clip is not None:
             for kind, shown in (("samples", images), ("training_pictures", [to_pil(train[i]) for i in own])):
+                if not shown:
+                    continue
                 picked = clip.pick(shown, prompts)
                 hits[kind][word] = sum(p == row for p in picked) / len(picked)
     path.parent.mkdir(parents=True, exist_ok=True)
